@@ -1,0 +1,121 @@
+"""create_app(settings) -> FastAPI: the one composition root of the HTTP service."""
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import swagger_ui_bundle
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+
+from service import __version__
+from service.config import Settings
+from service.errors import ServiceError
+from service.http import error_body, error_headers, status_of
+from service.inference import InferenceMiddleware
+from service.metrics import create_metrics, record_model
+from service.openapi import add_inference_paths
+from service.registry import Registry, load_registry
+from service.router import Router
+from service.routes import router as routes
+from service.state import ServiceState, load_options
+
+logger = logging.getLogger(__name__)
+
+
+def _service_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc)}
+    return Response(error_body(exc), status_code=status_of(exc), headers=headers)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse(
+        {
+            "error": f"{where}: {first.get('msg', 'invalid request')}",
+            "type": "InvalidInput",
+            "details": exc.errors(),
+        },
+        status_code=400,
+    )
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    prometheus = CollectorRegistry()
+    metrics = create_metrics(prometheus)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="model"
+        )
+        state = ServiceState(
+            settings,
+            metrics,
+            prometheus,
+            executor,
+            Router(Registry(), executor, metrics, settings.max_batch_rows),
+        )
+        app.state.service = state
+        registry = await asyncio.to_thread(
+            load_registry, settings.model_repository, load_options(settings)
+        )
+        for entry in registry.models.values():
+            record_model(metrics, entry)
+        state.router.registry = registry
+        state.ready = True
+        logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
+        try:
+            yield
+        finally:
+            state.ready = False
+            executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="modelserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.include_router(routes)
+    app.add_middleware(InferenceMiddleware)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    _serve_docs_offline(app)
+    add_inference_paths(app)
+    return app
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """Swagger UI from a packaged copy, so /docs works without reaching a CDN."""
+    app.mount(
+        "/docs/static",
+        StaticFiles(directory=str(swagger_ui_bundle.swagger_ui_path)),
+        name="docs-static",
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="modelserve API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )

@@ -1,0 +1,167 @@
+"""Dynamic batching per model version: merge requests that wait while the model is busy."""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.errors import PredictionFailed
+from service.runtimes import Arrays
+
+logger = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    def call_done(self, rows: int, seconds: float) -> None: ...
+
+    def queue_changed(self, depth: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    outputs: Arrays
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass
+class _Waiting:
+    inputs: Arrays
+    rows: int
+    future: "asyncio.Future[Prediction]"
+    enqueued: float
+
+
+class Batcher:
+    """Runs one model call at a time; what queues up meanwhile goes into the next call.
+
+    A request that finds the model idle runs at once, so batching adds no latency at low
+    load. A call takes whole requests up to `max_rows` rows (a larger request runs alone).
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[Arrays], Arrays],
+        executor: Executor,
+        max_rows: int,
+        max_delay_ms: float = 0.0,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._predict = predict
+        self._executor = executor
+        self._max_rows = max_rows
+        self._max_delay_s = max_delay_ms / 1000
+        self._observer = observer
+        self._waiting: deque[_Waiting] = deque()
+        self._running = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    async def submit(self, inputs: Arrays, rows: int) -> Prediction:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        self._waiting.append(_Waiting(inputs, rows, future, time.perf_counter()))
+        self._queue_changed()
+        if not self._running:
+            self._running = True
+            # Kept referenced: the event loop holds tasks only weakly.
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    def _queue_changed(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_changed(len(self._waiting))
+
+    def _take(self) -> list[_Waiting]:
+        batch: list[_Waiting] = []
+        rows = 0
+        while self._waiting:
+            item = self._waiting[0]
+            if item.future.done():  # the client gave up; do not compute for it
+                self._waiting.popleft()
+                continue
+            if batch and rows + item.rows > self._max_rows:
+                break
+            batch.append(self._waiting.popleft())
+            rows += item.rows
+        self._queue_changed()
+        return batch
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                if self._max_delay_s > 0 and sum(w.rows for w in self._waiting) < self._max_rows:
+                    await asyncio.sleep(self._max_delay_s)
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._running = False
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        merged = batch[0].inputs if len(batch) == 1 else _concatenate([w.inputs for w in batch])
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._predict, merged)
+        except Exception as exc:  # the batcher boundary: a failing call fails its requests only
+            if len(batch) > 1:
+                # Run each request alone, so one bad request cannot fail its neighbours.
+                for item in batch:
+                    await self._run([item])
+                return
+            logger.exception("prediction failed")
+            _settle(
+                batch[0].future, exc=PredictionFailed(f"the model failed: {type(exc).__name__}")
+            )
+            return
+        finished = time.perf_counter()
+        compute = finished - started
+        rows = sum(w.rows for w in batch)
+        if self._observer is not None:
+            self._observer.call_done(rows, compute)
+        start = 0
+        for item in batch:
+            stop = start + item.rows
+            part = outputs if len(batch) == 1 else {k: v[start:stop] for k, v in outputs.items()}
+            _settle(item.future, Prediction(part, started - item.enqueued, compute))
+            start = stop
+
+
+def _concatenate(parts: list[Arrays]) -> Arrays:
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _settle(
+    future: "asyncio.Future[Prediction]",
+    result: Prediction | None = None,
+    exc: Exception | None = None,
+) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    elif result is not None:
+        future.set_result(result)
+
+
+async def predict_unbatched(
+    predict: Callable[[Arrays], Arrays], executor: Executor, inputs: Arrays
+) -> Prediction:
+    """One call for one request, for models whose tensors have no row axis to merge on."""
+    started = time.perf_counter()
+    try:
+        outputs = await asyncio.get_running_loop().run_in_executor(executor, predict, inputs)
+    except Exception as exc:
+        logger.exception("prediction failed")
+        raise PredictionFailed(f"the model failed: {type(exc).__name__}") from exc
+    return Prediction(outputs, 0.0, time.perf_counter() - started)

@@ -1,0 +1,120 @@
+"""modelserve serve | validate | package: the command line."""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import Settings
+from service.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Flags become environment variables so that every worker process builds the same Settings.
+    for flag in ("model_repository", "host", "port", "workers"):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[f"MODELSERVE_{flag.upper()}"] = str(value)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    root = settings.model_repository
+    if root.resolve() == BUNDLED_REPOSITORY:
+        from training.examples import examples_missing, train_examples
+
+        if examples_missing(root):
+            logger.info("training the example models into %s", root)
+            train_examples(root)
+    import uvicorn
+
+    uvicorn.run(
+        "service.main:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from service.registry import load_registry
+    from service.state import load_options
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    root = args.model_repository or settings.model_repository
+    registry = load_registry(root, load_options(settings))
+    problems = 0
+    for name, entry in sorted(registry.models.items()):
+        for number, model in sorted(entry.versions.items()):
+            notes = f" ({'; '.join(model.warnings)})" if model.warnings else ""
+            print(f"ok    {name}:{number} {model.format} sha256={model.sha256[:12]}{notes}")
+        for number, failure in sorted(entry.failures.items()):
+            problems += 1
+            print(f"FAIL  {name}:{number} {failure.reason}: {failure.message}")
+        if entry.config_error:
+            problems += 1
+            print(f"FAIL  {name}: model.toml: {entry.config_error}")
+    if not registry.models:
+        print(f"FAIL  no models in {root}")
+        return 1
+    return 1 if problems else 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from service.errors import ServiceError
+    from service.packaging import package_artifact
+
+    root = args.model_repository or Settings().model_repository
+    features = args.features.split(",") if args.features else None
+    try:
+        target = package_artifact(
+            args.artifact, root, args.name, args.version, features=features, task=args.task
+        )
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"packaged {args.artifact} as {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelserve", description="Serve scikit-learn and ONNX models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the model repository over HTTP")
+    serve.add_argument("--model-repository", type=Path)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(run=_serve)
+
+    validate = commands.add_parser("validate", help="load every version, check hashes, smoke-test")
+    validate.add_argument("--model-repository", type=Path)
+    validate.set_defaults(run=_validate)
+
+    package = commands.add_parser("package", help="add an artifact to the repository")
+    package.add_argument("artifact", type=Path)
+    package.add_argument("--name", required=True)
+    package.add_argument("--version", type=int)
+    package.add_argument("--model-repository", type=Path)
+    package.add_argument("--features", help="comma-separated feature names, in column order")
+    package.add_argument("--task", choices=["classification", "regression", "other"])
+    package.set_defaults(run=_package)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code

@@ -1,0 +1,61 @@
+"""Settings: every option, read from MODELSERVE_* environment variables."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for configuration; CLI flags override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="ignore")
+
+    model_repository: Path = Field(Path("models"), description="Model repository folder.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(1, ge=1, description="Server processes.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the repository endpoints; unset: they answer 403."
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys for inference; unset: inference is open."
+    )
+    allow_unverified_pickle: bool = Field(
+        False, description="Load pickles without a verified sha256 (unpickling runs code)."
+    )
+    strict_versions: bool = Field(
+        False, description="Refuse pickles made with another scikit-learn version."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
+    )
+    max_batch_rows: int = Field(
+        1_000_000, ge=1, description="Most rows accepted in one inference request."
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="Request deadline in seconds.")
+    repository_poll_s: float = Field(
+        0.0, ge=0, description="Repository polling interval in seconds; 0: off."
+    )
+    batching_max_rows: int = Field(
+        256, ge=0, description="Default rows per model call when batching; 0: no batching."
+    )
+    batching_max_delay_ms: float = Field(
+        0.0, ge=0, description="Default wait for more rows before a call; 0: no wait."
+    )
+    onnx_intra_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime intra-op threads per session; 0: one per core."
+    )
+    onnx_inter_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime inter-op threads per session; 0: default."
+    )
+
+    def api_key_list(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]

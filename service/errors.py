@@ -1,0 +1,74 @@
+"""The one exception tree of the service.
+
+    ServiceError
+    ├── ModelNotFound        unknown model, version or alias
+    ├── ModelNotReady        known version that did not load or was unloaded
+    ├── InvalidInput         malformed or invalid request data
+    ├── UnsupportedMediaType a body in a format the endpoint does not speak
+    ├── PayloadTooLarge      body or batch above the configured limits
+    ├── Unauthorized         missing credentials
+    ├── Forbidden            wrong credentials, or an endpoint that is switched off
+    ├── Overloaded           queue full; retry later
+    ├── DeadlineExceeded     the request's deadline passed
+    ├── PredictionFailed     the model raised while predicting
+    └── ModelLoadError       an artifact that cannot be served
+
+Domain code raises these; the HTTP layer maps each class to a status code in one table.
+"""
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelNotFound(ServiceError):
+    pass
+
+
+class ModelNotReady(ServiceError):
+    pass
+
+
+class InvalidInput(ServiceError):
+    pass
+
+
+class UnsupportedMediaType(ServiceError):
+    pass
+
+
+class PayloadTooLarge(ServiceError):
+    pass
+
+
+class Unauthorized(ServiceError):
+    pass
+
+
+class Forbidden(ServiceError):
+    pass
+
+
+class Overloaded(ServiceError):
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    pass
+
+
+class PredictionFailed(ServiceError):
+    pass
+
+
+class ModelLoadError(ServiceError):
+    def __init__(self, message: str, reason: str = "error") -> None:
+        super().__init__(message)
+        # A short, bounded token for metrics labels (e.g. "hash_mismatch").
+        self.reason = reason

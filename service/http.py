@@ -1,0 +1,95 @@
+"""HTTP plumbing shared by every route: the error table, error bodies, and bounded body reads."""
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from service import errors
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# The one table from domain errors to HTTP status codes.
+STATUS_CODES: dict[type[errors.ServiceError], int] = {
+    errors.InvalidInput: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.ModelNotFound: 404,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.PredictionFailed: 500,
+    errors.ModelLoadError: 500,
+    errors.ModelNotReady: 503,
+    errors.Overloaded: 503,
+    errors.DeadlineExceeded: 504,
+}
+
+
+def status_of(exc: errors.ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return 500
+
+
+def error_body(exc: errors.ServiceError) -> bytes:
+    return orjson.dumps({"error": exc.message, "type": type(exc).__name__})
+
+
+def error_headers(exc: errors.ServiceError) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json")]
+    if isinstance(exc, errors.Overloaded):
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    if isinstance(exc, errors.Unauthorized):
+        headers.append((b"www-authenticate", b"Bearer"))
+    return headers
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body, refusing it as soon as it is known to exceed `limit` bytes."""
+    declared = header(scope, b"content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise errors.InvalidInput("Content-Length must be a non-negative integer")
+        if int(declared) > limit:
+            raise errors.PayloadTooLarge(
+                f"request body of {declared} bytes is over the limit of {limit}"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise errors.InvalidInput("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_response(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

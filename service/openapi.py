@@ -1,0 +1,87 @@
+"""Documents the inference routes, which the ASGI fast path serves outside FastAPI's router."""
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from service.protocols.schemas import (
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    PredictRequest,
+    PredictResponse,
+)
+
+_V2_INFER = ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
+_V1_PREDICT = ["/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict"]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _operation(
+    path: str, summary: str, request: type[BaseModel], response: type[BaseModel], tag: str
+) -> dict[str, Any]:
+    parameters = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if "{version}" in path:
+        parameters.append(
+            {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+    errors = {
+        str(code): {
+            "description": text,
+            "content": {"application/json": {"schema": _ref(ErrorResponse)}},
+        }
+        for code, text in [
+            (400, "Invalid input"),
+            (404, "Unknown model or version"),
+            (413, "Too large"),
+            (415, "Unsupported content type"),
+            (503, "Not ready or overloaded"),
+            (504, "Deadline passed"),
+        ]
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "tags": [tag],
+            "operationId": f"{tag}_{summary}_{path}".replace("/", "_"),
+            "parameters": parameters,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": {
+                    "description": "Predictions",
+                    "content": {"application/json": {"schema": _ref(response)}},
+                },
+                **errors,
+            },
+        }
+    }
+
+
+def add_inference_paths(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ErrorResponse, InferRequest, InferResponse, PredictRequest, PredictResponse):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        for path in _V2_INFER:
+            schema["paths"][path] = _operation(path, "infer", InferRequest, InferResponse, "v2")
+        for path in _V1_PREDICT:
+            schema["paths"][path] = _operation(
+                path, "predict", PredictRequest, PredictResponse, "v1"
+            )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""Wire formats: each module decodes requests to arrays and encodes arrays to responses."""

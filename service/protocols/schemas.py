@@ -1,0 +1,110 @@
+"""V2 and V1 messages as pydantic models: the control-plane responses and the OpenAPI document."""
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.tensors import TensorSpec
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    type: str | None = None
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    version: str | None = None
+    ready: bool
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = False
+
+
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str | None = None
+    state: str
+    reason: str = ""
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class PredictRequest(BaseModel):
+    instances: list[list[float] | dict[str, float]]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
+    classes: list[str | int] | None = None
+
+
+class VersionStatus(BaseModel):
+    version: str
+    state: str
+    status: dict[str, str]
+
+
+class ModelStatus(BaseModel):
+    model_version_status: list[VersionStatus]

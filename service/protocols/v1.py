@@ -1,0 +1,72 @@
+"""V1 (TF Serving / KServe V1 style): {"instances": rows} in, {"predictions": ...} out."""
+
+from typing import Any
+
+import orjson
+from numpy.typing import NDArray
+
+from service.errors import InvalidInput
+from service.protocols.v2 import json_array, loads
+from service.registry import ModelVersion
+from service.runtimes import Arrays
+from service.signature import array_from_values
+
+
+def _rows_from_objects(model: ModelVersion, rows: list[Any]) -> list[list[Any]]:
+    features = model.signature.features
+    if not features:
+        raise InvalidInput(f"model {model.name!r} has no feature names; send rows as lists")
+    wanted = set(features)
+    table: list[list[Any]] = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InvalidInput(f"instances[{index}]: mix of objects and lists; use one form")
+        missing = [f for f in features if f not in row]
+        if missing:
+            raise InvalidInput(
+                f"instances[{index}]: missing feature {missing[0]!r} "
+                f"(model {model.name!r} needs {', '.join(features)})"
+            )
+        extra = [k for k in row if k not in wanted]
+        if extra:
+            raise InvalidInput(
+                f"instances[{index}]: unknown feature {extra[0]!r} "
+                f"(model {model.name!r} needs {', '.join(features)})"
+            )
+        table.append([row[f] for f in features])
+    return table
+
+
+def decode_predict_request(model: ModelVersion, body: bytes) -> dict[str, NDArray[Any]]:
+    request = loads(body)
+    if not isinstance(request, dict):
+        raise InvalidInput('the request body must be a JSON object such as {"instances": [[...]]}')
+    unknown = [k for k in request if k not in ("instances", "inputs")]
+    if unknown or len(request) != 1:
+        raise InvalidInput('the request body must have exactly one of "instances" or "inputs"')
+    rows = next(iter(request.values()))
+    if not isinstance(rows, list):
+        raise InvalidInput('"instances" must be a list of rows')
+    if len(model.signature.inputs) != 1:
+        raise InvalidInput(f"model {model.name!r} takes several inputs; use the V2 protocol")
+    if rows and isinstance(rows[0], dict):
+        rows = _rows_from_objects(model, rows)
+    spec = model.signature.inputs[0]
+    return {spec.name: array_from_values(rows, None, "instances")}
+
+
+def encode_predict_response(model: ModelVersion, outputs: Arrays) -> bytes:
+    signature = model.signature
+    response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if "label" in outputs:
+        response["predictions"] = json_array(outputs["label"])
+        if "probabilities" in outputs:
+            response["probabilities"] = json_array(outputs["probabilities"])
+            response["classes"] = signature.classes
+    elif "prediction" in outputs:
+        response["predictions"] = json_array(outputs["prediction"])
+    else:
+        first = signature.outputs[0].name
+        response["predictions"] = json_array(outputs[first])
+        response["outputs"] = {k: json_array(v) for k, v in outputs.items()}
+    return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,245 @@
+"""Open Inference Protocol (V2) inference: JSON tensors and the binary tensor data extension."""
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from service.errors import InvalidInput
+from service.registry import ModelVersion
+from service.runtimes import Arrays
+from service.signature import array_from_values
+from service.tensors import DATATYPES, datatype_of
+
+HEADER_LENGTH = "inference-header-content-length"
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+_INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+_OUTPUT_KEYS = frozenset({"name", "parameters"})
+
+
+@dataclass
+class InferCall:
+    """A decoded V2 request: tensors as arrays plus what the client wants back."""
+
+    tensors: dict[str, NDArray[Any]]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    # (name, binary) per requested output; None means every output.
+    outputs: list[tuple[str, bool]] | None = None
+    binary_default: bool = False
+
+
+def loads(body: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    return value
+
+
+def _check_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise InvalidInput(
+                f"{where}: unknown field {key!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+
+
+def _shape(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    return value
+
+
+def _decode_bytes_elements(raw: memoryview, count: int, where: str) -> NDArray[Any]:
+    """BYTES tensors in binary form: each element is a 4-byte little-endian length, then bytes."""
+    items: list[str] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"{where}: truncated BYTES element")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"{where}: truncated BYTES element")
+        items.append(bytes(raw[offset : offset + size]).decode("utf-8", "replace"))
+        offset += size
+    if len(items) != count:
+        raise InvalidInput(f"{where}: {len(items)} BYTES elements for a shape of {count}")
+    return np.asarray(items, dtype=object)
+
+
+def _decode_input(
+    obj: Any, binary: memoryview, offset: int, index: int
+) -> tuple[str, NDArray[Any], int]:
+    where = f"inputs[{index}]"
+    tensor = _dict(obj, where)
+    _check_keys(tensor, _INPUT_KEYS, where)
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise InvalidInput(f"{where}: 'name' must be a string")
+    where = f"input {name!r}"
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"{where}: 'datatype' must be one of {', '.join(DATATYPES)}")
+    shape = _shape(tensor.get("shape"), where)
+    count = int(np.prod(shape)) if shape else 1
+    parameters = _dict(tensor.get("parameters", {}), f"{where}: 'parameters'")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise InvalidInput(f"{where}: give either 'data' or 'binary_data_size', not both")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"{where}: 'binary_data_size' must be a non-negative integer")
+        if offset + size > len(binary):
+            raise InvalidInput(f"{where}: binary_data_size {size} runs past the end of the body")
+        raw = binary[offset : offset + size]
+        if datatype == "BYTES":
+            array = _decode_bytes_elements(raw, count, where)
+        else:
+            dtype = DATATYPES[datatype]
+            if size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"{where}: binary_data_size {size} does not match shape {shape} "
+                    f"of {datatype} ({count * dtype.itemsize} bytes)"
+                )
+            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count)
+        return name, array.reshape(shape), offset + size
+    if "data" not in tensor:
+        raise InvalidInput(f"{where}: 'data' is missing")
+    data = tensor["data"]
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: 'data' must be a list")
+    array = array_from_values(data, datatype, where)
+    if array.size != count:
+        raise InvalidInput(
+            f"{where}: 'data' has {array.size} values but shape {shape} needs {count}"
+        )
+    return name, array.reshape(shape), offset
+
+
+def _requested_outputs(value: Any) -> list[tuple[str, bool]]:
+    if not isinstance(value, list):
+        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+    requested: list[tuple[str, bool]] = []
+    for index, obj in enumerate(value):
+        where = f"outputs[{index}]"
+        item = _dict(obj, where)
+        _check_keys(item, _OUTPUT_KEYS, where)
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput(f"{where}: 'name' must be a string")
+        parameters = _dict(item.get("parameters", {}), f"{where}: 'parameters'")
+        requested.append((name, bool(parameters.get("binary_data", False))))
+    return requested
+
+
+def decode_infer_request(body: bytes, header_length: str | None) -> InferCall:
+    view = memoryview(body)
+    if header_length is None:
+        json_part, binary = view, view[len(view) :]
+    else:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+        if not 0 <= split <= len(view):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {split} is outside the body of {len(view)} bytes"
+            )
+        json_part, binary = view[:split], view[split:]
+    request = _dict(loads(json_part), "the request body")
+    _check_keys(request, _REQUEST_KEYS, "request")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    tensors: dict[str, NDArray[Any]] = {}
+    offset = 0
+    for index, obj in enumerate(inputs):
+        name, array, offset = _decode_input(obj, binary, offset, index)
+        if name in tensors:
+            raise InvalidInput(f"input {name!r} is given twice")
+        tensors[name] = array
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any "
+            "input's binary_data_size"
+        )
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = _dict(request.get("parameters", {}), "'parameters'")
+    outputs = _requested_outputs(request["outputs"]) if "outputs" in request else None
+    return InferCall(
+        tensors, request_id, parameters, outputs, bool(parameters.get("binary_data_output", False))
+    )
+
+
+def select_outputs(model: ModelVersion, call: InferCall) -> list[tuple[str, bool]]:
+    known = [spec.name for spec in model.signature.outputs]
+    if call.outputs is None:
+        return [(name, call.binary_default) for name in known]
+    for name, _ in call.outputs:
+        if name not in known:
+            raise InvalidInput(
+                f"model {model.name!r} has no output {name!r}; it has "
+                f"{', '.join(repr(k) for k in known)}"
+            )
+    return call.outputs
+
+
+def _binary(array: NDArray[Any]) -> bytes:
+    if array.dtype.kind in "OUS":
+        parts = []
+        for item in array.reshape(-1).tolist():
+            encoded = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(encoded)) + encoded)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def json_array(array: NDArray[Any]) -> Any:
+    """An array in a form orjson writes: natively for numbers (NaN and Infinity become null)."""
+    if array.dtype.kind in "OUS" or array.dtype == np.float16:
+        return array.tolist()
+    return np.ascontiguousarray(array)
+
+
+def encode_infer_response(
+    model: ModelVersion, call: InferCall, outputs: Arrays, wanted: list[tuple[str, bool]]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, binary in wanted:
+        array = outputs[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(array.dtype),
+            "shape": list(array.shape),
+        }
+        if binary:
+            raw = _binary(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = json_array(array.reshape(-1))
+        tensors.append(entry)
+    response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if call.id is not None:
+        response["id"] = call.id
+    response["outputs"] = tensors
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)

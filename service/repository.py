@@ -1,0 +1,196 @@
+"""The on-disk model repository: names, versions, model.toml, metadata and sha256 checks."""
+
+import hashlib
+import logging
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ModelLoadError, ModelNotFound
+from service.metadata import ArtifactMetadata
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Positive integers without leading zeros, so "01" and "1" never name the same folder.
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
+ARTIFACT_NAMES = ("model.onnx", "model.joblib", "model.pkl")
+PICKLE_SUFFIXES = (".joblib", ".pkl")
+
+
+def is_model_name(name: str) -> bool:
+    return NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def parse_version(text: str) -> int | None:
+    return int(text) if VERSION_RE.fullmatch(text) else None
+
+
+def model_dir(root: Path, name: str) -> Path:
+    """The folder of a model; refuses any name that could leave the repository."""
+    if not is_model_name(name):
+        raise ModelNotFound(f"model name {name!r} is not valid: use letters, digits, '_', '.', '-'")
+    return root / name
+
+
+class VersionPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latest: int | None = Field(None, ge=1)
+    all: bool | None = None
+    specific: list[int] | None = None
+
+    def select(self, versions: list[int]) -> list[int]:
+        if self.specific is not None:
+            return [v for v in versions if v in self.specific]
+        if self.latest is not None:
+            return sorted(versions)[-self.latest :]
+        return versions
+
+
+class BatchingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_rows: int | None = Field(None, ge=0)
+    max_delay_ms: float | None = Field(None, ge=0)
+
+
+class ModelConfig(BaseModel):
+    """The optional model.toml of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_version: int | None = Field(None, ge=1)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    aliases: dict[str, int] = Field(default_factory=dict)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+    @model_validator(mode="after")
+    def _aliases_are_not_numbers(self) -> "ModelConfig":
+        for alias in self.aliases:
+            if not is_model_name(alias) or alias.isdigit():
+                raise ValueError(f"alias {alias!r} must be a name, not a number")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model folder as found on disk: its config and the versions the policy selects."""
+
+    name: str
+    config: ModelConfig
+    versions: dict[int, Path]
+    config_error: str | None = None
+    ignored: list[str] = field(default_factory=list)
+
+
+def scan_repository(root: Path) -> dict[str, ModelSource]:
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {root} is not a folder", reason="no_repository")
+    sources: dict[str, ModelSource] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and is_model_name(entry.name) and not entry.is_symlink():
+            sources[entry.name] = scan_model(root, entry.name)
+    return sources
+
+
+def scan_model(root: Path, name: str) -> ModelSource:
+    folder = model_dir(root, name)
+    if not folder.is_dir():
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+    config, error = read_model_config(folder / "model.toml")
+    found: dict[int, Path] = {}
+    ignored: list[str] = []
+    for entry in folder.iterdir():
+        if not entry.is_dir():
+            continue
+        version = parse_version(entry.name)
+        if version is None or entry.is_symlink():
+            ignored.append(entry.name)
+        else:
+            found[version] = entry
+    for folder_name in ignored:
+        logger.warning(
+            "model %s: ignoring folder %r (versions are positive integers)", name, folder_name
+        )
+    selected = config.version_policy.select(sorted(found))
+    return ModelSource(name, config, {v: found[v] for v in selected}, error, ignored)
+
+
+def read_model_config(path: Path) -> tuple[ModelConfig, str | None]:
+    if not path.is_file():
+        return ModelConfig(), None
+    try:
+        return ModelConfig.model_validate(tomllib.loads(path.read_text())), None
+    except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError) as exc:
+        message = f"{path}: {exc}"
+        logger.error("invalid model.toml, using defaults: %s", message)
+        return ModelConfig(), message
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact's bytes, read once: what was hashed is exactly what gets deserialised."""
+
+    path: Path
+    data: bytes
+    metadata: ArtifactMetadata | None
+
+
+def find_artifact(version_dir: Path) -> Path:
+    present = [version_dir / n for n in ARTIFACT_NAMES if (version_dir / n).is_file()]
+    if not present:
+        raise ModelLoadError(
+            f"{version_dir}: no artifact (expected one of {', '.join(ARTIFACT_NAMES)})",
+            reason="missing_artifact",
+        )
+    if len(present) > 1:
+        raise ModelLoadError(
+            f"{version_dir}: several artifacts ({', '.join(p.name for p in present)}); keep one",
+            reason="ambiguous_artifact",
+        )
+    return present[0]
+
+
+def read_verified(version_dir: Path, allow_unverified_pickle: bool) -> VerifiedArtifact:
+    """Read the artifact and check it against metadata.json before anything deserialises it."""
+    artifact = find_artifact(version_dir)
+    metadata_path = version_dir / "metadata.json"
+    is_pickle = artifact.suffix in PICKLE_SUFFIXES
+    if not metadata_path.is_file():
+        if is_pickle and not allow_unverified_pickle:
+            raise ModelLoadError(
+                f"{artifact}: no metadata.json, so its sha256 cannot be verified and unpickling "
+                "could run arbitrary code; run `modelserve package` to add it, or set "
+                "MODELSERVE_ALLOW_UNVERIFIED_PICKLE=true",
+                reason="unverified_pickle",
+            )
+        return VerifiedArtifact(artifact, artifact.read_bytes(), None)
+    try:
+        metadata = ArtifactMetadata.read(metadata_path)
+    except (ValidationError, OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{metadata_path}: invalid metadata: {exc}", reason="bad_metadata"
+        ) from exc
+    if metadata.artifact != artifact.name:
+        raise ModelLoadError(
+            f"{metadata_path} names artifact {metadata.artifact!r}, "
+            f"but the folder holds {artifact.name!r}",
+            reason="bad_metadata",
+        )
+    data = artifact.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != metadata.sha256.lower():
+        raise ModelLoadError(
+            f"{artifact}: sha256 {actual[:12]}… does not match metadata.json "
+            f"({metadata.sha256[:12]}…); the artifact was changed or corrupted; not loaded",
+            reason="hash_mismatch",
+        )
+    return VerifiedArtifact(artifact, data, metadata)

@@ -1,0 +1,201 @@
+"""Control-plane routes: health, metadata, the repository extension, V1 status and metrics."""
+
+import asyncio
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import __version__
+from service.errors import Forbidden, InvalidInput, ModelNotFound, ModelNotReady, Unauthorized
+from service.metrics import record_model
+from service.protocols.schemas import (
+    ErrorResponse,
+    Liveness,
+    ModelMetadata,
+    ModelReadiness,
+    ModelStatus,
+    Readiness,
+    RepositoryEntry,
+    RepositoryIndexRequest,
+    ServerMetadata,
+    VersionStatus,
+)
+from service.registry import ModelVersion, reload_model
+from service.state import ServiceState
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+PLATFORMS = {"sklearn": "sklearn", "onnx": "onnxruntime_onnx"}
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_admin(request: Request, state: State) -> None:
+    token = state.settings.admin_token
+    if token is None:
+        raise Forbidden(
+            "repository endpoints are disabled; set MODELSERVE_ADMIN_TOKEN to enable them"
+        )
+    given = request.headers.get("authorization", "")
+    if not given.lower().startswith("bearer "):
+        raise Unauthorized("repository endpoints need 'Authorization: Bearer <admin token>'")
+    if not hmac.compare_digest(given[7:].strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("the admin token is not valid")
+
+
+Admin = Depends(require_admin)
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
+router = APIRouter(responses=ERRORS)  # type: ignore[arg-type]
+
+
+@router.get("/v2", response_model=ServerMetadata, tags=["v2"])
+def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="modelserve", version=__version__, extensions=EXTENSIONS)
+
+
+@router.get("/v2/health/live", response_model=Liveness, tags=["health"])
+def live() -> Liveness:
+    return Liveness(live=True)
+
+
+@router.get("/v2/health/ready", response_model=Readiness, tags=["health"])
+def ready(state: State, response: Response) -> Readiness:
+    # Ready once the repository is loaded; a model whose versions all failed is reported
+    # per model, so one broken artifact never takes the whole server out of rotation.
+    if not state.ready:
+        response.status_code = 503
+    return Readiness(ready=state.ready)
+
+
+def _metadata(model: ModelVersion, versions: list[int]) -> ModelMetadata:
+    signature = model.signature
+    parameters: dict[str, object] = {
+        "task": signature.task,
+        "features": signature.features,
+        "sha256": model.sha256,
+        "warnings": model.warnings,
+    }
+    if signature.classes is not None:
+        parameters["classes"] = signature.classes
+    return ModelMetadata(
+        name=model.name,
+        versions=[str(v) for v in versions],
+        platform=PLATFORMS.get(model.format, model.format),
+        inputs=signature.inputs,
+        outputs=signature.outputs,
+        parameters=parameters,
+    )
+
+
+@router.get("/v2/models/{name}", response_model=ModelMetadata, tags=["v2"])
+@router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, tags=["v2"])
+def model_metadata(state: State, name: str, version: str | None = None) -> ModelMetadata:
+    model = state.registry.resolve(name, version)
+    entry = state.registry.model(name)
+    return _metadata(model, sorted(entry.versions) if version is None else [model.version])
+
+
+@router.get("/v2/models/{name}/ready", response_model=ModelReadiness, tags=["v2"])
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", response_model=ModelReadiness, tags=["v2"]
+)
+def model_ready(state: State, name: str, version: str | None = None) -> ModelReadiness:
+    model = state.registry.resolve(name, version)
+    return ModelReadiness(name=name, version=str(model.version), ready=True)
+
+
+@router.post(
+    "/v2/repository/index",
+    response_model=list[RepositoryEntry],
+    dependencies=[Admin],
+    tags=["repository"],
+)
+def repository_index(
+    state: State, request: Annotated[RepositoryIndexRequest | None, Body()] = None
+) -> list[RepositoryEntry]:
+    only_ready = request.ready if request else False
+    entries: list[RepositoryEntry] = []
+    registry = state.registry
+    for name, entry in sorted(registry.models.items()):
+        for number in sorted(entry.versions):
+            entries.append(RepositoryEntry(name=name, version=str(number), state="READY"))
+        for number, failure in sorted(entry.failures.items()):
+            entries.append(
+                RepositoryEntry(
+                    name=name,
+                    version=str(number),
+                    state="UNAVAILABLE",
+                    reason=f"{failure.reason}: {failure.message}",
+                )
+            )
+    for name in sorted(registry.unloaded):
+        entries.append(RepositoryEntry(name=name, state="UNAVAILABLE", reason="unloaded"))
+    return [e for e in entries if e.state == "READY"] if only_ready else entries
+
+
+@router.post("/v2/repository/models/{name}/load", dependencies=[Admin], tags=["repository"])
+async def repository_load(state: State, name: str) -> dict[str, str]:
+    async with state.repository_lock:
+        old = state.registry.models.get(name)
+        registry = await asyncio.to_thread(
+            reload_model, state.registry, state.settings.model_repository, name, state.options
+        )
+        entry = registry.model(name)
+        record_model(state.metrics, entry, previous=old)
+        if not entry.versions:
+            reasons = "; ".join(f"version {v}: {f.reason}" for v, f in entry.failures.items())
+            raise InvalidInput(
+                f"model {name!r} has no version that loads ({reasons or 'no versions'})"
+            )
+        state.router.registry = registry
+    return {}
+
+
+@router.post("/v2/repository/models/{name}/unload", dependencies=[Admin], tags=["repository"])
+async def repository_unload(state: State, name: str) -> dict[str, str]:
+    async with state.repository_lock:
+        entry = state.registry.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        state.router.registry = state.registry.without(name)
+        record_model(state.metrics, None, previous=entry)
+    return {}
+
+
+@router.get("/v1/models/{name}", response_model=ModelStatus, tags=["v1"])
+@router.get("/v1/models/{name}/versions/{version}", response_model=ModelStatus, tags=["v1"])
+def v1_model_status(state: State, name: str, version: str | None = None) -> ModelStatus:
+    entry = state.registry.model(name)
+    if version is not None:
+        model = state.registry.resolve(name, version)
+        numbers = [model.version]
+    else:
+        numbers = sorted([*entry.versions, *entry.failures])
+    if not numbers:
+        raise ModelNotReady(f"model {name!r} has no versions")
+    statuses = []
+    for number in numbers:
+        failure = entry.failures.get(number)
+        statuses.append(
+            VersionStatus(
+                version=str(number),
+                state="END" if failure else "AVAILABLE",
+                status={
+                    "error_code": "UNAVAILABLE" if failure else "OK",
+                    "error_message": failure.message if failure else "",
+                },
+            )
+        )
+    return ModelStatus(model_version_status=statuses)
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+def metrics(state: State) -> Response:
+    return Response(generate_latest(state.prometheus), media_type=CONTENT_TYPE_LATEST)

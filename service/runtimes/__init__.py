@@ -1,0 +1,73 @@
+"""The Runtime seam and the table that picks a runtime module by artifact suffix."""
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from numpy.typing import NDArray
+
+from service.metadata import ArtifactMetadata, Task
+from service.tensors import TensorSpec
+
+Arrays = dict[str, NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model takes and returns, as read from metadata or inferred from the artifact."""
+
+    task: Task
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    features: list[str] = field(default_factory=list)
+    classes: list[str | int] | None = None
+
+
+class Runtime(Protocol):
+    """A loaded model: one call, named arrays in, named arrays out, first axis is rows."""
+
+    format: str
+    signature: Signature
+
+    def predict(self, inputs: Arrays) -> Arrays: ...
+
+
+class RuntimeModule(Protocol):
+    def load(
+        self, data: bytes, metadata: ArtifactMetadata | None, options: "RuntimeOptions"
+    ) -> Runtime: ...
+
+    def describe(self, data: bytes) -> Signature: ...
+
+    def framework_versions(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    strict_versions: bool = False
+    onnx_intra_op_threads: int = 1
+    onnx_inter_op_threads: int = 1
+
+
+# Artifact suffix -> module; imported only when an artifact of that kind is loaded.
+RUNTIME_MODULES = {
+    ".onnx": "service.runtimes.onnx",
+    ".joblib": "service.runtimes.sklearn",
+    ".pkl": "service.runtimes.sklearn",
+}
+
+
+def runtime_module(artifact: Path) -> RuntimeModule:
+    module: Any = importlib.import_module(RUNTIME_MODULES[artifact.suffix])
+    return module  # type: ignore[no-any-return]
+
+
+def signature_of(metadata: ArtifactMetadata) -> Signature:
+    return Signature(
+        task=metadata.task,
+        inputs=metadata.inputs,
+        outputs=metadata.outputs,
+        features=metadata.features,
+        classes=metadata.classes,
+    )

@@ -1,0 +1,123 @@
+"""ONNX models through onnxruntime: scikit-learn exports and general graphs."""
+
+import platform
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+from service.metadata import ArtifactMetadata
+from service.runtimes import Arrays, Runtime, RuntimeOptions, Signature, signature_of
+from service.tensors import TensorSpec
+
+_ONNX_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
+    "tensor(int8)": "INT8",
+    "tensor(uint64)": "UINT64",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
+
+
+def framework_versions() -> dict[str, str]:
+    return {
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _session(data: bytes, options: RuntimeOptions) -> Any:
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = options.onnx_intra_op_threads
+    session_options.inter_op_num_threads = options.onnx_inter_op_threads
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(data, session_options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types for bad graphs
+        raise ModelLoadError(
+            f"onnxruntime cannot load the graph: {exc}", reason="corrupt_artifact"
+        ) from exc
+
+
+def _spec(arg: Any) -> TensorSpec:
+    datatype = _ONNX_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(
+            f"ONNX tensor {arg.name!r} has unsupported type {arg.type}",
+            reason="unsupported_artifact",
+        )
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape]
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+
+
+def _class_labels(data: bytes) -> list[str | int] | None:
+    """Class labels that skl2onnx stores in its classifier nodes, if any."""
+    graph = onnx.load_from_string(data).graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "classlabels_strings":
+                return [s.decode() for s in attribute.strings]
+            if attribute.name == "classlabels_int64s":
+                return list(attribute.ints)
+    return None
+
+
+def describe(data: bytes) -> Signature:
+    session = _session(data, RuntimeOptions())
+    inputs = [_spec(i) for i in session.get_inputs()]
+    outputs = [_spec(o) for o in session.get_outputs()]
+    names = {o.name for o in outputs}
+    if {"label", "probabilities"} <= names:
+        return Signature("classification", inputs, outputs, [], _class_labels(data))
+    return Signature("other", inputs, outputs)
+
+
+class OnnxRuntime:
+    format = "onnx"
+
+    def __init__(self, session: Any, signature: Signature) -> None:
+        self._session = session
+        self.signature = signature
+        graph_outputs = [o.name for o in session.get_outputs()]
+        graph_inputs = [i.name for i in session.get_inputs()]
+        if len(graph_inputs) != len(signature.inputs) or len(graph_outputs) != len(
+            signature.outputs
+        ):
+            raise ModelLoadError(
+                "metadata.json does not match the ONNX graph's inputs and outputs",
+                reason="bad_metadata",
+            )
+        # Signature names may differ from graph names (canonical "prediction" vs the export's);
+        # tensors correspond by position, worked out once here rather than per call.
+        self._inputs = list(zip(graph_inputs, (s.name for s in signature.inputs), strict=True))
+        self._graph_outputs = graph_outputs
+        self._outputs = [(spec.name, len(spec.shape)) for spec in signature.outputs]
+
+    def predict(self, inputs: Arrays) -> Arrays:
+        feed = {graph: inputs[name] for graph, name in self._inputs}
+        results = self._session.run(self._graph_outputs, feed)
+        arrays: Arrays = {}
+        for (name, rank), value in zip(self._outputs, results, strict=True):
+            array = np.asarray(value)
+            # Exports give regressors a [N, 1] output; the canonical tensor is [N].
+            if rank == 1 and array.ndim == 2 and array.shape[1] == 1:
+                array = array[:, 0]
+            arrays[name] = array
+        return arrays
+
+
+def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:
+    session = _session(data, options)
+    signature = signature_of(metadata) if metadata else describe(data)
+    return OnnxRuntime(session, signature)

@@ -1,0 +1,152 @@
+"""scikit-learn estimators and Pipelines loaded from joblib or pickle artifacts."""
+
+import io
+import logging
+import platform
+import warnings
+from typing import Any
+
+import joblib
+import numpy as np
+import sklearn
+from numpy.typing import NDArray
+
+from service.errors import ModelLoadError
+from service.metadata import ArtifactMetadata
+from service.runtimes import Arrays, Runtime, RuntimeOptions, Signature, signature_of
+from service.tensors import TensorSpec, datatype_of
+
+logger = logging.getLogger(__name__)
+
+# Estimators whose predict() is exactly classes_[argmax(predict_proba())]: one call serves both.
+_LABEL_FROM_PROBA = {
+    "DecisionTreeClassifier",
+    "ExtraTreeClassifier",
+    "ExtraTreesClassifier",
+    "GaussianNB",
+    "GradientBoostingClassifier",
+    "HistGradientBoostingClassifier",
+    "KNeighborsClassifier",
+    "LogisticRegression",
+    "MLPClassifier",
+    "RandomForestClassifier",
+}
+
+
+def framework_versions() -> dict[str, str]:
+    return {
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "joblib": joblib.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _final_step(estimator: Any) -> Any:
+    steps = getattr(estimator, "steps", None)
+    return steps[-1][1] if steps else estimator
+
+
+def _read(data: bytes) -> Any:
+    with warnings.catch_warnings():
+        # A version mismatch is reported from the metadata, with its model's name, instead.
+        warnings.simplefilter("ignore", category=UserWarning)
+        return joblib.load(io.BytesIO(data))
+
+
+def describe_estimator(estimator: Any) -> Signature:
+    n_features = getattr(estimator, "n_features_in_", None)
+    if not isinstance(n_features, int):
+        raise ModelLoadError(
+            f"{type(estimator).__name__} has no n_features_in_: is it a fitted estimator?",
+            reason="unsupported_artifact",
+        )
+    names = getattr(estimator, "feature_names_in_", None)
+    features = (
+        [str(n) for n in names] if names is not None else [f"f{i}" for i in range(n_features)]
+    )
+    inputs = [TensorSpec(name="input", datatype="FP32", shape=[-1, n_features])]
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None and hasattr(estimator, "predict_proba"):
+        labels = np.asarray(classes)
+        return Signature(
+            task="classification",
+            inputs=inputs,
+            outputs=[
+                TensorSpec(name="label", datatype=datatype_of(labels.dtype), shape=[-1]),
+                TensorSpec(name="probabilities", datatype="FP32", shape=[-1, len(labels)]),
+            ],
+            features=features,
+            classes=[c.item() if isinstance(c, np.generic) else c for c in labels],
+        )
+    if classes is not None:
+        labels = np.asarray(classes)
+        return Signature(
+            task="classification",
+            inputs=inputs,
+            outputs=[TensorSpec(name="label", datatype=datatype_of(labels.dtype), shape=[-1])],
+            features=features,
+            classes=[c.item() if isinstance(c, np.generic) else c for c in labels],
+        )
+    return Signature(
+        task="regression",
+        inputs=inputs,
+        outputs=[TensorSpec(name="prediction", datatype="FP32", shape=[-1])],
+        features=features,
+    )
+
+
+def describe(data: bytes) -> Signature:
+    return describe_estimator(_read(data))
+
+
+class SklearnRuntime:
+    format = "sklearn"
+
+    def __init__(self, estimator: Any, signature: Signature) -> None:
+        self._estimator = estimator
+        self.signature = signature
+        self._input = signature.inputs[0].name
+        names = {o.name for o in signature.outputs}
+        self._want_proba = "probabilities" in names
+        self._label_from_proba = (
+            self._want_proba and type(_final_step(estimator)).__name__ in _LABEL_FROM_PROBA
+        )
+        self._classes: NDArray[Any] = np.asarray(getattr(estimator, "classes_", []))
+        self._regression = signature.task == "regression"
+
+    def predict(self, inputs: Arrays) -> Arrays:
+        features = inputs[self._input]
+        if self._regression:
+            values = np.asarray(self._estimator.predict(features))
+            return {"prediction": values.reshape(len(features), -1)[:, 0].astype(np.float32)}
+        if not self._want_proba:
+            return {"label": np.asarray(self._estimator.predict(features))}
+        proba = np.asarray(self._estimator.predict_proba(features), dtype=np.float32)
+        if self._label_from_proba:
+            label = self._classes.take(proba.argmax(axis=1))
+        else:
+            label = np.asarray(self._estimator.predict(features))
+        return {"label": label, "probabilities": proba}
+
+
+def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:
+    made_with = metadata.framework.get("scikit-learn") if metadata else None
+    if made_with and made_with != sklearn.__version__:
+        message = (
+            f"made with scikit-learn {made_with}, this server runs "
+            f"{sklearn.__version__}; predictions may differ"
+        )
+        if options.strict_versions:
+            raise ModelLoadError(
+                message + " (MODELSERVE_STRICT_VERSIONS=true)", reason="version_mismatch"
+            )
+        logger.warning(message)
+    estimator = _read(data)
+    if not hasattr(estimator, "predict"):
+        raise ModelLoadError(
+            f"the artifact holds a {type(estimator).__name__}, not an estimator",
+            reason="unsupported_artifact",
+        )
+    signature = signature_of(metadata) if metadata else describe_estimator(estimator)
+    return SklearnRuntime(estimator, signature)

@@ -1,0 +1,117 @@
+"""Checks request tensors against a model's signature before the model runs."""
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.registry import ModelVersion
+from service.runtimes import Arrays
+from service.tensors import DATATYPES, TensorSpec
+
+_NUMERIC_KINDS = "biuf"
+
+
+def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[Any]:
+    """A JSON list (nested or flat) as an ndarray; rejects ragged rows and non-numbers."""
+    if datatype == "BYTES":
+        try:
+            return np.asarray(values, dtype=object)
+        except ValueError as exc:
+            raise InvalidInput(f"{where}: ragged or malformed BYTES data: {exc}") from None
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise InvalidInput(f"{where}: rows have different lengths (ragged data)") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        if array.dtype.kind == "O":
+            raise InvalidInput(
+                f"{where}: ragged rows or null values; expected a rectangle of numbers"
+            )
+        raise InvalidInput(f"{where}: values must be numbers; found strings")
+    if array.dtype.kind == "b" and datatype not in (None, "BOOL"):
+        raise InvalidInput(f"{where}: values must be numbers, got booleans")
+    return array
+
+
+def _describe(model: ModelVersion) -> str:
+    return f"model {model.name!r} version {model.version}"
+
+
+def _expected_names(model: ModelVersion) -> str:
+    return ", ".join(repr(s.name) for s in model.signature.inputs)
+
+
+def _check_shape(
+    model: ModelVersion, spec: TensorSpec, array: NDArray[Any], max_rows: int, where: str
+) -> NDArray[Any]:
+    rank = len(spec.shape)
+    if array.ndim == rank - 1 and rank == 2 and array.size == spec.shape[1]:
+        array = array.reshape(1, -1)  # one row sent as a flat list
+    if array.ndim != rank:
+        raise InvalidInput(f"{where}: expected shape {spec.shape}, got {list(array.shape)}")
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if want >= 0 and want != got:
+            if axis == 1 and model.signature.features:
+                raise InvalidInput(
+                    f"{where}: each row needs {want} features "
+                    f"({', '.join(model.signature.features)}), got {got}"
+                )
+            raise InvalidInput(f"{where}: expected shape {spec.shape}, got {list(array.shape)}")
+    if rank and array.shape[0] == 0:
+        raise InvalidInput(f"{where}: empty batch; send at least one row")
+    if rank and array.shape[0] > max_rows:
+        raise PayloadTooLarge(
+            f"{where}: {array.shape[0]} rows is more than the limit of {max_rows}"
+        )
+    return array
+
+
+def conform_tensor(
+    model: ModelVersion, spec: TensorSpec, array: NDArray[Any], max_rows: int
+) -> NDArray[Any]:
+    """Reshape, bound and convert one tensor to the exact dtype the model takes."""
+    where = f"input {spec.name!r} of {_describe(model)}"
+    array = _check_shape(model, spec, array, max_rows, where)
+    if spec.datatype == "BYTES":
+        return array
+    if array.dtype != spec.dtype:
+        if array.dtype.kind == "f" and spec.dtype.kind in "iu":
+            raise InvalidInput(f"{where}: expected {spec.datatype} integers, got floating point")
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = array.astype(spec.dtype)
+    allow_nan = model.metadata is not None and model.metadata.allow_nan
+    if array.dtype.kind == "f" and not allow_nan and not np.isfinite(array).all():
+        raise InvalidInput(
+            f"{where}: contains NaN, Infinity or a value out of {spec.datatype} range"
+        )
+    return array
+
+
+def conform(model: ModelVersion, tensors: dict[str, NDArray[Any]], max_rows: int) -> Arrays:
+    """Match request tensors to the model's inputs by name; every input exactly once."""
+    specs = model.signature.inputs
+    unknown = [name for name in tensors if name not in {s.name for s in specs}]
+    if unknown:
+        raise InvalidInput(
+            f"unknown input {unknown[0]!r} for {_describe(model)}; "
+            f"it takes {_expected_names(model)}"
+        )
+    missing = [s.name for s in specs if s.name not in tensors]
+    if missing:
+        raise InvalidInput(f"missing input {missing[0]!r} for {_describe(model)}")
+    arrays = {s.name: conform_tensor(model, s, tensors[s.name], max_rows) for s in specs}
+    rows = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(rows) > 1:
+        raise InvalidInput(
+            f"inputs of {_describe(model)} have different row counts: {sorted(rows)}"
+        )
+    return arrays
+
+
+def spec_datatype_check(spec_datatype: str, where: str) -> None:
+    if spec_datatype not in DATATYPES:
+        raise InvalidInput(
+            f"{where}: unknown datatype {spec_datatype!r}; one of {', '.join(DATATYPES)}"
+        )

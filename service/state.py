@@ -1,0 +1,46 @@
+"""What the lifespan builds and the handlers use: one object on the app's state."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.registry import LoadOptions, Registry
+from service.router import Router
+from service.runtimes import RuntimeOptions
+
+
+def load_options(settings: Settings) -> LoadOptions:
+    return LoadOptions(
+        allow_unverified_pickle=settings.allow_unverified_pickle,
+        runtime=RuntimeOptions(
+            strict_versions=settings.strict_versions,
+            onnx_intra_op_threads=settings.onnx_intra_op_threads,
+            onnx_inter_op_threads=settings.onnx_inter_op_threads,
+        ),
+        batching_max_rows=settings.batching_max_rows,
+        batching_max_delay_ms=settings.batching_max_delay_ms,
+    )
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    prometheus: CollectorRegistry
+    executor: ThreadPoolExecutor
+    router: Router
+    ready: bool = False
+    # Serialises repository changes, so two loads cannot swap registries out of order.
+    repository_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def registry(self) -> Registry:
+        return self.router.registry
+
+    @property
+    def options(self) -> LoadOptions:
+        return load_options(self.settings)

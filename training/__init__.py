@@ -1,0 +1,1 @@
+"""Trains the example models of the default repository from data that ships with scikit-learn."""
