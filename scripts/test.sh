@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
+# The README's examples are checked with the real curl.
+if ! command -v curl >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"

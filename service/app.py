@@ -23,6 +23,7 @@ from service.http import error_body, error_headers, status_of
 from service.inference import InferenceMiddleware
 from service.metrics import create_metrics, record_model
 from service.openapi import add_inference_paths
+from service.polling import poll_repository
 from service.registry import Registry, load_registry
 from service.router import Router
 from service.routes import router as routes
@@ -83,10 +84,15 @@ def create_app(settings: Settings) -> FastAPI:
         state.router.registry = registry
         state.ready = True
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
+        poller = None
+        if settings.repository_poll_s > 0:
+            poller = asyncio.create_task(poll_repository(state, settings.repository_poll_s))
         try:
             yield
         finally:
             state.ready = False
+            if poller is not None:
+                poller.cancel()
             executor.shutdown(wait=True)
 
     app = FastAPI(

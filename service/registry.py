@@ -12,6 +12,7 @@ import numpy as np
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from service.metadata import ArtifactMetadata
 from service.repository import (
+    Fingerprint,
     ModelSource,
     parse_version,
     read_verified,
@@ -74,6 +75,8 @@ class ModelEntry:
     default_version: int | None
     aliases: Mapping[str, int]
     config_error: str | None = None
+    # What the model folder looked like when loaded; polling reloads when it changes.
+    fingerprint: Fingerprint = ()
 
     @property
     def ready(self) -> bool:
@@ -215,7 +218,9 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
             )
         default = max(versions) if versions else None
     aliases = {a: v for a, v in source.config.aliases.items() if v in source.versions}
-    return ModelEntry(source.name, versions, failures, default, aliases, source.config_error)
+    return ModelEntry(
+        source.name, versions, failures, default, aliases, source.config_error, source.fingerprint
+    )
 
 
 def load_registry(root: Path, options: LoadOptions) -> Registry:

@@ -76,6 +76,19 @@ class ModelConfig(BaseModel):
         return self
 
 
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """Path, size and modification time of every file below a model folder."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A model folder as found on disk: its config and the versions the policy selects."""
@@ -85,6 +98,7 @@ class ModelSource:
     versions: dict[int, Path]
     config_error: str | None = None
     ignored: list[str] = field(default_factory=list)
+    fingerprint: Fingerprint = ()
 
 
 def scan_repository(root: Path) -> dict[str, ModelSource]:
@@ -101,6 +115,8 @@ def scan_model(root: Path, name: str) -> ModelSource:
     folder = model_dir(root, name)
     if not folder.is_dir():
         raise ModelNotFound(f"model {name!r} is not in the repository")
+    # Taken before reading anything, so a change made during the load is seen by the next poll.
+    before = fingerprint(folder)
     config, error = read_model_config(folder / "model.toml")
     found: dict[int, Path] = {}
     ignored: list[str] = []
@@ -117,7 +133,7 @@ def scan_model(root: Path, name: str) -> ModelSource:
             "model %s: ignoring folder %r (versions are positive integers)", name, folder_name
         )
     selected = config.version_policy.select(sorted(found))
-    return ModelSource(name, config, {v: found[v] for v in selected}, error, ignored)
+    return ModelSource(name, config, {v: found[v] for v in selected}, error, ignored, before)
 
 
 def read_model_config(path: Path) -> tuple[ModelConfig, str | None]:

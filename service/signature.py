@@ -47,6 +47,8 @@ def _check_shape(
     model: ModelVersion, spec: TensorSpec, array: NDArray[Any], max_rows: int, where: str
 ) -> NDArray[Any]:
     rank = len(spec.shape)
+    if rank and array.size == 0:
+        raise InvalidInput(f"{where}: empty batch; send at least one row")
     if array.ndim == rank - 1 and rank == 2 and array.size == spec.shape[1]:
         array = array.reshape(1, -1)  # one row sent as a flat list
     if array.ndim != rank:
@@ -59,8 +61,6 @@ def _check_shape(
                     f"({', '.join(model.signature.features)}), got {got}"
                 )
             raise InvalidInput(f"{where}: expected shape {spec.shape}, got {list(array.shape)}")
-    if rank and array.shape[0] == 0:
-        raise InvalidInput(f"{where}: empty batch; send at least one row")
     if rank and array.shape[0] > max_rows:
         raise PayloadTooLarge(
             f"{where}: {array.shape[0]} rows is more than the limit of {max_rows}"

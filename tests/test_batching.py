@@ -1,0 +1,99 @@
+"""The batcher merges requests that arrive while the model is busy, and splits answers back."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.errors import PredictionFailed
+from service.runtimes import Arrays
+
+
+class Recorder:
+    """Observes calls the way the metrics do."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def call_done(self, rows: int, seconds: float) -> None:
+        self.calls.append(rows)
+
+    def queue_changed(self, depth: int) -> None:
+        pass
+
+
+def slow_double(inputs: Arrays) -> Arrays:
+    time.sleep(0.02)  # long enough for the other requests to queue up meanwhile
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative input")
+    return {"y": x * 2, "first": x[:, 0].copy()}
+
+
+def run(
+    batcher: Batcher, requests: list[np.ndarray], spacing_s: float = 0.0
+) -> list[Arrays | BaseException]:
+    """Submit the requests `spacing_s` apart, as clients arriving one after another."""
+
+    async def one(index: int, rows: np.ndarray) -> Arrays:
+        await asyncio.sleep(index * spacing_s)
+        return (await batcher.submit({"x": rows}, len(rows))).outputs
+
+    async def main() -> list[Arrays | BaseException]:
+        return await asyncio.gather(
+            *(one(i, r) for i, r in enumerate(requests)), return_exceptions=True
+        )
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(2)
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows(
+    executor: ThreadPoolExecutor,
+) -> None:
+    recorder = Recorder()
+    batcher = Batcher(slow_double, executor, max_rows=64, observer=recorder)
+    requests = [np.full((i % 3 + 1, 2), i, dtype=np.float32) for i in range(20)]
+    results = run(batcher, requests, spacing_s=0.002)
+    for request, result in zip(requests, results, strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result["y"], request * 2)
+        np.testing.assert_array_equal(result["first"], request[:, 0])
+    assert recorder.calls[0] == len(requests[0])  # the first request ran at once, alone
+    assert len(recorder.calls) < len(requests)
+    assert sum(recorder.calls) == sum(len(r) for r in requests)
+
+
+def test_calls_never_exceed_max_rows(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    batcher = Batcher(slow_double, executor, max_rows=4, observer=recorder)
+    run(batcher, [np.ones((3, 2), dtype=np.float32) for _ in range(6)])
+    assert max(recorder.calls) <= 4
+
+
+def test_a_failing_request_does_not_fail_its_neighbours(executor: ThreadPoolExecutor) -> None:
+    batcher = Batcher(slow_double, executor, max_rows=64)
+    requests = [np.ones((1, 2), dtype=np.float32) * (-1 if i == 3 else 1) for i in range(8)]
+    results = run(batcher, requests)
+    assert isinstance(results[3], PredictionFailed)
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
+
+
+def test_model_runs_off_the_event_loop(executor: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+
+    def record_thread(inputs: Arrays) -> Arrays:
+        threads.append(threading.current_thread().name)
+        return {"y": inputs["x"]}
+
+    run(Batcher(record_thread, executor, max_rows=8), [np.ones((1, 1))])
+    assert threads
+    assert threads[0] != threading.main_thread().name

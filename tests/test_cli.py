@@ -1,0 +1,109 @@
+"""`modelserve package` and `modelserve validate`, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.datasets import load_wine
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.linear_model import LogisticRegression
+
+from service.registry import LoadOptions, load_registry
+from tests.damage import truncate
+
+
+def modelserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_package_infers_signature_and_picks_the_next_version(tmp_path: Path) -> None:
+    bunch = load_wine()
+    model = LogisticRegression(max_iter=5000).fit(bunch.data, bunch.target)
+    artifact = tmp_path / "wine.joblib"
+    joblib.dump(model, artifact)
+    root = tmp_path / "models"
+    for expected in ("1", "2"):
+        result = modelserve(
+            "package", str(artifact), "--name", "wine", "--model-repository", str(root)
+        )
+        assert result.returncode == 0, result.stderr
+        assert (root / "wine" / expected / "model.joblib").is_file()
+    metadata = json.loads((root / "wine" / "2" / "metadata.json").read_text())
+    assert metadata["features"] == [f"f{i}" for i in range(13)]  # no names in a numpy fit
+    assert metadata["classes"] == [0, 1, 2]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 13]}]
+    assert metadata["framework"]["scikit-learn"]
+    served = load_registry(root, LoadOptions()).resolve("wine")
+    rows = bunch.data.astype(np.float32)[:5]
+    np.testing.assert_array_equal(
+        served.runtime.predict({"input": rows})["label"], model.predict(rows)
+    )
+
+
+def test_package_a_regressor_with_feature_names(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    artifact = tmp_path / "reg.pkl"
+    joblib.dump(GradientBoostingRegressor(n_estimators=5).fit(x, x.sum(axis=1)), artifact)
+    result = modelserve(
+        "package",
+        str(artifact),
+        "--name",
+        "reg",
+        "--version",
+        "7",
+        "--features",
+        "a,b,c",
+        "--model-repository",
+        str(tmp_path / "m"),
+    )
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((tmp_path / "m" / "reg" / "7" / "metadata.json").read_text())
+    assert (metadata["task"], metadata["features"]) == ("regression", ["a", "b", "c"])
+    assert metadata["outputs"] == [{"name": "prediction", "datatype": "FP32", "shape": [-1]}]
+
+
+def test_package_refuses_bad_names_and_existing_versions(tmp_path: Path) -> None:
+    artifact = tmp_path / "m.joblib"
+    joblib.dump(LogisticRegression().fit([[0], [1]], [0, 1]), artifact)
+    bad = modelserve(
+        "package", str(artifact), "--name", "../evil", "--model-repository", str(tmp_path / "m")
+    )
+    assert bad.returncode == 1
+    assert "not valid" in bad.stderr
+    assert not (tmp_path / "evil").exists()
+    args = (
+        "package",
+        str(artifact),
+        "--name",
+        "ok",
+        "--version",
+        "1",
+        "--model-repository",
+        str(tmp_path / "m"),
+    )
+    assert modelserve(*args).returncode == 0
+    again = modelserve(*args)
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+
+
+def test_validate_passes_on_a_good_repository(repository: Path) -> None:
+    result = modelserve("validate", "--model-repository", str(repository))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 6
+
+
+def test_validate_fails_on_a_broken_version(repository: Path) -> None:
+    truncate(repository / "diabetes" / "2" / "model.onnx")
+    result = modelserve("validate", "--model-repository", str(repository))
+    assert result.returncode == 1
+    assert "FAIL  diabetes:2 hash_mismatch" in result.stdout

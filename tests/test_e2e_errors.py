@@ -1,0 +1,98 @@
+"""Bad input gets a 4xx JSON error naming the problem, never a 500, and the server keeps serving."""
+
+from typing import Any
+
+import httpx
+import pytest
+
+GOOD_ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+def v2(
+    data: Any, shape: list[int] | None = None, name: str = "input", datatype: str = "FP32"
+) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": name, "shape": shape or [1, 4], "datatype": datatype, "data": data}]
+    }
+
+
+# (path, JSON body, expected status, a phrase the error message must contain)
+CASES: list[tuple[str, Any, int, str]] = [
+    ("/v2/models/iris/infer", v2([[1, 2, 3]], [1, 3]), 400, "4 features"),
+    ("/v2/models/iris/infer", v2([[1, 2, 3, 4], [1, 2]], [2, 4]), 400, "ragged"),
+    ("/v2/models/iris/infer", v2([[1, 2, "x", 4]]), 400, "numbers"),
+    ("/v2/models/iris/infer", v2([[1, 2, None, 4]]), 400, "null"),
+    ("/v2/models/iris/infer", v2([[True, False, True, False]]), 400, "booleans"),
+    ("/v2/models/iris/infer", v2([[1, 2, 3, 4]], name="features"), 400, "unknown input 'features'"),
+    ("/v2/models/iris/infer", v2([1, 2, 3, 4, 5, 6, 7, 8], [1, 4]), 400, "needs 4"),
+    ("/v2/models/iris/infer", v2([], [0, 4]), 400, "empty batch"),
+    ("/v2/models/iris/infer", v2([[1e39, 2, 3, 4]]), 400, "FP32 range"),
+    ("/v2/models/iris/infer", v2([[1, 2, 3, 4]], datatype="FP99"), 400, "datatype"),
+    ("/v2/models/iris/infer", {"inputs": []}, 400, "non-empty"),
+    ("/v2/models/iris/infer", {"input": []}, 400, "unknown field 'input'"),
+    ("/v2/models/iris/infer", [1, 2, 3], 400, "JSON object"),
+    ("/v2/models/iris/infer", {**v2([GOOD_ROW]), "outputs": [{"name": "nope"}]}, 400, "no output"),
+    (
+        "/v2/models/iris/infer",
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32"}]},
+        400,
+        "'data' is missing",
+    ),
+    (
+        "/v2/models/iris/infer",
+        {"inputs": [{"name": "input", "shape": [-1, 4], "datatype": "FP32", "data": [GOOD_ROW]}]},
+        400,
+        "shape",
+    ),
+    ("/v2/models/unknown/infer", v2([GOOD_ROW]), 404, "not in the repository"),
+    ("/v2/models/iris/versions/9/infer", v2([GOOD_ROW]), 404, "no version 9"),
+    ("/v2/models/iris/versions/01/infer", v2([GOOD_ROW]), 404, "no version '01'"),
+    ("/v1/models/iris:predict", {"instances": [[1, 2, 3]]}, 400, "4 features"),
+    ("/v1/models/iris:predict", {"instances": [{"sepal_length": 1}]}, 400, "missing feature"),
+    ("/v1/models/iris:predict", {"instances": [[1, 2, 3, 4]], "extra": 1}, 400, "instances"),
+    ("/v1/models/iris:predict", {"rows": [[1, 2, 3, 4]]}, 400, "instances"),
+    ("/v1/models/iris:predict", {"instances": []}, 400, "empty batch"),
+    ("/v1/models/nope:predict", {"instances": [GOOD_ROW]}, 404, "not in the repository"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "phrase"), CASES)
+def test_bad_input_is_a_clear_client_error(
+    client: httpx.Client, path: str, body: Any, status: int, phrase: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert phrase in error
+    assert "Traceback" not in error
+    # The service keeps serving good requests after every bad one.
+    good = client.post("/v1/models/iris:predict", json={"instances": [GOOD_ROW]})
+    assert good.json()["predictions"] == ["setosa"]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b"{not json", "application/json", 400),
+        (b"\xff\xfe\x00", "application/json", 400),
+        (b'{"instances": [[1,2,3,4]]}', "text/csv", 415),
+    ],
+)
+def test_malformed_bodies(
+    client: httpx.Client, content: bytes, content_type: str, status: int
+) -> None:
+    response = client.post(
+        "/v1/models/iris:predict", content=content, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == status
+    assert "error" in response.json()
+
+
+def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
+    missing = client.get("/v2/nothing/here")
+    assert missing.status_code == 404
+    assert "error" in missing.json()
+    wrong_method = client.get("/v2/models/iris/infer")
+    assert wrong_method.status_code in (404, 405)
+    assert "error" in wrong_method.json()

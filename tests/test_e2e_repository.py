@@ -1,0 +1,89 @@
+"""A damaged repository serves what it can; the repository extension reports and reloads."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.damage import rewrite_sha256, truncate
+from tests.serving import RunningServer, run_server
+
+TOKEN = "s3cret-admin"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+@pytest.fixture
+def damaged(repository: Path, tmp_path: Path) -> Iterator[RunningServer]:
+    with (repository / "iris" / "1" / "model.joblib").open("ab") as artifact:
+        artifact.write(b"tampered")
+    truncate(repository / "breast_cancer" / "2" / "model.onnx")
+    rewrite_sha256(repository / "breast_cancer" / "2")
+    with run_server(repository, tmp_path, env={"MODELSERVE_ADMIN_TOKEN": TOKEN}) as server:
+        yield server
+
+
+def test_broken_versions_are_reported_and_the_rest_serves(damaged: RunningServer) -> None:
+    with httpx.Client(base_url=damaged.url) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/v2/models/iris/versions/1/ready").status_code == 503
+        refused = client.post("/v1/models/iris/versions/1:predict", json=ROW)
+        assert refused.status_code == 503
+        assert "hash_mismatch" in refused.json()["error"]
+        assert client.post("/v1/models/iris/versions/2:predict", json=ROW).status_code == 200
+        assert (
+            client.post(
+                "/v1/models/breast_cancer/versions/1:predict", json={"instances": [[0.0] * 30]}
+            ).status_code
+            == 200
+        )
+        index = client.post("/v2/repository/index", headers=ADMIN).json()
+        states = {(e["name"], e["version"]): e for e in index}
+        assert states[("iris", "1")]["state"] == "UNAVAILABLE"
+        assert "hash_mismatch" in states[("iris", "1")]["reason"]
+        assert "corrupt_artifact" in states[("breast_cancer", "2")]["reason"]
+        assert states[("iris", "2")]["state"] == "READY"
+        ready_only = client.post("/v2/repository/index", headers=ADMIN, json={"ready": True})
+        assert all(e["state"] == "READY" for e in ready_only.json())
+    assert "hash_mismatch" in damaged.output()
+
+
+def test_unload_and_load(repository: Path, tmp_path: Path) -> None:
+    with (
+        run_server(repository, tmp_path, env={"MODELSERVE_ADMIN_TOKEN": TOKEN}) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert client.post("/v2/repository/models/iris/unload", headers=ADMIN).status_code == 200
+        gone = client.post("/v1/models/iris:predict", json=ROW)
+        assert gone.status_code == 503
+        assert "unloaded" in gone.json()["error"]
+        assert client.get("/v2/models/iris/ready").status_code == 503
+        # A new version dropped into the repository is picked up by an explicit load.
+        (repository / "iris" / "model.toml").write_text("default_version = 1\n")
+        assert client.post("/v2/repository/models/iris/load", headers=ADMIN).status_code == 200
+        answer = client.post("/v1/models/iris:predict", json=ROW).json()
+        assert (answer["model_version"], answer["predictions"]) == ("1", ["setosa"])
+        missing = client.post("/v2/repository/models/nope/load", headers=ADMIN)
+        assert missing.status_code == 404
+        traversal = client.post("/v2/repository/models/..%2F..%2Fetc/load", headers=ADMIN)
+        assert traversal.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 403), ({"Authorization": "Basic x"}, 401)],
+)
+def test_admin_endpoints_need_the_token(
+    client: httpx.Client, headers: dict[str, str], status: int
+) -> None:
+    response = client.post("/v2/repository/index", headers=headers)
+    assert response.status_code == status
+    assert "error" in response.json()
+
+
+def test_admin_endpoints_are_off_without_a_token(repository: Path, tmp_path: Path) -> None:
+    with run_server(repository, tmp_path) as server:
+        response = httpx.post(f"{server.url}/v2/repository/index", headers=ADMIN)
+        assert response.status_code == 403
+        assert "MODELSERVE_ADMIN_TOKEN" in response.json()["error"]

@@ -1,0 +1,34 @@
+"""Every error class has an HTTP status, and error bodies are the V2 shape."""
+
+import orjson
+import pytest
+
+from service import errors
+from service.http import STATUS_CODES, error_body, error_headers, status_of
+
+
+def all_error_classes() -> list[type[errors.ServiceError]]:
+    found: list[type[errors.ServiceError]] = []
+    pending = [errors.ServiceError]
+    while pending:
+        cls = pending.pop()
+        found.extend(cls.__subclasses__())
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_has_a_status(cls: type[errors.ServiceError]) -> None:
+    assert cls in STATUS_CODES
+
+
+def test_statuses_and_bodies() -> None:
+    assert status_of(errors.InvalidInput("bad")) == 400
+    assert status_of(errors.ModelNotFound("x")) == 404
+    overloaded = errors.Overloaded("busy", retry_after_s=3)
+    assert status_of(overloaded) == 503
+    assert (b"retry-after", b"3") in error_headers(overloaded)
+    assert orjson.loads(error_body(errors.InvalidInput("say what"))) == {
+        "error": "say what",
+        "type": "InvalidInput",
+    }

@@ -1,0 +1,56 @@
+"""Real V2 responses validate against the Open Inference Protocol's own OpenAPI schemas."""
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+SPEC = yaml.safe_load((Path(__file__).parent / "specs" / "open_inference_rest.yaml").read_text())
+
+
+def validate(instance: Any, schema_name: str) -> None:
+    # OpenAPI 3.0 schemas are JSON Schema with local $refs into components.schemas.
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": SPEC["components"]}
+    jsonschema.validate(instance, schema)
+
+
+def test_server_metadata(client: httpx.Client) -> None:
+    validate(client.get("/v2").json(), "metadata_server_response")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/models/iris", "/v2/models/iris/versions/1", "/v2/models/diabetes/versions/2"]
+)
+def test_model_metadata(client: httpx.Client, path: str) -> None:
+    validate(client.get(path).json(), "metadata_model_response")
+
+
+@pytest.mark.parametrize("model", ["iris", "breast_cancer", "diabetes"])
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_inference_response(client: httpx.Client, model: str, version: str) -> None:
+    width = client.get(f"/v2/models/{model}").json()["inputs"][0]["shape"][1]
+    request = {
+        "id": "c1",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [2, width],
+                "datatype": "FP32",
+                "data": [[0.5] * width, [1.0] * width],
+            }
+        ],
+    }
+    validate(request, "inference_request")
+    response = client.post(f"/v2/models/{model}/versions/{version}/infer", json=request)
+    assert response.status_code == 200
+    validate(response.json(), "inference_response")
+
+
+def test_error_response(client: httpx.Client) -> None:
+    response = client.post("/v2/models/iris/infer", json={"inputs": "nope"})
+    assert response.status_code == 400
+    validate(response.json(), "inference_error_response")
+    validate(client.get("/v2/models/nope").json(), "metadata_model_error_response")

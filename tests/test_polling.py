@@ -1,0 +1,41 @@
+"""With MODELSERVE_REPOSITORY_POLL_S set, models that appear, change or vanish on disk follow."""
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.serving import run_server
+
+ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> None:
+    spare = tmp_path / "spare"
+    shutil.move(repository / "iris", spare)
+    with (
+        run_server(repository, tmp_path, env={"MODELSERVE_REPOSITORY_POLL_S": "0.3"}) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert client.post("/v1/models/iris:predict", json=ROW).status_code == 404
+        shutil.move(spare, repository / "iris")
+        assert eventually(
+            lambda: client.post("/v1/models/iris:predict", json=ROW).status_code == 200
+        )
+        with (repository / "iris" / "2" / "model.onnx").open("ab") as artifact:
+            artifact.write(b"tampered")
+        assert eventually(lambda: client.get("/v2/models/iris/versions/2/ready").status_code == 503)
+        assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "1"
+        shutil.rmtree(repository / "diabetes")
+        assert eventually(lambda: client.get("/v2/models/diabetes").status_code != 200)

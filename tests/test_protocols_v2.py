@@ -1,0 +1,153 @@
+"""V2 decoding and encoding, including the binary tensor data extension."""
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from service.errors import InvalidInput
+from service.protocols.v2 import decode_infer_request, encode_infer_response, select_outputs
+from service.registry import LoadOptions, ModelVersion, load_registry
+
+
+@pytest.fixture(scope="module")
+def iris(trained_repository: Path) -> ModelVersion:
+    return load_registry(trained_repository, LoadOptions()).resolve("iris", "1")
+
+
+def binary_request(header: dict[str, Any], *blobs: bytes) -> tuple[bytes, str]:
+    encoded = orjson.dumps(header)
+    return encoded + b"".join(blobs), str(len(encoded))
+
+
+def test_binary_input_is_read_without_copying() -> None:
+    rows = np.arange(8, dtype="<f4").reshape(2, 4)
+    body, length = binary_request(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [2, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 32},
+                }
+            ]
+        },
+        rows.tobytes(),
+    )
+    array = decode_infer_request(body, length).tensors["input"]
+    np.testing.assert_array_equal(array, rows)
+    assert not array.flags.owndata  # a view on the request body
+
+
+def test_binary_bytes_tensor() -> None:
+    words = [b"setosa", b"", "vé".encode()]
+    blob = b"".join(struct.pack("<I", len(w)) + w for w in words)
+    body, length = binary_request(
+        {
+            "inputs": [
+                {
+                    "name": "s",
+                    "shape": [3],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        },
+        blob,
+    )
+    assert decode_infer_request(body, length).tensors["s"].tolist() == ["setosa", "", "vé"]
+
+
+@pytest.mark.parametrize(
+    ("size", "length_delta", "phrase"),
+    [
+        (31, 0, "does not match shape"),
+        (40, 0, "past the end"),
+        (32, -3, "not valid JSON"),
+        (16, 0, "does not match"),
+    ],
+)
+def test_binary_size_errors(size: int, length_delta: int, phrase: str) -> None:
+    body, length = binary_request(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [2, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        },
+        bytes(32),
+    )
+    with pytest.raises(InvalidInput, match=phrase):
+        decode_infer_request(body, str(int(length) + length_delta))
+
+
+def test_unclaimed_binary_bytes_are_an_error() -> None:
+    body, length = binary_request(
+        {"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, bytes(8)
+    )
+    with pytest.raises(InvalidInput, match="not claimed"):
+        decode_infer_request(body, length)
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "999999"])
+def test_bad_header_length(length: str) -> None:
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
+        decode_infer_request(b"{}", length)
+
+
+def test_encode_mixes_json_and_binary_outputs(iris: ModelVersion) -> None:
+    request = orjson.dumps(
+        {
+            "id": "x",
+            "inputs": [
+                {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+            ],
+            "outputs": [
+                {"name": "label", "parameters": {"binary_data": True}},
+                {"name": "probabilities"},
+            ],
+        }
+    )
+    call = decode_infer_request(request, None)
+    outputs = iris.runtime.predict({"input": call.tensors["input"].astype(np.float32)})
+    body, length = encode_infer_response(iris, call, outputs, select_outputs(iris, call))
+    assert length is not None
+    header = orjson.loads(body[:length])
+    label, probabilities = header["outputs"]
+    assert header["id"] == "x"
+    assert label["datatype"] == "BYTES"
+    assert "data" not in label
+    size = label["parameters"]["binary_data_size"]
+    (first,) = struct.unpack_from("<I", body, length)
+    assert body[length + 4 : length + 4 + first].decode() == outputs["label"][0]
+    assert len(body) == length + size
+    assert probabilities["shape"] == [1, 3]
+
+
+def test_nan_outputs_become_null_not_bare_tokens(iris: ModelVersion) -> None:
+    call = decode_infer_request(
+        orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                ]
+            }
+        ),
+        None,
+    )
+    outputs = {
+        "label": np.array(["setosa"]),
+        "probabilities": np.array([[np.nan, np.inf, 0.5]], dtype=np.float32),
+    }
+    body, _ = encode_infer_response(iris, call, outputs, select_outputs(iris, call))
+    assert b"NaN" not in body
+    assert b"Infinity" not in body
+    assert orjson.loads(body)["outputs"][1]["data"] == [None, None, 0.5]
