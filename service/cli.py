@@ -11,7 +11,8 @@ from service.config import Settings
 from service.logs import configure_logging
 
 logger = logging.getLogger(__name__)
-BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+# A repository holding this file is the bundled example one: its artifacts are built, not shipped.
+EXAMPLES_MARKER = ".examples"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     root = settings.model_repository
-    if root.resolve() == BUNDLED_REPOSITORY:
+    if (root / EXAMPLES_MARKER).is_file():
         from training.examples import examples_missing, train_examples
 
         if examples_missing(root):

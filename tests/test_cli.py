@@ -1,10 +1,12 @@
 """`modelserve package` and `modelserve validate`, run as a user runs them."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import joblib
 import numpy as np
 from sklearn.datasets import load_wine
@@ -12,7 +14,9 @@ from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression
 
 from service.registry import LoadOptions, load_registry
+from tests.conftest import ROOT
 from tests.damage import truncate
+from tests.serving import run_server
 
 
 def modelserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -107,3 +111,19 @@ def test_validate_fails_on_a_broken_version(repository: Path) -> None:
     result = modelserve("validate", "--model-repository", str(repository))
     assert result.returncode == 1
     assert "FAIL  diabetes:2 hash_mismatch" in result.stdout
+
+
+def test_serve_trains_missing_example_models(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(
+        ROOT / "models",
+        root,
+        ignore=shutil.ignore_patterns("model.joblib", "model.onnx", "metadata.json"),
+    )
+    assert (root / ".examples").is_file()
+    with run_server(root, tmp_path) as server:
+        answer = httpx.post(
+            f"{server.url}/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}
+        ).json()
+    assert answer["predictions"] == ["setosa"]
+    assert (root / "breast_cancer" / "2" / "model.onnx").is_file()
