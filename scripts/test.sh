@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs modelserve with its dev tools and runs every check: ruff, mypy --strict, pytest.
+# Installs modelserve with its dev tools and runs every check: ruff, mypy --strict, pytest, then
+# the container image smoke test (deploy/smoke-image.sh: SKIPPED, with the reason, where podman
+# cannot run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
@@ -16,3 +18,5 @@ echo "== mypy --strict"
 mypy
 echo "== pytest"
 pytest "$@"
+echo "== image smoke test"
+deploy/smoke-image.sh

@@ -17,7 +17,7 @@ EXAMPLES_MARKER = ".examples"
 
 def _serve(args: argparse.Namespace) -> int:
     # Flags become environment variables so that every worker process builds the same Settings.
-    for flag in ("model_repository", "host", "port", "workers"):
+    for flag in ("model_repository", "model_name", "host", "port", "workers"):
         value = getattr(args, flag)
         if value is not None:
             os.environ[f"MODELSERVE_{flag.upper()}"] = str(value)
@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=settings.workers,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
     return 0
 
@@ -49,7 +49,7 @@ def _validate(args: argparse.Namespace) -> int:
     from service.registry import load_registry
     from service.state import load_options
 
-    settings = Settings()
+    settings = Settings() if args.model_name is None else Settings(model_name=args.model_name)
     configure_logging(settings.log_level, settings.log_format)
     root = args.model_repository or settings.model_repository
     registry = load_registry(root, load_options(settings))
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP")
     serve.add_argument("--model-repository", type=Path)
+    serve.add_argument("--model-name", help="serve the repository folder as this one model")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="load every version, check hashes, smoke-test")
     validate.add_argument("--model-repository", type=Path)
+    validate.add_argument("--model-name", help="validate the repository folder as this one model")
     validate.set_defaults(run=_validate)
 
     package = commands.add_parser("package", help="add an artifact to the repository")

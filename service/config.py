@@ -3,8 +3,10 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.repository import is_model_name
 
 
 class Settings(BaseSettings):
@@ -13,6 +15,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="ignore")
 
     model_repository: Path = Field(Path("models"), description="Model repository folder.")
+    model_name: str | None = Field(
+        None,
+        description="Serve the repository folder as this one model: a folder of version folders, "
+        "or one version's artifact and metadata.json (what KServe mounts at /mnt/models).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     workers: int = Field(1, ge=1, description="Server processes.")
@@ -54,6 +61,16 @@ class Settings(BaseSettings):
     onnx_inter_op_threads: int = Field(
         1, ge=0, description="ONNX Runtime inter-op threads per session; 0: default."
     )
+    graceful_shutdown_s: int = Field(
+        30, ge=0, description="After SIGTERM, seconds to finish in-flight requests before exit."
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_is_valid(cls, name: str | None) -> str | None:
+        if name is not None and not is_model_name(name):
+            raise ValueError(f"{name!r} is not a model name: use letters, digits, '_', '.', '-'")
+        return name
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

@@ -12,13 +12,19 @@ from service.state import ServiceState
 logger = logging.getLogger(__name__)
 
 
-def changed_models(registry: Registry, root: Path) -> tuple[list[str], list[str]]:
+def changed_models(
+    registry: Registry, root: Path, model_name: str | None = None
+) -> tuple[list[str], list[str]]:
     """(models to load, models to drop), comparing the disk with what was loaded."""
-    on_disk = {
-        p.name: p
-        for p in root.iterdir()
-        if p.is_dir() and not p.is_symlink() and is_model_name(p.name)
-    }
+    if model_name is not None:
+        # The folder is that one model (MODELSERVE_MODEL_NAME), whatever its layout.
+        on_disk = {model_name: root} if root.is_dir() else {}
+    else:
+        on_disk = {
+            p.name: p
+            for p in root.iterdir()
+            if p.is_dir() and not p.is_symlink() and is_model_name(p.name)
+        }
     to_load = [
         name
         for name, folder in sorted(on_disk.items())
@@ -34,7 +40,9 @@ def changed_models(registry: Registry, root: Path) -> tuple[list[str], list[str]
 async def sync_repository(state: ServiceState) -> None:
     root = state.settings.model_repository
     async with state.repository_lock:
-        to_load, to_drop = await asyncio.to_thread(changed_models, state.registry, root)
+        to_load, to_drop = await asyncio.to_thread(
+            changed_models, state.registry, root, state.options.model_name
+        )
         registry = state.registry
         for name in to_drop:
             logger.info("model %s left the repository; no longer served", name)

@@ -30,6 +30,8 @@ class LoadOptions:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching_max_rows: int = 256
     batching_max_delay_ms: float = 0.0
+    # Set: the repository folder is this one model (the layout KServe mounts at /mnt/models).
+    model_name: str | None = None
 
 
 @dataclass(eq=False)  # identity hashing: a reload makes new versions, with new batchers
@@ -224,8 +226,9 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
 
 
 def load_registry(root: Path, options: LoadOptions) -> Registry:
-    return Registry({name: load_model(src, options) for name, src in scan_repository(root).items()})
+    sources = scan_repository(root, options.model_name)
+    return Registry({name: load_model(src, options) for name, src in sources.items()})
 
 
 def reload_model(registry: Registry, root: Path, name: str, options: LoadOptions) -> Registry:
-    return registry.with_entry(load_model(scan_model(root, name), options))
+    return registry.with_entry(load_model(scan_model(root, name, options.model_name), options))

@@ -101,20 +101,65 @@ class ModelSource:
     fingerprint: Fingerprint = ()
 
 
-def scan_repository(root: Path) -> dict[str, ModelSource]:
+def scan_repository(root: Path, model_name: str | None = None) -> dict[str, ModelSource]:
+    """Every model folder under root; with model_name, root is that one model (see below)."""
     if not root.is_dir():
         raise ModelLoadError(f"model repository {root} is not a folder", reason="no_repository")
+    if model_name is not None:
+        return {model_name: scan_single_model(root, model_name)}
     sources: dict[str, ModelSource] = {}
     for entry in sorted(root.iterdir()):
         if entry.is_dir() and is_model_name(entry.name) and not entry.is_symlink():
             sources[entry.name] = scan_model(root, entry.name)
+    if _holds_artifact(root) or (sources and all(parse_version(n) for n in sources)):
+        logger.warning(
+            "%s looks like a single model, not a repository of model folders; "
+            "set MODELSERVE_MODEL_NAME to serve it under that name",
+            root,
+        )
     return sources
 
 
-def scan_model(root: Path, name: str) -> ModelSource:
+def scan_model(root: Path, name: str, model_name: str | None = None) -> ModelSource:
+    if model_name is not None:
+        if name != model_name:
+            raise ModelNotFound(f"model {name!r} is not served here; only {model_name!r} is")
+        return scan_single_model(root, name)
     folder = model_dir(root, name)
     if not folder.is_dir():
         raise ModelNotFound(f"model {name!r} is not in the repository")
+    return scan_model_folder(folder, name)
+
+
+def scan_single_model(root: Path, name: str) -> ModelSource:
+    """The folder KServe mounts at /mnt/models: one model's folder, or one version's folder.
+
+    A model folder holds version folders (and model.toml); a version folder holds the artifact
+    and metadata.json directly, and serves as the version its metadata names (else 1).
+    """
+    if not is_model_name(name):
+        raise ModelLoadError(
+            f"model name {name!r} is not valid: use letters, digits, '_', '.', '-'",
+            reason="bad_model_name",
+        )
+    if not _holds_artifact(root):
+        source = scan_model_folder(root, name)
+        if not source.versions:
+            logger.error("%s holds no version folder and no artifact for model %s", root, name)
+        return source
+    before = fingerprint(root)
+    versions = [e.name for e in root.iterdir() if e.is_dir() and parse_version(e.name)]
+    if versions:
+        raise ModelLoadError(
+            f"{root} holds both an artifact and version folders ({', '.join(sorted(versions))}); "
+            "keep one layout",
+            reason="ambiguous_layout",
+        )
+    config, error = read_model_config(root / "model.toml")
+    return ModelSource(name, config, {_declared_version(root): root}, error, [], before)
+
+
+def scan_model_folder(folder: Path, name: str) -> ModelSource:
     # Taken before reading anything, so a change made during the load is seen by the next poll.
     before = fingerprint(folder)
     config, error = read_model_config(folder / "model.toml")
@@ -134,6 +179,18 @@ def scan_model(root: Path, name: str) -> ModelSource:
         )
     selected = config.version_policy.select(sorted(found))
     return ModelSource(name, config, {v: found[v] for v in selected}, error, ignored, before)
+
+
+def _holds_artifact(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ARTIFACT_NAMES)
+
+
+def _declared_version(version_dir: Path) -> int:
+    """The version metadata.json names; 1 if it is missing or unreadable (loading reports why)."""
+    try:
+        return max(1, ArtifactMetadata.read(version_dir / "metadata.json").version)
+    except (ValidationError, OSError, UnicodeDecodeError):
+        return 1
 
 
 def read_model_config(path: Path) -> tuple[ModelConfig, str | None]:

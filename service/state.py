@@ -23,6 +23,7 @@ def load_options(settings: Settings) -> LoadOptions:
         ),
         batching_max_rows=settings.batching_max_rows,
         batching_max_delay_ms=settings.batching_max_delay_ms,
+        model_name=settings.model_name,
     )
 
 

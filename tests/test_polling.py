@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 
+from service.polling import changed_models
+from service.registry import LoadOptions, load_registry
 from tests.serving import run_server
 
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
@@ -39,3 +41,12 @@ def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> Non
         assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "1"
         shutil.rmtree(repository / "diabetes")
         assert eventually(lambda: client.get("/v2/models/diabetes").status_code != 200)
+
+
+def test_polling_watches_a_single_model_folder(repository: Path) -> None:
+    folder = repository / "iris" / "2"
+    registry = load_registry(folder, LoadOptions(model_name="flowers"))
+    assert changed_models(registry, folder, "flowers") == ([], [])
+    with (folder / "model.onnx").open("ab") as artifact:
+        artifact.write(b"tampered")
+    assert changed_models(registry, folder, "flowers") == (["flowers"], [])
