@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs modelserve at the pinned versions of constraints.txt.
-# Usage: scripts/setup.sh [dev]   (dev adds the test and lint tools)
+# Usage: scripts/setup.sh [dev|bench]   (dev adds the test and lint tools; bench adds plotting)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 target="."
-[ "$extra" = dev ] && target=".[dev]"
+[ -n "$extra" ] && target=".[$extra]"
 stamp=".venv/.installed-${extra:-runtime}"
 digest=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then

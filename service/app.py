@@ -1,6 +1,7 @@
 """create_app(settings) -> FastAPI: the one composition root of the HTTP service."""
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -82,6 +83,11 @@ def create_app(settings: Settings) -> FastAPI:
         for entry in registry.models.values():
             record_model(metrics, entry)
         state.router.registry = registry
+        # What startup built (the app, the models) lives as long as the process: frozen, it is
+        # left out of every garbage collection that request garbage triggers. With it in, each
+        # full collection walks every loaded tree and layer, and a 10,000-row JSON request
+        # (tens of thousands of new lists) triggers several.
+        gc.freeze()
         state.ready = True
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         poller = None

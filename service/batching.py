@@ -68,14 +68,58 @@ class Batcher:
 
     async def submit(self, inputs: Arrays, rows: int) -> Prediction:
         loop = asyncio.get_running_loop()
+        if not self._running and self._max_delay_s == 0:
+            # The model is idle: call it from this request's own task, with no queue, future
+            # or drainer task in between, so batching costs nothing at low load.
+            self._running = True
+            return await self._call_alone(loop, inputs, rows)
         future: asyncio.Future[Prediction] = loop.create_future()
         self._waiting.append(_Waiting(inputs, rows, future, time.perf_counter()))
         self._queue_changed()
         if not self._running:
             self._running = True
-            # Kept referenced: the event loop holds tasks only weakly.
-            self._drainer = loop.create_task(self._drain())
+            self._start_draining(loop)
         return await future
+
+    def _start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the model to a drainer task if requests wait, else mark it idle."""
+        if not self._waiting:
+            self._running = False
+            return
+        # Kept referenced: the event loop holds tasks only weakly.
+        self._drainer = loop.create_task(self._drain())
+
+    async def _call_alone(
+        self, loop: asyncio.AbstractEventLoop, inputs: Arrays, rows: int
+    ) -> Prediction:
+        started = time.perf_counter()
+        call = self._executor.submit(self._predict, inputs)
+        try:
+            outputs = await asyncio.wrap_future(call, loop=loop)
+        except asyncio.CancelledError:
+            # The model stays busy until the abandoned call returns; then the queue moves on.
+            call.add_done_callback(
+                lambda _: loop.call_soon_threadsafe(self._abandoned_call_done, loop, rows, started)
+            )
+            raise
+        except Exception as exc:  # the batcher boundary: a failing call fails its request only
+            logger.exception("prediction failed")
+            self._start_draining(loop)
+            raise PredictionFailed(f"the model failed: {type(exc).__name__}") from exc
+        self._start_draining(loop)
+        compute = time.perf_counter() - started
+        self._call_done(rows, compute)
+        return Prediction(outputs, 0.0, compute)
+
+    def _abandoned_call_done(
+        self, loop: asyncio.AbstractEventLoop, rows: int, started: float
+    ) -> None:
+        self._call_done(rows, time.perf_counter() - started)
+        self._start_draining(loop)
+
+    def _call_done(self, rows: int, seconds: float) -> None:
+        if self._observer is not None:
+            self._observer.call_done(rows, seconds)
 
     def _queue_changed(self) -> None:
         if self._observer is not None:

@@ -38,6 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        # Named rather than "auto": a missing uvicorn[standard] then fails loudly instead of
+        # silently falling back to the slower asyncio loop and pure-Python HTTP parser.
+        loop="uvloop",
+        http="httptools",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,

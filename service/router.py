@@ -21,6 +21,13 @@ class _VersionObserver:
         self._batch_rows = metrics.batch_rows.labels(*labels)
         self._compute = metrics.compute_duration.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
+        self.rows = metrics.inference_rows.labels(*labels)
+        self.queue = metrics.queue_duration.labels(*labels)
+        self._predictions = metrics.predictions
+        self._labels = labels
+        classes = model.signature.classes if model.signature.task == "classification" else None
+        # Sorted, as searchsorted needs; None when labels must be counted the slow way.
+        self._classes = np.sort(np.asarray(classes)) if classes else None
 
     def call_done(self, rows: int, seconds: float) -> None:
         self._batch_rows.observe(rows)
@@ -28,6 +35,25 @@ class _VersionObserver:
 
     def queue_changed(self, depth: int) -> None:
         self._depth.set(depth)
+
+    def count_labels(self, label: NDArray[Any]) -> None:
+        if label.size == 1:
+            self._predictions.labels(*self._labels, str(label.reshape(-1)[0])).inc()
+            return
+        for value, count in _label_counts(label, self._classes):
+            self._predictions.labels(*self._labels, str(value)).inc(count)
+
+
+def _label_counts(label: NDArray[Any], classes: NDArray[Any] | None) -> list[tuple[Any, int]]:
+    """How often each label occurs: a lookup among the known classes, else a sort."""
+    flat = label.reshape(-1)
+    if classes is not None and flat.dtype.kind == classes.dtype.kind and flat.dtype.kind in "Uiu":
+        index = np.searchsorted(classes, flat).clip(0, len(classes) - 1)
+        if (classes[index] == flat).all():
+            counts = np.bincount(index, minlength=len(classes)).tolist()
+            return [(c, n) for c, n in zip(classes.tolist(), counts, strict=True) if n]
+    values, counts = np.unique(flat, return_counts=True)
+    return list(zip(values.tolist(), counts.tolist(), strict=True))
 
 
 class Router:
@@ -43,9 +69,18 @@ class Router:
         self._batchers: weakref.WeakKeyDictionary[ModelVersion, Batcher] = (
             weakref.WeakKeyDictionary()
         )
+        self._observers: weakref.WeakKeyDictionary[ModelVersion, _VersionObserver] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def resolve(self, name: str, version: str | None) -> ModelVersion:
         return self.registry.resolve(name, version)
+
+    def _observer(self, model: ModelVersion) -> _VersionObserver:
+        observer = self._observers.get(model)
+        if observer is None:
+            observer = self._observers[model] = _VersionObserver(self._metrics, model)
+        return observer
 
     def _batcher(self, model: ModelVersion) -> Batcher:
         batcher = self._batchers.get(model)
@@ -55,7 +90,7 @@ class Router:
                 self._executor,
                 model.max_batch_rows,
                 model.max_delay_ms,
-                _VersionObserver(self._metrics, model),
+                self._observer(model),
             )
             self._batchers[model] = batcher
         return batcher
@@ -64,23 +99,15 @@ class Router:
         """Check the tensors against the signature, run them, and count what came out."""
         inputs = conform(model, tensors, self.max_rows)
         rows = len(next(iter(inputs.values())))
+        observer = self._observer(model)
         if model.batchable:
             prediction = await self._batcher(model).submit(inputs, rows)
         else:
             prediction = await predict_unbatched(model.runtime.predict, self._executor, inputs)
-            self._metrics.batch_rows.labels(model.name, str(model.version)).observe(rows)
-            self._metrics.compute_duration.labels(model.name, str(model.version)).observe(
-                prediction.compute_seconds
-            )
-        self._record(model, rows, prediction)
-        return prediction
-
-    def _record(self, model: ModelVersion, rows: int, prediction: Prediction) -> None:
-        labels = (model.name, str(model.version))
-        self._metrics.inference_rows.labels(*labels).inc(rows)
-        self._metrics.queue_duration.labels(*labels).observe(prediction.queue_seconds)
+            observer.call_done(rows, prediction.compute_seconds)
+        observer.rows.inc(rows)
+        observer.queue.observe(prediction.queue_seconds)
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
-            values, counts = np.unique(label, return_counts=True)
-            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                self._metrics.predictions.labels(*labels, str(value)).inc(count)
+            observer.count_labels(label)
+        return prediction

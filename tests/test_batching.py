@@ -97,3 +97,50 @@ def test_model_runs_off_the_event_loop(executor: ThreadPoolExecutor) -> None:
     run(Batcher(record_thread, executor, max_rows=8), [np.ones((1, 1))])
     assert threads
     assert threads[0] != threading.main_thread().name
+
+
+def test_a_call_takes_whole_requests_up_to_max_rows(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    batcher = Batcher(slow_double, executor, max_rows=7, observer=recorder)
+    requests = [np.ones((1, 2), dtype=np.float32), *(np.full((3, 2), i) for i in range(1, 6))]
+    results = run(batcher, requests)
+    # The first runs alone at once; the rest queue and are packed whole, never split.
+    assert recorder.calls == [1, 6, 6, 3]
+    for request, result in zip(requests, results, strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result["y"], request * 2)
+
+
+@pytest.mark.parametrize("delay_ms", [0.0, 5.0])
+def test_requests_one_after_another_run_alone(
+    executor: ThreadPoolExecutor, delay_ms: float
+) -> None:
+    recorder = Recorder()
+    batcher = Batcher(slow_double, executor, max_rows=64, max_delay_ms=delay_ms, observer=recorder)
+    requests = [np.full((1, 2), i, dtype=np.float32) for i in range(4)]
+    results = run(batcher, requests, spacing_s=0.05)  # each arrives after the last finished
+    assert recorder.calls == [1, 1, 1, 1]
+    for request, result in zip(requests, results, strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result["y"], request * 2)
+
+
+def test_a_cancelled_request_keeps_the_model_busy_until_its_call_returns(
+    executor: ThreadPoolExecutor,
+) -> None:
+    recorder = Recorder()
+    batcher = Batcher(slow_double, executor, max_rows=64, observer=recorder)
+
+    async def main() -> list[Arrays]:
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2))}, 1))
+        await asyncio.sleep(0.005)
+        first.cancel()
+        # These arrive while the cancelled request's call still runs: they must wait for it,
+        # then share one call.
+        later = [np.full((1, 2), 2.0), np.full((2, 2), 3.0)]
+        predictions = await asyncio.gather(*(batcher.submit({"x": r}, len(r)) for r in later))
+        return [p.outputs for p in predictions]
+
+    results = asyncio.run(main())
+    assert recorder.calls == [1, 3]
+    np.testing.assert_array_equal(results[1]["y"], np.full((2, 2), 6.0))

@@ -1,0 +1,251 @@
+"""python -m bench.online [--peers]: measure, then write bench/results/online.md and .png."""
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.online.raw import load_runtime, measure_raw
+from bench.online.report import write_report
+from bench.online.servers import (
+    ROOT,
+    Server,
+    prepare_repository,
+    start_mlserver,
+    start_modelserve,
+    start_tutorial,
+)
+from bench.online.workload import ARTIFACTS, Artifact, Encoding, build_request, decode_answer
+from bench.online.workload import features as make_features
+from bench.online.wrk import run_wrk
+from service.runtimes import RuntimeOptions
+
+CONCURRENCY = (1, 16, 64)
+BULK_ROWS = (1_000, 10_000)
+Record = dict[str, Any]
+
+
+@contextmanager
+def pinned(cores: set[int]) -> Iterator[None]:
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def measure_raw_calls(repository: Path) -> list[Record]:
+    """Raw calls on the server's core; ONNX also with two intra-op threads on both cores."""
+    records: list[Record] = []
+    for artifact in ARTIFACTS:
+        for rows in (1, *BULK_ROWS):
+            with pinned({0}):
+                rates = measure_raw(repository, artifact, rows, RuntimeOptions())
+            records.append({"kind": "raw", "artifact": artifact.label, "rows": rows, **rates})
+            if artifact.format != "onnx":
+                continue
+            for threads in (1, 2):
+                with pinned({0, 1}):
+                    options = RuntimeOptions(onnx_intra_op_threads=threads)
+                    rate = measure_raw(repository, artifact, rows, options)["runtime"]
+                records.append(
+                    {
+                        "kind": "onnx_threads",
+                        "artifact": artifact.label,
+                        "rows": rows,
+                        "threads": threads,
+                        "rows_per_s": rate,
+                    }
+                )
+    return records
+
+
+def check_answers(server: Server, repository: Path) -> None:
+    """One full decode per request type: labels equal and probabilities close to the raw call."""
+    for artifact in ARTIFACTS:
+        if not server.serves(artifact):
+            continue
+        runtime = load_runtime(repository, artifact, RuntimeOptions())
+        for rows in (1, 1_000):
+            data = make_features(artifact.model, rows)
+            expected = runtime.predict({"input": data})
+            labels = [str(v) for v in expected["label"]]
+            encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
+            for encoding in encodings:
+                request = build_request(server.kind, artifact, data, labels[0], encoding)
+                response = httpx.post(
+                    server.url + request.path,
+                    content=request.body,
+                    headers=_headers(request.content_type, request.header_length),
+                    timeout=60.0,
+                )
+                response.raise_for_status()
+                answer = decode_answer(
+                    server.kind,
+                    response.content,
+                    response.headers.get("inference-header-content-length"),
+                    expected["probabilities"].shape[1],
+                )
+                if answer.labels != labels or not np.allclose(
+                    answer.probabilities, expected["probabilities"], atol=1e-4
+                ):
+                    raise RuntimeError(f"{server.name} answers {artifact.label} wrongly")
+
+
+def _headers(content_type: str, header_length: int | None) -> dict[str, str]:
+    headers = {"content-type": content_type}
+    if header_length is not None:
+        headers["inference-header-content-length"] = str(header_length)
+    return headers
+
+
+def _first_label(repository: Path, artifact: Artifact, rows: int) -> str:
+    runtime = load_runtime(repository, artifact, RuntimeOptions())
+    return str(runtime.predict({"input": make_features(artifact.model, 1)})["label"][0])
+
+
+def measure_servers(
+    servers: list[Server], repository: Path, repeat: int, seconds: float
+) -> list[Record]:
+    """Every scenario on every server that serves it, interleaved, `repeat` times."""
+    records: list[Record] = []
+    labels = {a: _first_label(repository, a, 1) for a in ARTIFACTS}
+    for rep in range(repeat):
+        order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
+        for artifact in ARTIFACTS:
+            single = make_features(artifact.model, 1)
+            for connections in CONCURRENCY:
+                for server in order:
+                    if not server.serves(artifact):
+                        continue
+                    request = build_request(server.kind, artifact, single, labels[artifact], "json")
+                    load = run_wrk(server, request, connections, seconds)
+                    records.append(
+                        {
+                            "kind": "single",
+                            "rep": rep,
+                            "artifact": artifact.label,
+                            "server": server.name,
+                            "concurrency": connections,
+                            "rate": load.rate,
+                            "p50_ms": load.p50_ms,
+                            "p99_ms": load.p99_ms,
+                            "cpu_us": load.cpu_us_per_request,
+                        }
+                    )
+                    print(json.dumps(records[-1]), flush=True)
+            for rows in BULK_ROWS:
+                data = make_features(artifact.model, rows)
+                for server in order:
+                    if not server.serves(artifact) or "no batching" in server.name:
+                        continue
+                    if "adaptive" in server.name:
+                        continue  # one request fills a batch: the same as MLServer without it
+                    encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
+                    for encoding in encodings:
+                        request = build_request(
+                            server.kind, artifact, data, labels[artifact], encoding
+                        )
+                        load = run_wrk(server, request, 1, seconds)
+                        records.append(
+                            {
+                                "kind": "bulk",
+                                "rep": rep,
+                                "artifact": artifact.label,
+                                "server": server.name,
+                                "rows": rows,
+                                "encoding": encoding,
+                                "rows_per_s": load.rate * rows,
+                                "p50_ms": load.p50_ms,
+                            }
+                        )
+                        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -> list[Record]:
+    """`--workers 1` against `--workers 2`, server and wrk sharing both cores."""
+    records: list[Record] = []
+    artifact = Artifact("iris", 2)
+    data = make_features("iris", 1)
+    label = _first_label(repository, artifact, 1)
+    for rep in range(repeat):
+        for workers in (1, 2):
+            server = start_modelserve(
+                f"modelserve-workers-{workers}", repository, work, cores="0,1", workers=workers
+            )
+            try:
+                request = build_request("modelserve", artifact, data, label, "json")
+                run_wrk(server, request, 64, 1.0, cores="0,1")  # warm every worker
+                load = run_wrk(server, request, 64, seconds, cores="0,1")
+            finally:
+                server.stop()
+            records.append({"kind": "workers", "rep": rep, "workers": workers, "rate": load.rate})
+            print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def start_servers(batched: Path, unbatched: Path, work: Path, peers: bool) -> list[Server]:
+    starts: list[Callable[[], Server]] = [
+        lambda: start_modelserve("modelserve", batched, work),
+        lambda: start_modelserve("modelserve (no batching)", unbatched, work),
+    ]
+    if peers:
+        starts += [
+            lambda: start_mlserver("MLServer", batched, work, adaptive_batching=False),
+            lambda: start_mlserver(
+                "MLServer (adaptive batching)", batched, work, adaptive_batching=True
+            ),
+            lambda: start_tutorial("tutorial FastAPI", batched, work),
+        ]
+    servers: list[Server] = []
+    try:
+        for start in starts:
+            servers.append(start())
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.online", description=__doc__)
+    parser.add_argument("--peers", action="store_true", help="also measure MLServer and FastAPI")
+    parser.add_argument("--repeat", type=int, default=2, help="repetitions (medians reported)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 workers run")
+    args = parser.parse_args()
+    work = ROOT / "bench" / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    batched, unbatched = prepare_repository(work)
+    started = time.time()
+    records = measure_raw_calls(batched)
+    servers = start_servers(batched, unbatched, work, args.peers)
+    try:
+        with pinned({1}):
+            for server in servers:
+                check_answers(server, batched)
+            records += measure_servers(servers, batched, args.repeat, args.seconds)
+    finally:
+        for server in servers:
+            server.stop()
+    if not args.skip_workers:
+        records += measure_workers(batched, work, args.repeat, args.seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "online.raw.json").write_text(json.dumps(records, indent=1))
+    write_report(records, args.out, args.repeat, (time.time() - started) / 60)
+    print(f"wrote {args.out / 'online.md'} and {args.out / 'online.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""python -m bench.online.profile MODEL VERSION ROWS ENCODING CONNECTIONS: where time goes.
+
+Starts modelserve pinned to core 0, loads it with wrk from core 1, samples it with py-spy
+meanwhile, and prints the functions with the most samples (own and inclusive time). The
+collapsed stacks are kept under bench/results/ for flame graphs.
+"""
+
+import argparse
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+from bench.online.raw import load_runtime
+from bench.online.servers import ROOT, prepare_repository, start_modelserve
+from bench.online.workload import Artifact, build_request, features
+from bench.online.wrk import run_wrk
+from service.runtimes import RuntimeOptions
+
+
+def summarise(collapsed: Path, top: int) -> str:
+    """Own and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        samples = int(count)
+        total += samples
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            inclusive[frame] += samples
+    lines = [f"{total} samples", "", "own time:"]
+    lines += [f"{100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines += ["", "inclusive time:"]
+    lines += [f"{100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.online.profile", description=__doc__)
+    parser.add_argument("model", choices=["iris", "breast_cancer"])
+    parser.add_argument("version", type=int, choices=[1, 2])
+    parser.add_argument("rows", type=int)
+    parser.add_argument("encoding", choices=["json", "binary"])
+    parser.add_argument("connections", type=int)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--native", action="store_true", help="include C frames")
+    args = parser.parse_args()
+    work = ROOT / "bench" / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    repository, _ = prepare_repository(work)
+    artifact = Artifact(args.model, args.version)
+    data = features(args.model, args.rows)
+    runtime = load_runtime(repository, artifact, RuntimeOptions())
+    label = str(runtime.predict({"input": data[:1]})["label"][0])
+    request = build_request("modelserve", artifact, data, label, args.encoding)
+    name = f"profile-{args.model}-v{args.version}-{args.rows}-{args.encoding}-c{args.connections}"
+    collapsed = ROOT / "bench" / "results" / f"{name}.collapsed.txt"
+    server = start_modelserve("modelserve", repository, work)
+    try:
+        run_wrk(server, request, args.connections, 1.0)  # warm up
+        command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"]
+        command += ["--pid", str(server.process.pid), "--rate", "500", "--nonblocking"]
+        command += ["--duration", str(int(args.seconds)), "--output", str(collapsed)]
+        command += ["--native"] if args.native else []
+        sampler = threading.Thread(target=subprocess.run, args=(command,), kwargs={"check": True})
+        sampler.start()
+        load = run_wrk(server, request, args.connections, args.seconds)
+        sampler.join()
+    finally:
+        server.stop()
+    print(
+        f"{load.rate:,.0f} req/s, p50 {load.p50_ms:.2f} ms, "
+        f"CPU {load.cpu_us_per_request:.0f} µs/req"
+    )
+    print(summarise(collapsed, args.top))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The floor: model calls in-process, without a server, on the same artifacts."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from numpy.typing import NDArray
+
+from bench.online.workload import Artifact, features
+from service.repository import read_verified
+from service.runtimes import Runtime, RuntimeOptions, runtime_module
+
+
+def seconds_per_call(call: Callable[[], object], budget_s: float = 0.3, repeats: int = 5) -> float:
+    """The best of `repeats` timings, each averaging over about budget_s / repeats seconds."""
+    call()  # warm caches and lazily built state
+    started = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - started, 1e-7)
+    number = max(1, int(budget_s / repeats / once))
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(number):
+            call()
+        best = min(best, (time.perf_counter() - started) / number)
+    return best
+
+
+def load_runtime(repository: Path, artifact: Artifact, options: RuntimeOptions) -> Runtime:
+    """The artifact loaded as the server loads it (sha256 checked, same runtime module)."""
+    verified = read_verified(repository / artifact.model / str(artifact.version), False)
+    return runtime_module(verified.path).load(verified.data, verified.metadata, options)
+
+
+def estimator_call(path: Path, rows: NDArray[np.float32]) -> Callable[[], object]:
+    """The bare scikit-learn call a hand-written server makes: predict and predict_proba."""
+    estimator: Any = joblib.load(path)
+
+    def call() -> object:
+        return estimator.predict(rows), estimator.predict_proba(rows)
+
+    return call
+
+
+def runtime_call(runtime: Runtime, rows: NDArray[np.float32]) -> Callable[[], object]:
+    inputs = {runtime.signature.inputs[0].name: rows}
+    return lambda: runtime.predict(inputs)
+
+
+def measure_raw(
+    repository: Path, artifact: Artifact, rows: int, options: RuntimeOptions, budget_s: float = 0.3
+) -> dict[str, float]:
+    """Rows/s of the raw calls on `rows` rows: the runtime, and for joblib the bare estimator."""
+    data = features(artifact.model, rows)
+    runtime = load_runtime(repository, artifact, options)
+    result = {"runtime": rows / seconds_per_call(runtime_call(runtime, data), budget_s)}
+    if artifact.format == "joblib":
+        call = estimator_call(artifact.path(repository), data)
+        result["estimator"] = rows / seconds_per_call(call, budget_s)
+    return result

@@ -1,0 +1,208 @@
+"""Starts the servers under test, pinned to one core, and reads their CPU time."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.online.workload import Artifact, Kind
+from tests.serving import free_port
+from training.examples import EXAMPLES, train_example
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_VENV = ROOT / "bench" / ".peers-venv"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def prepare_repository(work: Path) -> tuple[Path, Path]:
+    """The example models trained once, and a copy of the repository with batching off."""
+    batched, unbatched = work / "models", work / "models-unbatched"
+    for example in EXAMPLES:
+        if example.name not in ("iris", "breast_cancer"):
+            continue
+        folder = batched / example.name
+        if not (folder / "2" / "metadata.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / "models" / example.name / "model.toml", folder / "model.toml")
+            train_example(example, batched)
+    shutil.rmtree(unbatched, ignore_errors=True)
+    shutil.copytree(batched, unbatched)
+    for config in unbatched.glob("*/model.toml"):
+        config.write_text("[batching]\nmax_batch_rows = 0\n")
+    return batched, unbatched
+
+
+@dataclass
+class Server:
+    """A running server process (and its children) listening on 127.0.0.1."""
+
+    name: str
+    kind: Kind
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    versions: frozenset[int] = field(default_factory=lambda: frozenset({1, 2}))
+    binary: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def serves(self, artifact: Artifact) -> bool:
+        return artifact.version in self.versions
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the process and every descendant alive now."""
+        return sum(_cpu_ticks(pid) for pid in _tree(self.process.pid)) / TICKS
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                for pid in _tree(self.process.pid):
+                    os.kill(pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # fields after the command name
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = _stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _tree(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    found = [root]
+    for pid in found:
+        found.extend(child for child, parent in parents.items() if parent == pid)
+    return found
+
+
+def _start(
+    name: str,
+    kind: Kind,
+    command: list[str],
+    work: Path,
+    port: int,
+    env: Mapping[str, str],
+    cores: str,
+    ready_path: str,
+) -> Server:
+    log = work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.log"
+    environment = {**os.environ, **env}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            ["taskset", "-c", cores, *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=work,
+        )
+    server = Server(name, kind, port, process, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited; see {log}")
+        try:
+            if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise TimeoutError(f"{name} not ready in 180 s; see {log}")
+
+
+def start_modelserve(
+    name: str,
+    repository: Path,
+    work: Path,
+    env: Mapping[str, str] | None = None,
+    cores: str = "0",
+    workers: int = 1,
+) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository)]
+    command += ["--port", str(port), "--workers", str(workers)]
+    environment = {"MODELSERVE_LOG_LEVEL": "warning", **(env or {})}
+    return _start(name, "modelserve", command, work, port, environment, cores, "/v2/health/ready")
+
+
+def start_mlserver(
+    name: str, repository: Path, work: Path, adaptive_batching: bool, cores: str = "0"
+) -> Server:
+    """MLServer with its defaults, serving the joblib versions through mlserver-sklearn."""
+    folder = work / name.replace(" ", "-").replace("(", "").replace(")", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port()}
+    settings["metrics_port"] = free_port()
+    (folder / "settings.json").write_text(json.dumps(settings))
+    for model in ("iris", "breast_cancer"):
+        artifact = Artifact(model, 1).path(repository)
+        model_settings: dict[str, object] = {
+            "name": model,
+            "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": str(artifact)},
+        }
+        if adaptive_batching:
+            model_settings.update(max_batch_size=64, max_batch_time=0.005)
+        (folder / model).mkdir(exist_ok=True)
+        (folder / model / "model-settings.json").write_text(json.dumps(model_settings))
+    command = [str(PEERS_VENV / "bin" / "mlserver"), "start", str(folder)]
+    server = _start(name, "mlserver", command, work, port, {}, cores, "/v2/health/ready")
+    server.versions, server.binary = frozenset({1}), False
+    for model in ("iris", "breast_cancer"):
+        _wait_model(server, f"/v2/models/{model}/ready")
+    return server
+
+
+def start_tutorial(name: str, repository: Path, work: Path, cores: str = "0") -> Server:
+    """The tutorial FastAPI app on uvicorn, serving the joblib versions."""
+    models = work / "tutorial-models"
+    models.mkdir(parents=True, exist_ok=True)
+    for model in ("iris", "breast_cancer"):
+        link = models / f"{model}.joblib"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Artifact(model, 1).path(repository))
+    port = free_port()
+    command = [str(PEERS_VENV / "bin" / "uvicorn"), "--app-dir", str(ROOT / "bench" / "peers")]
+    command += ["tutorial_app:app", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--no-access-log"]
+    server = _start(
+        name, "tutorial", command, work, port, {"TUTORIAL_MODELS": str(models)}, cores, "/docs"
+    )
+    server.versions, server.binary = frozenset({1}), False
+    return server
+
+
+def _wait_model(server: Server, path: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if httpx.get(server.url + path, timeout=2.0).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{server.name}: {path} not ready")
