@@ -102,17 +102,23 @@ class OnnxRuntime:
         # tensors correspond by position, worked out once here rather than per call.
         self._inputs = list(zip(graph_inputs, (s.name for s in signature.inputs), strict=True))
         self._graph_outputs = graph_outputs
-        self._outputs = [(spec.name, len(spec.shape)) for spec in signature.outputs]
+        self._outputs = [
+            (spec.name, len(spec.shape), spec.datatype == "BYTES") for spec in signature.outputs
+        ]
 
     def predict(self, inputs: Arrays) -> Arrays:
         feed = {graph: inputs[name] for graph, name in self._inputs}
         results = self._session.run(self._graph_outputs, feed)
         arrays: Arrays = {}
-        for (name, rank), value in zip(self._outputs, results, strict=True):
+        for (name, rank, strings), value in zip(self._outputs, results, strict=True):
             array = np.asarray(value)
             # Exports give regressors a [N, 1] output; the canonical tensor is [N].
             if rank == 1 and array.ndim == 2 and array.shape[1] == 1:
                 array = array[:, 0]
+            if strings and array.dtype == object:
+                # onnxruntime returns str objects; a fixed-width str array, as scikit-learn
+                # gives, is counted and encoded with array operations instead of Python loops.
+                array = array.astype(np.str_)
             arrays[name] = array
         return arrays
 
