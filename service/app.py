@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
-from service.http import error_body, error_headers, status_of
+from service.http import BodyLimit, error_body, error_headers, status_of
 from service.inference import InferenceMiddleware
 from service.metrics import create_metrics, record_model
 from service.openapi import add_inference_paths
@@ -28,6 +28,7 @@ from service.polling import poll_repository
 from service.registry import Registry, load_registry
 from service.router import Router
 from service.routes import router as routes
+from service.shutdown import install_drain_hook
 from service.state import ServiceState, load_options
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,13 @@ def create_app(settings: Settings) -> FastAPI:
             metrics,
             prometheus,
             executor,
-            Router(Registry(), executor, metrics, settings.max_batch_rows),
+            Router(
+                Registry(),
+                executor,
+                metrics,
+                settings.max_batch_rows,
+                settings.max_queue_requests,
+            ),
         )
         app.state.service = state
         registry = await asyncio.to_thread(
@@ -89,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         # (tens of thousands of new lists) triggers several.
         gc.freeze()
         state.ready = True
+        restore_signals = install_drain_hook(state.start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         poller = None
         if settings.repository_poll_s > 0:
@@ -96,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            restore_signals()
             state.ready = False
             if poller is not None:
                 poller.cancel()
@@ -105,6 +114,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="modelserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.include_router(routes)
+    # Added first, so it sits inside the fast path: it guards the routes FastAPI serves.
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(InferenceMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.errors import PredictionFailed
+from service.errors import Overloaded, PredictionFailed
 from service.runtimes import Arrays
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class Batcher:
 
     A request that finds the model idle runs at once, so batching adds no latency at low
     load. A call takes whole requests up to `max_rows` rows (a larger request runs alone).
+    At most `max_queue` requests wait; more are refused at once (Overloaded), so overload
+    shows as fast 503s rather than as latency that grows without bound.
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class Batcher:
         max_rows: int,
         max_delay_ms: float = 0.0,
         observer: BatchObserver | None = None,
+        max_queue: int | None = None,
     ) -> None:
         self._predict = predict
+        self._max_queue = max_queue
         self._executor = executor
         self._max_rows = max_rows
         self._max_delay_s = max_delay_ms / 1000
@@ -67,6 +71,11 @@ class Batcher:
         return len(self._waiting)
 
     async def submit(self, inputs: Arrays, rows: int) -> Prediction:
+        if self._max_queue is not None and len(self._waiting) >= self._max_queue:
+            raise Overloaded(
+                f"{len(self._waiting)} requests are already waiting for this model version; "
+                "retry later"
+            )
         loop = asyncio.get_running_loop()
         if not self._running and self._max_delay_s == 0:
             # The model is idle: call it from this request's own task, with no queue, future

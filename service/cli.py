@@ -3,9 +3,11 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from service.config import Settings
 from service.logs import configure_logging
@@ -23,6 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"MODELSERVE_{flag.upper()}"] = str(value)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    # SIGTERM is how orchestrators stop a server: it ends with exit status 0. uvicorn takes the
+    # signal over while it serves, drains, and then raises it again, which lands here.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     root = settings.model_repository
     if (root / EXAMPLES_MARKER).is_file():
         from training.examples import examples_missing, train_examples
@@ -47,6 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _validate(args: argparse.Namespace) -> int:

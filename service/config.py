@@ -45,7 +45,26 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(
         1_000_000, ge=1, description="Most rows accepted in one inference request."
     )
-    request_timeout_s: float = Field(60.0, gt=0, description="Request deadline in seconds.")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Inference deadline in seconds; a V2 request may shorten it with "
+        "parameters.timeout (microseconds, as tritonclient sends it).",
+    )
+    max_queue_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests that may wait per model version; past it: 503 with Retry-After.",
+    )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM, seconds of answering 503 (readiness included) before the "
+        "listener closes, so load balancers stop routing here first.",
+    )
+    protect_metrics: bool = Field(
+        False, description="/metrics needs an API key or the admin token (default: open)."
+    )
     repository_poll_s: float = Field(
         0.0, ge=0, description="Repository polling interval in seconds; 0: off."
     )

@@ -35,8 +35,11 @@ def status_of(exc: errors.ServiceError) -> int:
     return 500
 
 
-def error_body(exc: errors.ServiceError) -> bytes:
-    return orjson.dumps({"error": exc.message, "type": type(exc).__name__})
+def error_body(exc: errors.ServiceError, request_id: str | None = None) -> bytes:
+    body = {"error": exc.message, "type": type(exc).__name__}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return orjson.dumps(body)
 
 
 def error_headers(exc: errors.ServiceError) -> list[tuple[bytes, bytes]]:
@@ -93,3 +96,69 @@ async def send_response(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413 as soon as that is known.
+
+    For routes that read their body through the framework: a declared Content-Length is
+    checked before anything is read, and a chunked body is counted as it arrives, so no
+    body larger than the limit is ever held in memory. (The inference fast path reads its
+    body with `read_body`, which enforces the same limit.)
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _refuse(
+                send,
+                errors.PayloadTooLarge(
+                    f"request body of {declared} bytes is over the limit of {self.limit}"
+                ),
+            )
+            return
+        received = 0
+        overflow: errors.PayloadTooLarge | None = None
+        started = replaced = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, overflow
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                overflow = errors.PayloadTooLarge(
+                    f"request body is over the limit of {self.limit} bytes"
+                )
+                raise overflow
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # The framework answers a failed body read with its own 400; say 413 instead.
+            nonlocal started, replaced
+            if overflow is not None and not started:
+                started = replaced = True
+                await _refuse(send, overflow)
+            if replaced:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except errors.PayloadTooLarge:
+            if started or overflow is None:  # too late for a status code, or not ours
+                raise
+        if overflow is not None and not started:
+            await _refuse(send, overflow)
+
+
+async def _refuse(send: Send, exc: errors.ServiceError) -> None:
+    headers = [*error_headers(exc), (b"connection", b"close")]
+    await send_response(send, status_of(exc), error_body(exc), headers)

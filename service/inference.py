@@ -6,9 +6,11 @@ single-row requests that machinery costs more than the model. Every other reques
 through to FastAPI.
 """
 
+import asyncio
 import logging
 import re
 import time
+import uuid
 from typing import Any
 
 from service import errors
@@ -67,48 +69,103 @@ class InferenceMiddleware:
         await _serve(state, match, scope, receive, send)
 
 
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a sane token, else a fresh one."""
+    given = header(scope, b"x-request-id")
+    if given is not None and 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
 async def _serve(
     state: ServiceState, match: re.Match[str], scope: Scope, receive: Receive, send: Send
 ) -> None:
     started = time.perf_counter()
     protocol = "v2" if match["v2name"] is not None else "v1"
-    model: ModelVersion | None = None
+    request_id = _request_id(scope)
+    request = _Request(state, match, scope, receive)
     metrics = state.metrics
     metrics.inflight.inc()
     try:
-        _check_content_type(scope)
-        body = await read_body(scope, receive, state.settings.max_request_bytes)
-        if protocol == "v2":
-            model = state.router.resolve(match["v2name"], match["v2version"])
-            status, payload, headers = await _infer_v2(state.router, model, scope, body)
-        else:
-            model = state.router.resolve(match["v1name"], match["v1version"])
-            tensors = v1.decode_predict_request(model, body)
-            prediction = await state.router.predict(model, tensors)
-            status, payload, headers = (
-                200,
-                v1.encode_predict_response(model, prediction.outputs),
-                _JSON,
-            )
+        # The deadline covers reading the body too, so a client that trickles its body in
+        # cannot hold a request open for longer than any other.
+        async with asyncio.timeout(state.settings.request_timeout_s) as budget:
+            status, payload, headers = await request.answer(protocol, budget)
+    except TimeoutError:
+        late = errors.DeadlineExceeded(
+            f"the request's deadline passed after {time.perf_counter() - started:.3f} s"
+        )
+        status, payload, headers = 504, error_body(late, request_id), error_headers(late)
     except errors.ServiceError as exc:
-        status, payload, headers = status_of(exc), error_body(exc), error_headers(exc)
+        status, payload, headers = status_of(exc), error_body(exc, request_id), error_headers(exc)
+        if status >= 500:
+            logger.error("request %s failed with %d: %s", request_id, status, exc.message)
     except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
-        logger.exception("unexpected error serving %s", scope["path"])
+        logger.exception("unexpected error serving %s (request %s)", scope["path"], request_id)
         fault = errors.ServiceError("internal error; see the server log")
-        status, payload, headers = 500, error_body(fault), error_headers(fault)
+        status, payload, headers = 500, error_body(fault, request_id), error_headers(fault)
     finally:
         metrics.inflight.dec()
+    model = request.model
     if model is not None:
         labels = (model.name, str(model.version))
         metrics.requests.labels(*labels, protocol, str(status)).inc()
         metrics.request_duration.labels(*labels, protocol).observe(time.perf_counter() - started)
+    headers = [*headers, (b"x-request-id", request_id.encode())]
+    if state.draining:
+        headers.append((b"connection", b"close"))  # clients reconnect to another instance
     await send_response(send, status, payload, headers)
 
 
+class _Request:
+    """One inference request from its headers to its encoded answer; raises the error tree."""
+
+    def __init__(self, state: ServiceState, match: re.Match[str], scope: Scope, receive: Receive):
+        self.state = state
+        self.match = match
+        self.scope = scope
+        self.receive = receive
+        self.model: ModelVersion | None = None
+        self.started = asyncio.get_running_loop().time()
+
+    async def answer(
+        self, protocol: str, budget: asyncio.Timeout
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        state, scope = self.state, self.scope
+        if state.draining:
+            raise errors.Overloaded(
+                "the server is shutting down; send the request to another instance"
+            )
+        state.credentials.check_api_key(
+            header(scope, b"authorization"), header(scope, b"x-api-key")
+        )
+        _check_content_type(scope)
+        body = await read_body(scope, self.receive, state.settings.max_request_bytes)
+        router = state.router
+        if protocol == "v2":
+            self.model = router.resolve(self.match["v2name"], self.match["v2version"])
+            return await _infer_v2(router, self.model, scope, body, budget, self.started)
+        self.model = router.resolve(self.match["v1name"], self.match["v1version"])
+        tensors = v1.decode_predict_request(self.model, body)
+        prediction = await router.predict(self.model, tensors)
+        return 200, v1.encode_predict_response(self.model, prediction.outputs), _JSON
+
+
 async def _infer_v2(
-    router: Router, model: ModelVersion, scope: Scope, body: bytes
+    router: Router,
+    model: ModelVersion,
+    scope: Scope,
+    body: bytes,
+    budget: asyncio.Timeout,
+    started: float,
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
+    timeout_s = v2.requested_timeout_s(call)
+    deadline = budget.when()
+    if timeout_s is not None and deadline is not None:
+        # Counted from when the request arrived; a client may shorten the server's deadline,
+        # never extend it.
+        budget.reschedule(min(deadline, started + timeout_s))
     wanted = v2.select_outputs(model, call)
     prediction = await router.predict(model, call.tensors)
     payload, json_length = v2.encode_infer_response(model, call, prediction.outputs, wanted)

@@ -60,10 +60,16 @@ class Router:
     """The registry in force (swapped whole on reload) and a batcher per loaded version."""
 
     def __init__(
-        self, registry: Registry, executor: Executor, metrics: Metrics, max_rows: int
+        self,
+        registry: Registry,
+        executor: Executor,
+        metrics: Metrics,
+        max_rows: int,
+        max_queue: int | None = None,
     ) -> None:
         self.registry = registry
         self.max_rows = max_rows
+        self.max_queue = max_queue
         self._executor = executor
         self._metrics = metrics
         self._batchers: weakref.WeakKeyDictionary[ModelVersion, Batcher] = (
@@ -91,6 +97,7 @@ class Router:
                 model.max_batch_rows,
                 model.max_delay_ms,
                 self._observer(model),
+                self.max_queue,
             )
             self._batchers[model] = batcher
         return batcher

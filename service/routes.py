@@ -1,14 +1,13 @@
 """Control-plane routes: health, metadata, the repository extension, V1 status and metrics."""
 
 import asyncio
-import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.errors import Forbidden, InvalidInput, ModelNotFound, ModelNotReady, Unauthorized
+from service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from service.metrics import record_model
 from service.protocols.schemas import (
     ErrorResponse,
@@ -38,20 +37,26 @@ State = Annotated[ServiceState, Depends(get_state)]
 
 
 def require_admin(request: Request, state: State) -> None:
-    token = state.settings.admin_token
-    if token is None:
-        raise Forbidden(
-            "repository endpoints are disabled; set MODELSERVE_ADMIN_TOKEN to enable them"
+    state.credentials.check_admin(request.headers.get("authorization"))
+
+
+def require_api_key(request: Request, state: State) -> None:
+    """Model endpoints are as open as inference: closed when MODELSERVE_API_KEYS is set."""
+    state.credentials.check_api_key(
+        request.headers.get("authorization"), request.headers.get("x-api-key")
+    )
+
+
+def require_metrics_access(request: Request, state: State) -> None:
+    if state.settings.protect_metrics:
+        state.credentials.check_any(
+            request.headers.get("authorization"), request.headers.get("x-api-key")
         )
-    given = request.headers.get("authorization", "")
-    if not given.lower().startswith("bearer "):
-        raise Unauthorized("repository endpoints need 'Authorization: Bearer <admin token>'")
-    if not hmac.compare_digest(given[7:].strip().encode(), token.get_secret_value().encode()):
-        raise Forbidden("the admin token is not valid")
 
 
 Admin = Depends(require_admin)
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
+ApiKey = Depends(require_api_key)
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 503)}
 router = APIRouter(responses=ERRORS)  # type: ignore[arg-type]
 
 
@@ -94,17 +99,30 @@ def _metadata(model: ModelVersion, versions: list[int]) -> ModelMetadata:
     )
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadata, tags=["v2"])
-@router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, tags=["v2"])
+@router.get("/v2/models/{name}", response_model=ModelMetadata, dependencies=[ApiKey], tags=["v2"])
+@router.get(
+    "/v2/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    dependencies=[ApiKey],
+    tags=["v2"],
+)
 def model_metadata(state: State, name: str, version: str | None = None) -> ModelMetadata:
     model = state.registry.resolve(name, version)
     entry = state.registry.model(name)
     return _metadata(model, sorted(entry.versions) if version is None else [model.version])
 
 
-@router.get("/v2/models/{name}/ready", response_model=ModelReadiness, tags=["v2"])
 @router.get(
-    "/v2/models/{name}/versions/{version}/ready", response_model=ModelReadiness, tags=["v2"]
+    "/v2/models/{name}/ready",
+    response_model=ModelReadiness,
+    dependencies=[ApiKey],
+    tags=["v2"],
+)
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready",
+    response_model=ModelReadiness,
+    dependencies=[ApiKey],
+    tags=["v2"],
 )
 def model_ready(state: State, name: str, version: str | None = None) -> ModelReadiness:
     model = state.registry.resolve(name, version)
@@ -169,8 +187,13 @@ async def repository_unload(state: State, name: str) -> dict[str, str]:
     return {}
 
 
-@router.get("/v1/models/{name}", response_model=ModelStatus, tags=["v1"])
-@router.get("/v1/models/{name}/versions/{version}", response_model=ModelStatus, tags=["v1"])
+@router.get("/v1/models/{name}", response_model=ModelStatus, dependencies=[ApiKey], tags=["v1"])
+@router.get(
+    "/v1/models/{name}/versions/{version}",
+    response_model=ModelStatus,
+    dependencies=[ApiKey],
+    tags=["v1"],
+)
 def v1_model_status(state: State, name: str, version: str | None = None) -> ModelStatus:
     entry = state.registry.model(name)
     if version is not None:
@@ -196,6 +219,11 @@ def v1_model_status(state: State, name: str, version: str | None = None) -> Mode
     return ModelStatus(model_version_status=statuses)
 
 
-@router.get("/metrics", tags=["metrics"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["metrics"],
+    response_class=Response,
+    dependencies=[Depends(require_metrics_access)],
+)
 def metrics(state: State) -> Response:
     return Response(generate_latest(state.prometheus), media_type=CONTENT_TYPE_LATEST)

@@ -1,12 +1,15 @@
 """Shared fixtures: a repository of real example models and a real server serving it."""
 
+import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.models_for_faults import add_fault_models
 from tests.serving import RunningServer, run_server
 from training.examples import train_examples
 
@@ -48,4 +51,66 @@ def server(
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30.0) as http:
+        yield http
+
+
+# The fault server: the example iris model beside misbehaving ones, with tight limits and auth.
+API_KEY = "fault-key-1"
+ADMIN_TOKEN = "fault-admin-token"
+FAULT_LIMITS = {
+    "MODELSERVE_MAX_REQUEST_BYTES": "1000000",
+    "MODELSERVE_MAX_BATCH_ROWS": "1000",
+    "MODELSERVE_REQUEST_TIMEOUT_S": "3",
+    "MODELSERVE_MAX_QUEUE_REQUESTS": "4",
+}
+
+
+@dataclass(frozen=True)
+class FaultSetup:
+    root: Path  # the model repository
+    base: Path  # its parent, which also holds a model folder outside the repository
+    audit_log: Path  # every file the server opened under `base` (tests/audit)
+
+
+def fault_env(setup: FaultSetup, **extra: str) -> dict[str, str]:
+    """Environment for a server that can unpickle the test models and is audited."""
+    return {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "audit"), str(ROOT)]),
+        "MODELSERVE_TEST_AUDIT_LOG": str(setup.audit_log),
+        "MODELSERVE_TEST_AUDIT_PREFIX": str(setup.base),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def fault_setup(trained_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> FaultSetup:
+    base = tmp_path_factory.mktemp("faults")
+    root = base / "models"
+    shutil.copytree(trained_repository / "iris", root / "iris")
+    add_fault_models(root, tmp_path_factory.mktemp("artifacts"))
+    # A servable model just outside the repository: the target of path traversal attempts.
+    shutil.copytree(trained_repository / "iris", base / "outside")
+    return FaultSetup(root, base, tmp_path_factory.mktemp("audit") / "audit.log")
+
+
+@pytest.fixture(scope="session")
+def fault_server(
+    fault_setup: FaultSetup, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    env = fault_env(
+        fault_setup,
+        MODELSERVE_API_KEYS=f"{API_KEY},second-key",
+        MODELSERVE_ADMIN_TOKEN=ADMIN_TOKEN,
+        MODELSERVE_PROTECT_METRICS="true",
+        **FAULT_LIMITS,
+    )
+    with run_server(fault_setup.root, tmp_path_factory.mktemp("fault-logs"), env=env) as running:
+        yield running
+
+
+@pytest.fixture
+def fault_client(fault_server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=fault_server.url, timeout=30.0, headers={"X-API-Key": API_KEY}
+    ) as http:
         yield http

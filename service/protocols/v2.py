@@ -32,11 +32,29 @@ class InferCall:
     binary_default: bool = False
 
 
+# orjson refuses documents nested deeper than this, in C and without recursion, at no cost.
+MAX_JSON_DEPTH = 1024
+
+
 def loads(body: bytes | memoryview) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise InvalidInput(
+                f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep"
+            ) from None
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def requested_timeout_s(call: "InferCall") -> float | None:
+    """The request's own deadline: `parameters.timeout` in microseconds, as tritonclient sends."""
+    value = call.parameters.get("timeout")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput("parameters.timeout must be a non-negative integer of microseconds")
+    return value / 1_000_000 if value > 0 else None
 
 
 def _dict(value: Any, where: str) -> dict[str, Any]:

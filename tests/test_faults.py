@@ -1,0 +1,363 @@
+"""The fault suite: bad input, limits, faulty models and overload against a real server process.
+
+After every case the server must still be live and still give the right prediction.
+"""
+
+import concurrent.futures
+import random
+import string
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, API_KEY
+from tests.models_for_faults import IRIS, POISON
+from tests.rawhttp import chunked, exchange, request_head
+from tests.serving import RunningServer
+
+ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
+EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
+INFER = "/v2/models/iris/infer"
+JSON = {"Content-Type": "application/json"}
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+def tensor(data: Any, shape: list[int], datatype: str = "FP32", **extra: Any) -> dict[str, Any]:
+    return {"name": "input", "shape": shape, "datatype": datatype, "data": data, **extra}
+
+
+def infer_body(rows: Any = None, **extra: Any) -> bytes:
+    rows = ROWS.tolist() if rows is None else rows
+    return orjson.dumps({"inputs": [tensor(rows, [len(rows), 4])], **extra})
+
+
+def assert_serving(client: httpx.Client) -> None:
+    assert client.get("/v2/health/live").status_code == 200
+    response = client.post(INFER, content=infer_body(), headers=JSON)
+    assert response.status_code == 200, response.text
+    labels = {o["name"]: o["data"] for o in response.json()["outputs"]}["label"]
+    assert labels == EXPECTED
+
+
+@pytest.fixture(autouse=True)
+def still_serving(fault_client: httpx.Client) -> Iterator[None]:
+    yield
+    assert_serving(fault_client)
+
+
+def binary_body(header: dict[str, Any], raw: bytes) -> tuple[bytes, int]:
+    head = orjson.dumps(header)
+    return head + raw, len(head)
+
+
+def _binary_case(
+    size: int, raw_rows: int, header_length: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    raw = np.zeros((raw_rows, 4), dtype=np.float32).tobytes()
+    head = {"inputs": [tensor(None, [2, 4], parameters={"binary_data_size": size})]}
+    del head["inputs"][0]["data"]
+    body, length = binary_body(head, raw)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        BINARY_HEADER: header_length or str(length),
+    }
+    return body, headers
+
+
+DEEP = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HUGE_NUMBER = b"1" * 5000
+TOO_MANY_ROWS = infer_body([[5.0, 3.0, 1.5, 0.2]] * 1001)
+TOO_LARGE = infer_body([[5.0, 3.0, 1.5, 0.2]] * 900, id="x" * 1_000_000)
+
+# (case id, path, body, extra headers, expected status)
+CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
+    ("malformed-json", INFER, b'{"inputs": [', JSON, 400),
+    ("not-utf8", INFER, b'{"inputs": "\xff\xfe\xfd"}', JSON, 400),
+    ("text-plain", INFER, infer_body(), {"Content-Type": "text/plain"}, 415),
+    (
+        "form-urlencoded",
+        INFER,
+        infer_body(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        415,
+    ),
+    ("top-level-array", INFER, b"[1, 2, 3]", JSON, 400),
+    ("top-level-string", INFER, b'"inputs"', JSON, 400),
+    ("top-level-null", INFER, b"null", JSON, 400),
+    ("empty-body", INFER, b"", JSON, 400),
+    ("unknown-request-field", INFER, infer_body(extra_field=1), JSON, 400),
+    (
+        "unknown-tensor-field",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4], colour="red")]}),
+        JSON,
+        400,
+    ),
+    ("strings-as-features", INFER, infer_body([["a", "b", "c", "d"]]), JSON, 400),
+    ("null-as-feature", INFER, infer_body([[5.1, None, 1.4, 0.2]]), JSON, 400),
+    ("booleans-as-features", INFER, infer_body([[True, False, True, False]]), JSON, 400),
+    (
+        "infinity-token",
+        INFER,
+        b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[Infinity,1,1,1]]}]}',
+        JSON,
+        400,
+    ),
+    (
+        "nan-token",
+        INFER,
+        b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[NaN,1,1,1]]}]}',
+        JSON,
+        400,
+    ),
+    ("1e39-into-fp32", INFER, infer_body([[1e39, 1.0, 1.0, 1.0]]), JSON, 400),
+    (
+        "5000-digit-number",
+        INFER,
+        b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[['
+        + HUGE_NUMBER
+        + b",1,1,1]]}]}",
+        JSON,
+        400,
+    ),
+    (
+        "ragged-rows",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4], [1, 2]], [2, 4])]}),
+        JSON,
+        400,
+    ),
+    ("empty-batch", INFER, orjson.dumps({"inputs": [tensor([], [0, 4])]}), JSON, 400),
+    ("too-many-rows", INFER, TOO_MANY_ROWS, JSON, 413),
+    ("too-large-with-content-length", INFER, TOO_LARGE, JSON, 413),
+    ("100000-deep-nesting", INFER, DEEP, JSON, 400),
+    ("wrong-feature-count", INFER, infer_body([[1.0, 2.0, 3.0]]), JSON, 400),
+    (
+        "shape-disagrees-with-data",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [2, 4])]}),
+        JSON,
+        400,
+    ),
+    (
+        "negative-shape",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [-1, 4])]}),
+        JSON,
+        400,
+    ),
+    (
+        "unknown-datatype",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4], "FP128")]}),
+        JSON,
+        400,
+    ),
+    ("missing-inputs", INFER, b'{"id": "1"}', JSON, 400),
+    ("empty-inputs", INFER, b'{"inputs": []}', JSON, 400),
+    (
+        "unknown-input-name",
+        INFER,
+        orjson.dumps({"inputs": [{**tensor([[1, 2, 3, 4]], [1, 4]), "name": "x"}]}),
+        JSON,
+        400,
+    ),
+    (
+        "input-twice",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4])] * 2}),
+        JSON,
+        400,
+    ),
+    ("id-not-a-string", INFER, infer_body(id=7), JSON, 400),
+    ("unknown-output", INFER, infer_body(outputs=[{"name": "nope"}]), JSON, 400),
+    ("timeout-not-a-number", INFER, infer_body(parameters={"timeout": "soon"}), JSON, 400),
+    ("unknown-model", "/v2/models/no-such-model/infer", infer_body(), JSON, 404),
+    ("unknown-version", "/v2/models/iris/versions/99/infer", infer_body(), JSON, 404),
+    ("version-leading-zero", "/v2/models/iris/versions/01/infer", infer_body(), JSON, 404),
+    ("version-negative", "/v2/models/iris/versions/-1/infer", infer_body(), JSON, 404),
+    ("binary-header-length-past-body", INFER, *_binary_case(32, 2, header_length="99999"), 400),
+    ("binary-header-length-not-a-number", INFER, *_binary_case(32, 2, header_length="ten"), 400),
+    ("binary-header-length-negative", INFER, *_binary_case(32, 2, header_length="-5"), 400),
+    ("binary-data-size-past-body", INFER, *_binary_case(64, 1), 400),
+    ("binary-data-size-wrong-for-shape", INFER, *_binary_case(16, 2), 400),
+    ("binary-bytes-left-over", INFER, *_binary_case(32, 3), 400),
+    ("v1-top-level-array", "/v1/models/iris:predict", b"[[5.1, 3.5, 1.4, 0.2]]", JSON, 400),
+    ("v1-instances-not-a-list", "/v1/models/iris:predict", b'{"instances": 5}', JSON, 400),
+    (
+        "v1-unknown-feature",
+        "/v1/models/iris:predict",
+        b'{"instances": [{"sepal_length": 1, "colour": 2}]}',
+        JSON,
+        400,
+    ),
+    ("v1-unknown-model", "/v1/models/nope:predict", b'{"instances": [[1, 2, 3, 4]]}', JSON, 404),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status"),
+    [pytest.param(*case[1:], id=case[0]) for case in CASES],
+)
+def test_bad_request_gets_a_clear_error(
+    fault_client: httpx.Client, path: str, body: bytes, headers: dict[str, str], status: int
+) -> None:
+    response = fault_client.post(path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert isinstance(error["error"], str)
+    assert error["error"]
+    assert "Traceback" not in response.text
+
+
+def test_deep_nesting_is_named_in_the_error(fault_client: httpx.Client) -> None:
+    response = fault_client.post(INFER, content=DEEP, headers=JSON)
+    assert response.status_code == 400
+    assert "nested more than 1024 levels" in response.json()["error"]
+
+
+def _huge_chunked(fault_server: RunningServer, path: str, headers: dict[str, str]) -> int | None:
+    body = b'{"inputs": "' + b"x" * 3_000_000 + b'"}'
+    head = request_head(
+        "POST",
+        path,
+        {**headers, "Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+    )
+    answer = exchange(fault_server.url, head, chunked(body))
+    return None if answer is None else answer.status
+
+
+def test_chunked_body_over_the_limit_is_refused(fault_server: RunningServer) -> None:
+    assert _huge_chunked(fault_server, INFER, {"X-API-Key": API_KEY}) == 413
+
+
+def test_chunked_body_over_the_limit_is_refused_on_the_control_plane(
+    fault_server: RunningServer,
+) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert _huge_chunked(fault_server, "/v2/repository/index", headers) == 413
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(
+    fault_server: RunningServer,
+) -> None:
+    # Only the head is sent: the answer cannot depend on reading the 50 MB body.
+    head = request_head(
+        "POST",
+        "/v2/repository/index",
+        {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        length=50_000_000,
+    )
+    answer = exchange(fault_server.url, head)
+    assert answer is not None
+    assert answer.status == 413
+
+
+def test_content_length_shorter_than_the_body(fault_server: RunningServer) -> None:
+    body = infer_body()
+    head = request_head("POST", INFER, {"X-API-Key": API_KEY, **JSON}, length=len(body) // 2)
+    answer = exchange(fault_server.url, head, (body,))
+    assert answer is not None
+    assert answer.status == 400
+
+
+def test_content_length_longer_than_the_body_meets_the_deadline(
+    fault_server: RunningServer,
+) -> None:
+    body = infer_body()
+    head = request_head("POST", INFER, {"X-API-Key": API_KEY, **JSON}, length=len(body) + 100)
+    answer = exchange(fault_server.url, head, (body,))
+    assert answer is not None
+    assert answer.status == 504
+    assert "deadline" in orjson.loads(answer.body)["error"]
+
+
+def test_client_that_leaves_mid_body(fault_server: RunningServer) -> None:
+    body = infer_body()
+    head = request_head("POST", INFER, {"X-API-Key": API_KEY, **JSON}, length=len(body) + 100)
+    answer = exchange(fault_server.url, head, (body,), half_close=True)
+    # Nobody is left to read an answer; what matters is that the server carries on (checked
+    # after every case).
+    assert answer is None or answer.status == 400
+
+
+def test_failing_model_answers_500_with_the_request_id(fault_client: httpx.Client) -> None:
+    rows = [[5.1, 3.5, POISON, 0.2]]
+    response = fault_client.post(
+        "/v2/models/failing/infer",
+        content=infer_body(rows),
+        headers={**JSON, "X-Request-ID": "fault-42"},
+    )
+    assert response.status_code == 500
+    body = response.json()
+    assert body["request_id"] == "fault-42"
+    assert response.headers["x-request-id"] == "fault-42"
+    assert "Traceback" not in response.text
+    assert "line " not in response.text
+    # The same model still serves other inputs.
+    fine = fault_client.post("/v2/models/failing/infer", content=infer_body(), headers=JSON)
+    assert fine.status_code == 200
+
+
+def test_non_finite_predictions_are_strict_json(fault_client: httpx.Client) -> None:
+    rows = [[1, 0, 0, 0], [2, 0, 0, 0], [3, 0, 0, 0], [4, 1, 1, 1]]
+    v2 = fault_client.post("/v2/models/nonfinite/infer", content=infer_body(rows), headers=JSON)
+    v1 = fault_client.post("/v1/models/nonfinite:predict", json={"instances": rows})
+    for response in (v2, v1):
+        assert response.status_code == 200, response.text
+        for token in (b"NaN", b"Infinity"):
+            assert token not in response.content
+    assert v2.json()["outputs"][0]["data"] == [None, None, None, 7.0]
+    assert v1.json()["predictions"] == [None, None, None, 7.0]
+
+
+def test_overload_refuses_the_excess_and_serves_the_rest(fault_client: httpx.Client) -> None:
+    def call(_: int) -> httpx.Response:
+        return fault_client.post("/v2/models/slow/infer", content=infer_body(), headers=JSON)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(call, range(16)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1, statuses
+    assert statuses.count(200) >= 2, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"].isdigit()
+        else:
+            labels = {o["name"]: o["data"] for o in response.json()["outputs"]}["label"]
+            assert labels == [0, 1, 2]
+
+
+def test_per_request_deadline_gives_504(fault_client: httpx.Client) -> None:
+    body = infer_body(parameters={"timeout": 100_000})  # microseconds, as tritonclient sends
+    response = fault_client.post("/v2/models/slow/infer", content=body, headers=JSON)
+    assert response.status_code == 504
+    assert response.json()["type"] == "DeadlineExceeded"
+    assert response.elapsed.total_seconds() < 0.45  # well before the model's answer
+
+
+def test_random_model_names_do_not_grow_the_metrics(fault_client: httpx.Client) -> None:
+    def series() -> int:
+        text = fault_client.get("/metrics").text
+        return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+    assert_serving(fault_client)
+    before = series()
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + "_.-"
+    for _ in range(1000):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        path = f"/v2/models/{name}/infer" if rng.random() < 0.5 else f"/v2/models/{name}"
+        response = (
+            fault_client.post(path, content=infer_body(), headers=JSON)
+            if "infer" in path
+            else fault_client.get(path)
+        )
+        assert response.status_code < 500, (name, response.status_code)
+    assert_serving(fault_client)
+    assert series() == before
