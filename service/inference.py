@@ -33,8 +33,8 @@ from service.state import ServiceState
 logger = logging.getLogger(__name__)
 
 _ROUTE = re.compile(
-    r"/v2/models/(?P<v2name>[^/]+)(?:/versions/(?P<v2version>[^/]+))?/infer"
-    r"|/v1/models/(?P<v1name>[^/:]+)(?:/versions/(?P<v1version>[^/:]+))?:predict"
+    r"/v2/models/(?P<v2name>[^/]*)(?:/versions/(?P<v2version>[^/]*))?/infer"
+    r"|/v1/models/(?P<v1name>[^/]*)(?:/versions/(?P<v1version>[^/]*))?:predict"
 )
 _JSON = [(b"content-type", b"application/json")]
 _ACCEPTED_TYPES = ("application/json", "application/octet-stream")

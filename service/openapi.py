@@ -37,10 +37,13 @@ def _operation(
         }
         for code, text in [
             (400, "Invalid input"),
+            (401, "No API key (when MODELSERVE_API_KEYS is set)"),
+            (403, "Wrong API key"),
             (404, "Unknown model or version"),
             (413, "Too large"),
             (415, "Unsupported content type"),
-            (503, "Not ready or overloaded"),
+            (500, "The model failed; the body names the request id"),
+            (503, "Not ready, overloaded or shutting down (see Retry-After)"),
             (504, "Deadline passed"),
         ]
     }
