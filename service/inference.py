@@ -97,9 +97,13 @@ async def _serve(
         )
         status, payload, headers = 504, error_body(late, request_id), error_headers(late)
     except errors.ServiceError as exc:
-        status, payload, headers = status_of(exc), error_body(exc, request_id), error_headers(exc)
-        if status >= 500:
-            logger.error("request %s failed with %d: %s", request_id, status, exc.message)
+        status = status_of(exc)
+        # Server-side failures name the request, so the client can quote it and an operator
+        # can find the traceback in the log; the client's own mistakes need no lookup.
+        payload = error_body(exc, request_id if status >= 500 else None)
+        headers = error_headers(exc)
+        if status == 500:  # overload (503) and deadlines (504) are counted in metrics instead
+            logger.error("request %s failed: %s", request_id, exc.message)
     except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
         logger.exception("unexpected error serving %s (request %s)", scope["path"], request_id)
         fault = errors.ServiceError("internal error; see the server log")
