@@ -41,7 +41,7 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(
     fault_setup: FaultSetup, tmp_path: Path
 ) -> None:
     env = fault_env(
-        fault_setup, MODELSERVE_SHUTDOWN_DELAY_S="1.5", MODELSERVE_SHUTDOWN_GRACE_S="10"
+        fault_setup, MODELSERVE_SHUTDOWN_DELAY_S="1.5", MODELSERVE_GRACEFUL_SHUTDOWN_S="10"
     )
     with (
         run_server(fault_setup.root, tmp_path, env=env) as server,
