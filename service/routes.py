@@ -74,9 +74,14 @@ def live() -> Liveness:
 def ready(state: State, response: Response) -> Readiness:
     # Ready once the repository is loaded; a model whose versions all failed is reported
     # per model, so one broken artifact never takes the whole server out of rotation.
-    if not state.ready:
+    # Serving a single model (KServe), the server is only as ready as that model.
+    ready = state.ready
+    if ready and (name := state.settings.model_name) is not None:
+        entry = state.registry.models.get(name)
+        ready = entry is not None and entry.ready
+    if not ready:
         response.status_code = 503
-    return Readiness(ready=state.ready)
+    return Readiness(ready=ready)
 
 
 def _metadata(model: ModelVersion, versions: list[int]) -> ModelMetadata:

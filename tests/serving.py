@@ -31,13 +31,18 @@ class RunningServer:
         return self.log.read_text(errors="replace")
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 60.0,
+    path: str = "/v2/health/ready",
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -51,8 +56,10 @@ def run_server(
     log_dir: Path,
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
+    wait_for: str = "/v2/health/ready",
 ) -> Iterator[RunningServer]:
-    """A `modelserve serve` process on a free port; stopped with SIGTERM afterwards."""
+    """A `modelserve serve` process on a free port, once `wait_for` answers 200; stopped with
+    SIGTERM afterwards."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
     environment = {**os.environ, **(env or {})}
@@ -71,7 +78,7 @@ def run_server(
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process)
+        wait_ready(url, process, path=wait_for)
         yield RunningServer(url, process, log)
     except BaseException:
         sys.stderr.write(log.read_text(errors="replace"))

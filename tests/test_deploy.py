@@ -4,6 +4,7 @@ started the way the KServe ServingRuntime starts it."""
 import shutil
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -345,3 +346,27 @@ def test_the_serving_runtime_command_serves_what_kserve_mounts(
         assert v1.status_code == 200, v1.text
         assert v1.json()["predictions"] == ["setosa"]
         assert client.get("/v2/models/breast_cancer").status_code == 404
+
+
+def test_serving_a_single_model_the_server_is_only_as_ready_as_that_model(
+    repository: Path, tmp_path: Path
+) -> None:
+    """KServe routes to a pod once /v2/health/ready answers 200: never with a broken model."""
+    folder = repository / "iris" / "2"
+    pristine = tmp_path / "model.onnx"
+    shutil.copy(folder / "model.onnx", pristine)
+    with (folder / "model.onnx").open("ab") as artifact:
+        artifact.write(b"tampered")
+    env = {"MODELSERVE_MODEL_NAME": "iris", "MODELSERVE_REPOSITORY_POLL_S": "0.3"}
+    with (
+        run_server(folder, tmp_path, env=env, wait_for="/v2/health/live") as running,
+        httpx.Client(base_url=running.url, timeout=30.0) as client,
+    ):
+        assert client.get("/v2/models/iris/versions/2/ready").status_code == 503
+        assert client.get("/v2/health/ready").status_code == 503
+        # A fixed artifact is picked up by polling, and the server becomes ready.
+        shutil.copy(pristine, folder / "model.onnx")
+        deadline = time.monotonic() + 20
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "not ready after the artifact was fixed"
+            time.sleep(0.2)
