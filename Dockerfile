@@ -22,7 +22,7 @@ COPY models ./models
 RUN pip install --quiet --no-deps . \
     && python -m training --model-repository /src/models
 
-FROM ${BASE}
+FROM ${BASE} AS runtime
 LABEL org.opencontainers.image.title="modelserve" \
       org.opencontainers.image.description="Model server for scikit-learn and ONNX models (Open Inference Protocol V2 and V1)" \
       org.opencontainers.image.licenses="Apache-2.0"
