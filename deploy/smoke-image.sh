@@ -227,8 +227,11 @@ check_podman
 if [ -z "$reason" ]; then
   # One smoke test at a time per machine: they share the storage and the base image.
   exec 9>"$work/lock"
-  flock 9
-  build_base
+  if ! flock -n 9; then
+    step "waiting for another image smoke test on this machine"
+    flock -w 900 9 || reason="another image smoke test held $work/lock for 15 minutes"
+  fi
+  [ -n "$reason" ] || build_base
 fi
 if [ -n "$reason" ]; then
   echo "image smoke test SKIPPED: $reason"
