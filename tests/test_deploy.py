@@ -108,13 +108,15 @@ def test_the_deployment_is_probed_secured_and_drained(kustomization: Path) -> No
         assert security["allowPrivilegeEscalation"] is False
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"]["drop"] == ["ALL"]
-    # The pod outlives the preStop delay plus the server's own graceful shutdown.
+    # The pod outlives the preStop delay plus the server's own shutdown delay and grace.
     pre_stop = server["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    graceful = int(
-        env_of(server).get("MODELSERVE_GRACEFUL_SHUTDOWN_S", Settings().graceful_shutdown_s)
+    env = env_of(server)
+    defaults = Settings()
+    shutdown = float(env.get("MODELSERVE_SHUTDOWN_DELAY_S", defaults.shutdown_delay_s)) + int(
+        env.get("MODELSERVE_GRACEFUL_SHUTDOWN_S", defaults.graceful_shutdown_s)
     )
-    assert spec["terminationGracePeriodSeconds"] > int(pre_stop[1]) + graceful
+    assert spec["terminationGracePeriodSeconds"] > int(pre_stop[1]) + shutdown
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS[:2], ids=lambda p: p.name)
