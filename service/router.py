@@ -8,8 +8,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching import Batcher, Prediction, predict_unbatched
+from service.errors import Overloaded
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry
+from service.runtimes import Arrays
 from service.signature import conform
 
 
@@ -78,6 +80,7 @@ class Router:
         self._observers: weakref.WeakKeyDictionary[ModelVersion, _VersionObserver] = (
             weakref.WeakKeyDictionary()
         )
+        self._unbatched: weakref.WeakKeyDictionary[ModelVersion, int] = weakref.WeakKeyDictionary()
 
     def resolve(self, name: str, version: str | None) -> ModelVersion:
         return self.registry.resolve(name, version)
@@ -102,6 +105,17 @@ class Router:
             self._batchers[model] = batcher
         return batcher
 
+    async def _predict_alone(self, model: ModelVersion, inputs: Arrays) -> Prediction:
+        """Unbatched calls, bounded like a batcher's queue: at most `max_queue` per version."""
+        pending = self._unbatched.get(model, 0)
+        if self.max_queue is not None and pending >= self.max_queue:
+            raise Overloaded(f"{pending} requests are already pending for this model version")
+        self._unbatched[model] = pending + 1
+        try:
+            return await predict_unbatched(model.runtime.predict, self._executor, inputs)
+        finally:
+            self._unbatched[model] -= 1
+
     async def predict(self, model: ModelVersion, tensors: dict[str, NDArray[Any]]) -> Prediction:
         """Check the tensors against the signature, run them, and count what came out."""
         inputs = conform(model, tensors, self.max_rows)
@@ -110,7 +124,7 @@ class Router:
         if model.batchable:
             prediction = await self._batcher(model).submit(inputs, rows)
         else:
-            prediction = await predict_unbatched(model.runtime.predict, self._executor, inputs)
+            prediction = await self._predict_alone(model, inputs)
             observer.call_done(rows, prediction.compute_seconds)
         observer.rows.inc(rows)
         observer.queue.observe(prediction.queue_seconds)

@@ -94,6 +94,7 @@ def add_fault_models(root: Path, workdir: Path) -> None:
     features = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     models: list[tuple[str, object, Task]] = [
         ("slow", SlowClassifier(_fitted_iris()), "classification"),
+        ("slow_alone", SlowClassifier(_fitted_iris()), "classification"),
         ("failing", FailingClassifier(_fitted_iris()), "classification"),
         ("nonfinite", NonFiniteRegressor(), "regression"),
     ]
@@ -101,3 +102,5 @@ def add_fault_models(root: Path, workdir: Path) -> None:
         artifact = workdir / f"{name}.joblib"
         joblib.dump(model, artifact)
         package_artifact(artifact, root, name, 1, features=features, task=task)
+    # With batching off, each request is a call of its own.
+    (root / "slow_alone" / "model.toml").write_text("[batching]\nmax_batch_rows = 0\n")

@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ADMIN_TOKEN, API_KEY
 from tests.models_for_faults import IRIS, POISON
@@ -23,6 +25,7 @@ ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
 EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
 INFER = "/v2/models/iris/infer"
 JSON = {"Content-Type": "application/json"}
+ADMIN_JSON = {**JSON, "Authorization": f"Bearer {ADMIN_TOKEN}"}
 BINARY_HEADER = "Inference-Header-Content-Length"
 
 
@@ -196,6 +199,9 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         400,
     ),
     ("v1-unknown-model", "/v1/models/nope:predict", b'{"instances": [[1, 2, 3, 4]]}', JSON, 404),
+    ("admin-deep-nesting", "/v2/repository/index", DEEP, ADMIN_JSON, 400),
+    ("admin-malformed-json", "/v2/repository/index", b'{"ready": ', ADMIN_JSON, 400),
+    ("admin-top-level-array", "/v2/repository/index", b"[true]", ADMIN_JSON, 400),
 ]
 
 
@@ -315,9 +321,12 @@ def test_non_finite_predictions_are_strict_json(fault_client: httpx.Client) -> N
     assert v1.json()["predictions"] == [None, None, None, 7.0]
 
 
-def test_overload_refuses_the_excess_and_serves_the_rest(fault_client: httpx.Client) -> None:
+@pytest.mark.parametrize("model", ["slow", "slow_alone"], ids=["batched", "unbatched"])
+def test_overload_refuses_the_excess_and_serves_the_rest(
+    fault_client: httpx.Client, model: str
+) -> None:
     def call(_: int) -> httpx.Response:
-        return fault_client.post("/v2/models/slow/infer", content=infer_body(), headers=JSON)
+        return fault_client.post(f"/v2/models/{model}/infer", content=infer_body(), headers=JSON)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         responses = list(pool.map(call, range(16)))
@@ -361,3 +370,19 @@ def test_random_model_names_do_not_grow_the_metrics(fault_client: httpx.Client) 
         assert response.status_code < 500, (name, response.status_code)
     assert_serving(fault_client)
     assert series() == before
+
+
+def test_tritonclient_timeout_is_the_request_deadline(fault_server: RunningServer) -> None:
+    """tritonclient's `infer(timeout=)` (microseconds) reaches the server as the deadline."""
+    client = triton.InferenceServerClient(url=fault_server.url.removeprefix("http://"))
+    try:
+        tensor = triton.InferInput("input", [3, 4], "FP32")
+        tensor.set_data_from_numpy(ROWS)
+        headers = {"X-API-Key": API_KEY}
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("slow", [tensor], timeout=100_000, headers=headers)
+        assert refused.value.status() == "504"
+        answered = client.infer("slow", [tensor], timeout=5_000_000, headers=headers)
+        assert answered.as_numpy("label").tolist() == [0, 1, 2]
+    finally:
+        client.close()
