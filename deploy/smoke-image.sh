@@ -138,6 +138,12 @@ smoke_image() {
   done
   podman image prune -f >/dev/null
   ok "image built: $(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
+  local config
+  config=$(podman image inspect --format \
+    '{{.Config.User}} {{.Config.StopSignal}} {{.Config.ExposedPorts}} {{.Config.Healthcheck.Test}}' "$image")
+  [[ $config == "10001:10001 SIGTERM map[8000/tcp:{}] [CMD "*/v2/health/ready* ]] ||
+    fail "image config: $config"
+  ok "image config: USER 10001, STOPSIGNAL SIGTERM, EXPOSE 8000, HEALTHCHECK on /v2/health/ready"
 
   port=$(free_port)
   run_image "$name" "$port" 8000 "$image"
