@@ -1,6 +1,6 @@
 """Scoring tables without a server: for the `score` command and for Spark, Ray and Dask workers.
 
-A `ModelReference` names a model in a repository; `score(reference, data)` loads it once per
+A `ModelReference` names a model in a repository; `score(data, reference)` loads it once per
 process (with the same sha256 checks as the server) and returns the data with prediction
 columns added. The reference is small and picklable, so it travels to remote workers, which
 load the model themselves on first use and keep it for every later batch.
@@ -89,10 +89,11 @@ def predict_rows(model: ModelVersion, chunk: Chunk, first_row: int, on_error: st
     return scored_table(model, chunk.table, features, outputs, first_row, on_error)
 
 
-def score(reference: ModelReference | ModelVersion, data: Data, on_error: str = "fail") -> Data:
+def score(data: Data, reference: ModelReference | ModelVersion, on_error: str = "fail") -> Data:
     """`data` (a pandas DataFrame or an Arrow table) with the model's prediction columns.
 
-    Rows come back in order, with every input column. With on_error="skip" a row that cannot
+    The data comes first, as Dask's `map_partitions` and Ray's `map_batches` pass it. Rows come
+    back in order, with every input column. With on_error="skip" a row that cannot
     be scored gets empty predictions and a message in an `error` column instead of failing.
     """
     if on_error not in ON_ERROR:

@@ -22,6 +22,7 @@ import orjson
 from service import errors
 from service.http import Receive, Scope, Send, error_body, error_headers, header, send_response
 from service.http import status_of as status_for
+from service.outbox import Outbox
 from service.protocols.files import (
     CONTENT_TYPES,
     Chunk,
@@ -48,8 +49,9 @@ from service.tabular import (
 )
 
 logger = logging.getLogger(__name__)
-DEFAULT_CHUNK_ROWS = 65536
+DEFAULT_CHUNK_ROWS = 16384
 _SPOOL_BYTES = 1 << 20
+_OUTBOX_MEMORY_BYTES = 8 << 20
 _AHEAD = 2  # chunks decoded ahead of the one being scored: bounds memory, keeps cores busy
 
 
@@ -217,6 +219,11 @@ async def serve_score(
             metrics.request_duration.labels(*labels, "score").observe(time.perf_counter() - started)
 
 
+async def _deliver(outbox: Outbox, send: Send) -> None:
+    while (data := await outbox.get()) is not None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
 async def _respond(
     state: ServiceState,
     job: ScoreJob,
@@ -238,24 +245,33 @@ async def _respond(
             "headers": [(b"content-type", content_type)],
         }
     )
-    await send({"type": "http.response.body", "body": body, "more_body": True})
+    outbox = Outbox(_OUTBOX_MEMORY_BYTES)
+    await outbox.put(body)
+    writer = asyncio.create_task(_deliver(outbox, send))
     first_row = chunk.table.num_rows
+    status = 200
     try:
-        while (chunk := await _next(queue)) is not None:
-            table = await _score_chunk(state, job, chunk, first_row)
-            body = await asyncio.to_thread(encoder.encode, table)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            first_row += chunk.table.num_rows
-        body = encoder.close()
-    except Exception as exc:  # the response has started: only the end of it can tell
-        if not isinstance(exc, errors.ServiceError):
-            logger.exception("scoring %s failed after %d rows", job.model.name, first_row)
-            exc = errors.ServiceError("internal error; see the server log")
-        logger.info("scoring %s stopped after %d rows: %s", job.model.name, first_row, exc)
-        if job.output_format == "parquet":
-            raise _Aborted(exc.message) from exc
-        body = _trailer(job.output_format, exc)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        return status_for(exc)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    return 200
+        try:
+            while (chunk := await _next(queue)) is not None:
+                table = await _score_chunk(state, job, chunk, first_row)
+                await outbox.put(await asyncio.to_thread(encoder.encode, table))
+                first_row += chunk.table.num_rows
+                if writer.done():  # the client went away
+                    break
+            await outbox.put(encoder.close())
+        except Exception as exc:  # the response has started: only the end of it can tell
+            if not isinstance(exc, errors.ServiceError):
+                logger.exception("scoring %s failed after %d rows", job.model.name, first_row)
+                exc = errors.ServiceError("internal error; see the server log")
+            logger.info("scoring %s stopped after %d rows: %s", job.model.name, first_row, exc)
+            if job.output_format == "parquet":
+                writer.cancel()
+                raise _Aborted(exc.message) from exc
+            await outbox.put(_trailer(job.output_format, exc))
+            status = status_for(exc)
+        outbox.close()
+        await writer
+    finally:
+        outbox.discard()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return status
