@@ -172,7 +172,7 @@ def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
         with path.open("wb") as out:
             for chunk, consumed in _chunks(job, part):
                 if chunk.table.num_rows:
-                    if part.columns is None:
+                    if rows == 0:  # the CSV header was checked already; this finds NDJSON's
                         check_columns(model, chunk.table.column_names)
                     first_row = part.first_row + rows
                     table = predict_rows(model, chunk, first_row, job.on_error)

@@ -77,7 +77,6 @@ def cached_model(reference: ModelReference) -> ModelVersion:
 
 def predict_rows(model: ModelVersion, chunk: Chunk, first_row: int, on_error: str) -> pa.Table:
     """One chunk through the model in this thread: the input with prediction columns."""
-    check_columns(model, chunk.table.column_names)
     features = extract_features(model, chunk.table, chunk.errors)
     check_rows(features, first_row, on_error)
     name = model.signature.inputs[0].name
@@ -100,12 +99,14 @@ def score(data: Data, reference: ModelReference | ModelVersion, on_error: str = 
         raise InvalidInput(f"on_error must be one of {', '.join(ON_ERROR)}")
     model = reference if isinstance(reference, ModelVersion) else cached_model(reference)
     if isinstance(data, pa.Table):
+        check_columns(model, data.column_names)
         result: Any = predict_rows(model, Chunk(data), 0, on_error)
         return result  # type: ignore[no-any-return]
     to_pandas = getattr(data, "to_pandas", None)
     if not hasattr(data, "columns") or to_pandas is not None:
         raise InvalidInput("score() takes a pandas DataFrame or a pyarrow Table")
     table = pa.Table.from_pandas(data, preserve_index=False)
+    check_columns(model, table.column_names)
     scored = predict_rows(model, Chunk(table), 0, on_error).to_pandas()
     scored.index = data.index  # type: ignore[attr-defined]
     return scored  # type: ignore[no-any-return]

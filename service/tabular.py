@@ -123,8 +123,12 @@ def extract_features(
     rows = table.num_rows
     matrix = np.empty((rows, len(names)), dtype=spec.dtype)
     first_error = {e.row: e for e in unreadable or []}
+    present = set(table.column_names)
     for position, name in enumerate(names):
-        values, bad = _column_values(table.column(name))
+        if name in present:
+            values, bad = _column_values(table.column(name))
+        else:  # NDJSON rows may all leave a key out
+            values, bad = np.full(rows, np.nan), [(i, "missing value") for i in range(rows)]
         with np.errstate(over="ignore", invalid="ignore"):
             matrix[:, position] = values
         if allow_nan:  # missing values reach the model as NaN, which it handles
@@ -198,19 +202,10 @@ def append_columns(table: pa.Table, columns: list[tuple[str, Any]]) -> pa.Table:
     return result
 
 
-class BadRow(InvalidInput):
-    """A row that stops the scoring (on_error=fail), with where it was found."""
-
-    def __init__(self, error: RowError, first_row: int) -> None:
-        super().__init__(error.describe(first_row))
-        self.error = error
-        self.row = first_row + error.row
-
-
 def check_rows(features: Features, first_row: int, on_error: str) -> None:
     """With on_error=fail, the first bad row stops the scoring."""
     if features.errors and on_error == "fail":
-        raise BadRow(features.errors[0], first_row)
+        raise InvalidInput(features.errors[0].describe(first_row))
 
 
 def needs_call(features: Features) -> bool:
