@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 16384
 _SPOOL_BYTES = 1 << 20
 _OUTBOX_MEMORY_BYTES = 8 << 20
+_OVERLOAD_PATIENCE_S = 60.0
 _AHEAD = 2  # chunks decoded ahead of the one being scored: bounds memory, keeps cores busy
 
 
@@ -149,6 +150,21 @@ async def _read_ahead(
         await queue.put(exc)
 
 
+async def _predict(state: ServiceState, model: ModelVersion, inputs: Arrays) -> Arrays:
+    """Through the batcher; when its queue is full, a scoring job waits its turn, not fails."""
+    pause = 0.01
+    waited = 0.0
+    while True:
+        try:
+            return (await state.router.predict(model, inputs)).outputs
+        except errors.Overloaded:
+            if waited >= _OVERLOAD_PATIENCE_S:
+                raise
+        await asyncio.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, 1.0)
+
+
 async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_row: int) -> Any:
     model = job.model
     if first_row == 0:
@@ -158,10 +174,10 @@ async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_r
     name = model.signature.inputs[0].name
     outputs: Arrays
     if needs_call(features):
-        outputs = (await state.router.predict(model, {name: features.matrix})).outputs
+        outputs = await _predict(state, model, {name: features.matrix})
     else:
-        sample = await state.router.predict(model, smoke_inputs(model.signature))
-        outputs = empty_outputs(model, sample.outputs)
+        sample = await _predict(state, model, smoke_inputs(model.signature))
+        outputs = empty_outputs(model, sample)
     return scored_table(model, chunk.table, features, outputs, first_row, job.on_error)
 
 
@@ -193,6 +209,13 @@ async def serve_score(
     status = 200
     reader: asyncio.Task[None] | None = None
     try:
+        if state.draining:
+            raise errors.Overloaded(
+                "the server is shutting down; send the request to another instance"
+            )
+        state.credentials.check_api_key(
+            header(scope, b"authorization"), header(scope, b"x-api-key")
+        )
         model = state.router.resolve(name, version)
         job = _job(state, model, scope)
         queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
