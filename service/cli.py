@@ -1,4 +1,4 @@
-"""modelserve serve | validate | package: the command line."""
+"""modelserve serve | score | validate | package: the command line."""
 
 import argparse
 import logging
@@ -100,6 +100,53 @@ def _package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from service.errors import ServiceError
+    from service.filescoring import ScoreFile, score_file
+    from service.progress import ProgressBar
+    from service.protocols.files import format_of_path
+    from service.scoring import ModelReference
+
+    settings = Settings()
+    configure_logging("warning", settings.log_format)
+    root = args.model_repository or settings.model_repository
+    input_format = args.format or format_of_path(args.input)
+    if input_format is None:
+        print(f"error: cannot tell the format of {args.input}; pass --format", file=sys.stderr)
+        return 2
+    if not args.input.is_file():
+        print(f"error: {args.input} is not a file", file=sys.stderr)
+        return 1
+    job = ScoreFile(
+        reference=ModelReference.parse(root, args.model),
+        source=args.input,
+        target=args.output,
+        input_format=input_format,
+        output_format=args.output_format or format_of_path(args.output) or input_format,
+        chunk_rows=args.chunk_rows,
+        workers=args.workers or len(os.sched_getaffinity(0)),
+        on_error=args.on_error,
+    )
+    bar = ProgressBar(args.input.stat().st_size, sys.stderr)
+    try:
+        rows = score_file(job, bar)
+    except ServiceError as exc:
+        print(f"\nerror: {exc.message}" if bar.rows else f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if sys.stderr.isatty():
+        print(f"scored {rows:,} rows into {args.output}", file=sys.stderr)
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelserve", description="Serve scikit-learn and ONNX models."
@@ -118,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--model-repository", type=Path)
     validate.add_argument("--model-name", help="validate the repository folder as this one model")
     validate.set_defaults(run=_validate)
+
+    formats = ["csv", "ndjson", "parquet"]
+    score = commands.add_parser("score", help="score a CSV, NDJSON or Parquet file offline")
+    score.add_argument("model", metavar="MODEL[:VERSION]", help="a version number or alias")
+    score.add_argument("input", type=Path, metavar="INPUT")
+    score.add_argument("output", type=Path, metavar="OUTPUT")
+    score.add_argument("--model-repository", type=Path)
+    score.add_argument("--format", choices=formats, help="of INPUT (default: from its suffix)")
+    score.add_argument(
+        "--output-format", choices=formats, help="of OUTPUT (default: its suffix, else INPUT's)"
+    )
+    score.add_argument("--chunk-rows", type=_positive, default=65536, help="rows per model call")
+    score.add_argument("--workers", type=_positive, help="processes (default: one per core)")
+    score.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    score.set_defaults(run=_score)
 
     package = commands.add_parser("package", help="add an artifact to the repository")
     package.add_argument("artifact", type=Path)

@@ -29,12 +29,14 @@ from service.protocols import v1, v2
 from service.registry import ModelVersion
 from service.router import Router
 from service.state import ServiceState
+from service.streaming import serve_score
 
 logger = logging.getLogger(__name__)
 
 _ROUTE = re.compile(
     r"/v2/models/(?P<v2name>[^/]*)(?:/versions/(?P<v2version>[^/]*))?/infer"
     r"|/v1/models/(?P<v1name>[^/]*)(?:/versions/(?P<v1version>[^/]*))?:predict"
+    r"|/v1/models/(?P<scorename>[^/]*)(?:/versions/(?P<scoreversion>[^/]*))?:score"
 )
 _JSON = [(b"content-type", b"application/json")]
 _ACCEPTED_TYPES = ("application/json", "application/octet-stream")
@@ -65,6 +67,12 @@ class InferenceMiddleware:
         state: ServiceState | None = getattr(scope["app"].state, "service", None)
         if match is None or state is None:
             await self.app(scope, receive, send)
+            return
+        if match["scorename"] is not None:
+            # Streamed: the body may be far larger than any whole-body limit.
+            await serve_score(
+                state, match["scorename"], match["scoreversion"], scope, receive, send
+            )
             return
         await _serve(state, match, scope, receive, send)
 

@@ -1,0 +1,243 @@
+"""Batch scoring speed and memory: `modelserve score` and `:score` against a hand-written script.
+
+The yardstick is the best short script for the job: pyarrow reads the CSV (all cores),
+onnxruntime scores it in batches of 100,000 rows (all cores), pyarrow writes the input with
+the prediction columns. It runs on the same file in the same run as the CLI and the HTTP
+endpoint, interleaved, so machine noise hits all of them alike; each figure is the median of
+`--runs` runs, as wall time of a fresh process (the CLI, the yardstick) or of one request to a
+running server (HTTP). Raw onnxruntime rows/s (the model call alone, in memory) is beside
+them, to show how much of the time is parsing and writing.
+
+    python bench/scoring.py [--rows 1000000] [--runs 3] [--rss-gb 1] [--output FILE.md]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+CLASSES = ["setosa", "versicolor", "virginica"]
+
+YARDSTICK = """
+import sys
+import numpy as np, pyarrow as pa, pyarrow.csv as csv, onnxruntime as ort
+source, model, target = sys.argv[1:4]
+features = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+classes = ["setosa", "versicolor", "virginica"]
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+table = csv.read_csv(source)
+X = np.column_stack([table[f].to_numpy().astype(np.float32) for f in features])
+labels, probabilities = [], []
+for start in range(0, len(X), 100_000):
+    label, probability = session.run(None, {"input": X[start:start + 100_000]})
+    labels.append(label)
+    probabilities.append(probability)
+probability = np.concatenate(probabilities)
+table = table.append_column("label", pa.array(np.concatenate(labels)))
+for i, name in enumerate(classes):
+    table = table.append_column(f"probability_{name}", pa.array(probability[:, i]))
+csv.write_csv(table, target)
+"""
+
+
+def write_csv(path: Path, rows: int = 0, target_bytes: int = 0) -> int:
+    """Iris-like rows with an id: `rows` of them, or as many as make `target_bytes`."""
+    rng = np.random.default_rng(0)
+    data = rng.normal([5.8, 3.0, 3.7, 1.2], [0.8, 0.4, 1.7, 0.7], (100_000, 4)).round(1).tolist()
+    written = 0
+    with path.open("w") as out:
+        out.write("id," + ",".join(FEATURES) + "\n")
+        while (rows and written < rows) or (target_bytes and out.tell() < target_bytes):
+            count = min(len(data), rows - written) if rows else len(data)
+            out.writelines(
+                f"{written + i},{a},{b},{c},{d}\n" for i, (a, b, c, d) in enumerate(data[:count])
+            )
+            written += count
+    return written
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def post_file(url: str, source: Path, target: Path) -> float:
+    """One streamed request; curl sends and reads at once, as a batch client should."""
+    started = time.perf_counter()
+    curl = shutil.which("curl")
+    if curl:
+        subprocess.run(
+            [curl, "-sS", "--fail", "-X", "POST", "-T", str(source), "-H", "Content-Type: text/csv",
+             "-o", str(target), url],
+            check=True,
+        )  # fmt: skip
+    else:
+        import httpx
+
+        with (
+            source.open("rb") as body,
+            target.open("wb") as out,
+            httpx.stream(
+                "POST", url, content=body, headers={"content-type": "text/csv"}, timeout=3600
+            ) as r,
+        ):
+            r.raise_for_status()
+            for chunk in r.iter_bytes():
+                out.write(chunk)
+    return time.perf_counter() - started
+
+
+def raw_onnxruntime(model: Path, rows: int) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    X = rng.normal([5.8, 3.0, 3.7, 1.2], [0.8, 0.4, 1.7, 0.7], (rows, 4)).astype(np.float32)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for start in range(0, rows, 100_000):
+            session.run(None, {"input": X[start : start + 100_000]})
+        times.append(time.perf_counter() - started)
+    return rows / statistics.median(times)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure_rss(repository: Path, folder: Path, gigabytes: float) -> dict[str, float]:
+    from tests.serving import run_server
+
+    source = folder / "big.csv"
+    rows = write_csv(source, 0, int(gigabytes * 2**30))
+    target = folder / "big-out.csv"
+    with run_server(repository, folder) as server:
+        pid = server.process.pid
+        url = f"{server.url}/v1/models/iris/versions/2:score"
+        post_file(url, folder / "small.csv", target)
+        idle = rss_mb(pid)
+        peak = idle
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_mb(pid))
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        seconds = post_file(url, source, target)
+        done.set()
+        watcher.join()
+    with target.open("rb") as out:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: out.read(1 << 24), b""))
+    size = source.stat().st_size
+    source.unlink()
+    target.unlink()
+    assert lines == rows + 1, (lines, rows)
+    return {"bytes": size, "rows": rows, "idle": idle, "peak": peak, "seconds": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rss-gb", type=float, default=0.0, help="also stream a file this big")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "scoring.md")
+    args = parser.parse_args()
+
+    from tests.serving import run_server
+    from training.examples import train_examples
+
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-", dir=ROOT / "bench") as tmp:
+        folder = Path(tmp)
+        repository = folder / "models"
+        shutil.copytree(ROOT / "models", repository, ignore=shutil.ignore_patterns("[0-9]*"))
+        train_examples(repository)
+        model = repository / "iris" / "2" / "model.onnx"
+        source = folder / "iris.csv"
+        write_csv(source, args.rows)
+        size_mb = source.stat().st_size / 2**20
+        write_csv(folder / "small.csv", 1000)
+        python = sys.executable
+        yardstick = folder / "yardstick.py"
+        yardstick.write_text(YARDSTICK)
+        times: dict[str, list[float]] = {"yardstick": [], "cli-2": [], "cli-1": [], "http": []}
+        cli = [python, "-m", "service", "score", "iris:2", str(source), str(folder / "cli.csv")]
+        cli += ["--model-repository", str(repository)]
+        with run_server(repository, folder) as server:
+            url = f"{server.url}/v1/models/iris/versions/2:score"
+            post_file(url, folder / "small.csv", folder / "warm.csv")
+            for _ in range(args.runs):
+                times["yardstick"].append(
+                    timed([python, str(yardstick), str(source), str(model), str(folder / "y.csv")])
+                )
+                times["cli-2"].append(timed([*cli, "--workers", "2"]))
+                times["cli-1"].append(timed([*cli, "--workers", "1"]))
+                times["http"].append(post_file(url, source, folder / "http.csv"))
+        raw = raw_onnxruntime(model, args.rows)
+        rss = measure_rss(repository, folder, args.rss_gb) if args.rss_gb else None
+
+    rates = {name: args.rows / statistics.median(values) for name, values in times.items()}
+    base = rates["yardstick"]
+    names = {
+        "yardstick": "hand-written script (pyarrow + onnxruntime, all cores)",
+        "cli-2": "`modelserve score --workers 2`",
+        "cli-1": "`modelserve score --workers 1`",
+        "http": "`POST /v1/models/iris/versions/2:score` (curl)",
+    }
+    lines = [
+        "# Batch scoring benchmark",
+        "",
+        f"{args.rows:,}-row iris CSV (id + 4 features, {size_mb:.0f} MB), iris ONNX model "
+        f"(version 2), {os.cpu_count()} cores; median of {args.runs} runs, interleaved. "
+        "Command: `python bench/scoring.py"
+        + (f" --rss-gb {args.rss_gb:g}" if args.rss_gb else "")
+        + "`.",
+        "",
+        "| path | rows/s | of the script | runs (s) |",
+        "|---|---:|---:|---|",
+    ]
+    for key, label in names.items():
+        runs = ", ".join(f"{t:.2f}" for t in times[key])
+        lines.append(f"| {label} | {rates[key]:,.0f} | {rates[key] / base:.0%} | {runs} |")
+    lines.append(
+        f"| raw onnxruntime call only (in memory, no parsing or writing) | {raw:,.0f} "
+        f"| {raw / base:.0%} | |"
+    )
+    if rss:
+        lines += [
+            "",
+            f"Streaming {rss['bytes'] / 2**30:.2f} GiB ({rss['rows']:,.0f} rows) "
+            "through `:score` with curl: "
+            f"server RSS {rss['idle']:.0f} MB idle, {rss['peak']:.0f} MB peak "
+            f"(**+{rss['peak'] - rss['idle']:.0f} MB**), {rss['seconds']:.0f} s "
+            f"({rss['rows'] / rss['seconds']:,.0f} rows/s).",
+        ]
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,296 @@
+"""Batch files: CSV, NDJSON and Parquet decoded into Arrow tables chunk by chunk, and encoded back.
+
+Line formats arrive as a byte stream that `LineChunks` cuts into blocks of whole lines, so a
+file of any size is held one chunk at a time. CSV cells are kept as text, so pass-through
+columns come back exactly as they were sent (identifiers keep their leading zeros); only the
+feature columns are converted to numbers. Parquet keeps its column types.
+"""
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from service.errors import InvalidInput, UnsupportedMediaType
+from service.tabular import RowError
+
+FORMATS = ("csv", "ndjson", "parquet")
+CONTENT_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "ndjson": "application/x-ndjson",
+    "parquet": "application/vnd.apache.parquet",
+}
+_MEDIA_TYPES = {
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "application/x-ndjson": "ndjson",
+    "application/ndjson": "ndjson",
+    "application/jsonl": "ndjson",
+    "application/x-jsonlines": "ndjson",
+    "application/jsonlines": "ndjson",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+    "application/parquet": "parquet",
+}
+_SUFFIXES = {".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson", ".parquet": "parquet"}
+
+
+def format_of_media_type(content_type: str | None) -> str:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    found = _MEDIA_TYPES.get(media_type)
+    if found is None:
+        raise UnsupportedMediaType(
+            f"content type {media_type or '(none)'!r} is not a batch file; send text/csv, "
+            "application/x-ndjson or application/vnd.apache.parquet"
+        )
+    return found
+
+
+def format_of_accept(accept: str | None, default: str) -> str:
+    """The first format the client accepts; the input's own format for */* or no header."""
+    for item in (accept or "").split(","):
+        media_type = item.split(";", 1)[0].strip().lower()
+        if media_type in ("", "*/*", "text/*", "application/*"):
+            return default
+        if media_type in _MEDIA_TYPES:
+            return _MEDIA_TYPES[media_type]
+    raise UnsupportedMediaType(
+        f"cannot answer in {accept!r}; accept text/csv, application/x-ndjson or "
+        "application/vnd.apache.parquet"
+    )
+
+
+def format_of_path(path: Path) -> str | None:
+    return _SUFFIXES.get(path.suffix.lower())
+
+
+@dataclass
+class Chunk:
+    """Rows of the input as a table, and the rows that could not even be read."""
+
+    table: pa.Table
+    errors: list[RowError] = field(default_factory=list)
+
+
+class LineChunks:
+    """Cuts a byte stream into blocks of at most `rows` whole lines, after an optional header."""
+
+    def __init__(self, rows: int, header: bool = False) -> None:
+        self._rows = rows
+        self._buffer = bytearray()
+        self._lines = 0
+        self._wants_header = header
+        self.header: bytes | None = None
+
+    def _cut(self) -> int:
+        newlines = np.flatnonzero(np.frombuffer(self._buffer, dtype=np.uint8) == 10)
+        return int(newlines[self._rows - 1]) + 1
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        self._lines += data.count(b"\n")
+        if self._wants_header and self.header is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                return []
+            self.header = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._lines -= 1
+        blocks: list[bytes] = []
+        while self._lines >= self._rows:
+            cut = self._cut()
+            blocks.append(bytes(self._buffer[:cut]))
+            del self._buffer[:cut]
+            self._lines -= self._rows
+        return blocks
+
+    def finish(self) -> bytes:
+        """What is left: the last lines, without a newline at the end perhaps."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        if self._wants_header and self.header is None:
+            self.header, rest = rest, b""
+        return rest if rest.strip() else b""
+
+
+def parse_csv_header(line: bytes) -> list[str]:
+    text = line.decode("utf-8-sig").rstrip("\r\n")
+    header = next(csv.reader([text]), [])
+    if not header or not any(name.strip() for name in header):
+        raise InvalidInput("the CSV has no header row; its first line must name the columns")
+    return header
+
+
+def decode_csv(block: bytes, columns: list[str], as_text: bool = True) -> Chunk:
+    """A block of CSV lines; `as_text` keeps every cell as written, else types are inferred."""
+    types = dict.fromkeys(columns, pa.string()) if as_text else None
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(block),
+            read_options=pa_csv.ReadOptions(column_names=columns, use_threads=False),
+            convert_options=pa_csv.ConvertOptions(column_types=types),
+        )
+    except pa.ArrowInvalid as exc:
+        raise InvalidInput(f"malformed CSV: {str(exc).splitlines()[0]}") from None
+    return Chunk(table)
+
+
+def _parse_lines(block: bytes) -> Chunk:
+    """The slow path for NDJSON that Arrow refused as a whole: find the bad lines."""
+    rows: list[dict[str, Any]] = []
+    errors: list[RowError] = []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            errors.append(RowError(len(rows), None, "not a JSON object"))
+            row = {}
+        rows.append(row)
+    try:
+        table = pa.Table.from_struct_array(pa.array(rows))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InvalidInput(f"NDJSON values of one key must share a type: {exc}") from None
+    return Chunk(table, errors)
+
+
+def decode_ndjson(block: bytes) -> Chunk:
+    try:
+        table = pa_json.read_json(
+            io.BytesIO(block), read_options=pa_json.ReadOptions(use_threads=False)
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return _parse_lines(block)
+    return Chunk(table)
+
+
+def parquet_chunks(source: str | Path | BinaryIO, rows: int) -> Iterator[Chunk]:
+    try:
+        parquet = pq.ParquetFile(source)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidInput(f"not a readable Parquet file: {exc}") from None
+    for batch in parquet.iter_batches(batch_size=rows):
+        yield Chunk(pa.Table.from_batches([batch]))
+
+
+class Encoder(Protocol):
+    def encode(self, table: pa.Table) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+class CsvEncoder:
+    def __init__(self, header: bool = True) -> None:
+        self._header = header
+
+    def encode(self, table: pa.Table) -> bytes:
+        # Arrow's "needed" style quotes every string; most files need no quotes at all, and
+        # Arrow refuses the unquoted style when a value does need them.
+        try:
+            data = self._write(table, "none")
+        except pa.ArrowInvalid:
+            data = self._write(table, "needed")
+        if self._header:  # written here: Arrow quotes every name of a header
+            line = io.StringIO()
+            csv.writer(line, lineterminator="\n").writerow(table.column_names)
+            data = line.getvalue().encode() + data
+            self._header = False
+        return data
+
+    def _write(self, table: pa.Table, quoting: str) -> bytes:
+        sink = pa.BufferOutputStream()
+        options = pa_csv.WriteOptions(include_header=False, quoting_style=quoting)
+        pa_csv.write_csv(table, sink, options)
+        return bytes(sink.getvalue())
+
+    def close(self) -> bytes:
+        return b""
+
+
+def _short_floats(table: pa.Table) -> pa.Table:
+    """float32 columns as the float64 with the same shortest text (0.1, not 0.100000001)."""
+    for index, column in enumerate(table.columns):
+        if pa.types.is_float32(column.type):
+            text = pc.cast(column, pa.string())
+            table = table.set_column(index, table.field(index).name, pc.cast(text, pa.float64()))
+    return table
+
+
+class NdjsonEncoder:
+    def encode(self, table: pa.Table) -> bytes:
+        rows = _short_floats(table).to_pylist()
+        return b"".join([orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows])
+
+    def close(self) -> bytes:
+        return b""
+
+
+class _Sink(io.RawIOBase):
+    """A write-only file whose bytes are collected until taken."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+class ParquetEncoder:
+    """One row group per chunk; every chunk is cast to the first chunk's schema."""
+
+    def __init__(self) -> None:
+        self._sink = _Sink()
+        self._writer: Any = None
+        self._schema: Any = None
+
+    def encode(self, table: pa.Table) -> bytes:
+        if self._writer is None:
+            self._schema = pa.schema(
+                [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+            )
+            self._writer = pq.ParquetWriter(self._sink, self._schema)
+        schema = self._schema
+        if table.schema != schema:
+            try:
+                table = table.cast(schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+                raise InvalidInput(
+                    f"a column changed type between rows, which Parquet cannot hold: {exc}"
+                ) from None
+        self._writer.write_table(table)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        if self._writer is not None:
+            self._writer.close()
+        return self._sink.take()
+
+
+def make_encoder(file_format: str, header: bool = True) -> Encoder:
+    if file_format == "csv":
+        return CsvEncoder(header)
+    if file_format == "ndjson":
+        return NdjsonEncoder()
+    return ParquetEncoder()

@@ -1,0 +1,300 @@
+"""`:score`: a CSV, NDJSON or Parquet body streamed through the batcher and back, chunk by chunk.
+
+The body is read as it arrives and cut into chunks of rows; each chunk is decoded, run
+through the model version's batcher (the one online requests use) and sent back before the
+next chunks are read, so memory stays bounded whatever the size of the file. The answer is
+decided on the first chunk: a bad row there is a 400; a bad row later can only be reported
+after the rows already sent, as a last line (CSV, NDJSON) or by cutting the response
+(Parquet, whose footer then never arrives).
+"""
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from service import errors
+from service.http import Receive, Scope, Send, error_body, error_headers, header, send_response
+from service.http import status_of as status_for
+from service.outbox import Outbox
+from service.protocols.files import (
+    CONTENT_TYPES,
+    Chunk,
+    LineChunks,
+    decode_csv,
+    decode_ndjson,
+    format_of_accept,
+    format_of_media_type,
+    make_encoder,
+    parquet_chunks,
+    parse_csv_header,
+)
+from service.registry import ModelVersion, smoke_inputs
+from service.runtimes import Arrays
+from service.state import ServiceState
+from service.tabular import (
+    check_columns,
+    check_rows,
+    empty_outputs,
+    extract_features,
+    feature_names,
+    needs_call,
+    scored_table,
+)
+
+logger = logging.getLogger(__name__)
+DEFAULT_CHUNK_ROWS = 16384
+_SPOOL_BYTES = 1 << 20
+_OUTBOX_MEMORY_BYTES = 8 << 20
+_OVERLOAD_PATIENCE_S = 60.0
+_AHEAD = 2  # chunks decoded ahead of the one being scored: bounds memory, keeps cores busy
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    model: ModelVersion
+    input_format: str
+    output_format: str
+    on_error: str
+    chunk_rows: int
+
+
+class _Aborted(Exception):
+    """Raised after the response started, so the server cuts the connection."""
+
+
+def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
+    feature_names(model)
+    query = {k: v[-1] for k, v in parse_qs(scope["query_string"].decode("latin-1")).items()}
+    on_error = query.get("on_error", "fail")
+    if on_error not in ("fail", "skip"):
+        raise errors.InvalidInput("on_error must be 'fail' or 'skip'")
+    limit = state.settings.max_batch_rows
+    rows_text = query.get("chunk_rows", str(min(DEFAULT_CHUNK_ROWS, limit)))
+    if not rows_text.isdigit() or not 1 <= int(rows_text) <= limit:
+        raise errors.InvalidInput(f"chunk_rows must be a whole number from 1 to {limit}")
+    input_format = format_of_media_type(header(scope, b"content-type"))
+    output_format = format_of_accept(header(scope, b"accept"), input_format)
+    return ScoreJob(model, input_format, output_format, on_error, int(rows_text))
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise errors.InvalidInput("the client disconnected before sending the whole body")
+        data = message.get("body", b"")
+        if data:
+            yield data
+        if not message.get("more_body", False):
+            return
+
+
+async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
+    csv = job.input_format == "csv"
+    lines = LineChunks(job.chunk_rows, header=csv)
+    columns: list[str] | None = None
+
+    async def decode(block: bytes) -> Chunk:
+        nonlocal columns
+        if not csv:
+            return await asyncio.to_thread(decode_ndjson, block)
+        if columns is None:
+            columns = parse_csv_header(lines.header or b"")
+            check_columns(job.model, columns)
+        as_text = job.output_format == "csv"
+        return await asyncio.to_thread(decode_csv, block, columns, as_text)
+
+    async for data in _body(receive):
+        for block in lines.feed(data):
+            yield await decode(block)
+    rest = lines.finish()
+    if csv and columns is None:
+        columns = parse_csv_header(lines.header or b"")
+        check_columns(job.model, columns)
+    if rest:
+        yield await decode(rest)
+
+
+async def _parquet_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
+    # Parquet's index is at the end of the file: the body goes to disk first, not to memory.
+    with tempfile.TemporaryFile() as spool:
+        pending: list[bytes] = []
+        async for data in _body(receive):
+            pending.append(data)
+            if sum(map(len, pending)) >= _SPOOL_BYTES:
+                await asyncio.to_thread(spool.write, b"".join(pending))
+                pending.clear()
+        await asyncio.to_thread(spool.write, b"".join(pending))
+        spool.seek(0)
+        chunks = parquet_chunks(spool, job.chunk_rows)
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield chunk
+
+
+async def _read_ahead(
+    job: ScoreJob, receive: Receive, queue: "asyncio.Queue[Chunk | BaseException | None]"
+) -> None:
+    source = _parquet_chunks if job.input_format == "parquet" else _line_chunks
+    try:
+        async for chunk in source(job, receive):
+            await queue.put(chunk)
+        await queue.put(None)
+    except Exception as exc:  # handed to the scoring loop, which reports it
+        await queue.put(exc)
+
+
+async def _predict(state: ServiceState, model: ModelVersion, inputs: Arrays) -> Arrays:
+    """Through the batcher; when its queue is full, a scoring job waits its turn, not fails."""
+    pause = 0.01
+    waited = 0.0
+    while True:
+        try:
+            return (await state.router.predict(model, inputs)).outputs
+        except errors.Overloaded:
+            if waited >= _OVERLOAD_PATIENCE_S:
+                raise
+        await asyncio.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, 1.0)
+
+
+async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_row: int) -> Any:
+    model = job.model
+    if first_row == 0:
+        check_columns(model, chunk.table.column_names)
+    features = await asyncio.to_thread(extract_features, model, chunk.table, chunk.errors)
+    check_rows(features, first_row, job.on_error)
+    name = model.signature.inputs[0].name
+    outputs: Arrays
+    if needs_call(features):
+        outputs = await _predict(state, model, {name: features.matrix})
+    else:
+        sample = await _predict(state, model, smoke_inputs(model.signature))
+        outputs = empty_outputs(model, sample)
+    return scored_table(model, chunk.table, features, outputs, first_row, job.on_error)
+
+
+def _trailer(output_format: str, exc: errors.ServiceError) -> bytes:
+    if output_format == "ndjson":
+        return orjson.dumps({"error": exc.message, "type": type(exc).__name__}) + b"\n"
+    return f"#error: {exc.message}\n".encode()
+
+
+async def _next(queue: "asyncio.Queue[Chunk | BaseException | None]") -> Chunk | None:
+    item = await queue.get()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+async def serve_score(
+    state: ServiceState,
+    name: str,
+    version: str | None,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    started = time.perf_counter()
+    metrics = state.metrics
+    metrics.inflight.inc()
+    model: ModelVersion | None = None
+    status = 200
+    reader: asyncio.Task[None] | None = None
+    try:
+        if state.draining:
+            raise errors.Overloaded(
+                "the server is shutting down; send the request to another instance"
+            )
+        state.credentials.check_api_key(
+            header(scope, b"authorization"), header(scope, b"x-api-key")
+        )
+        model = state.router.resolve(name, version)
+        job = _job(state, model, scope)
+        queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
+        reader = asyncio.create_task(_read_ahead(job, receive, queue))
+        status = await _respond(state, job, queue, send)
+    except errors.ServiceError as exc:
+        status = status_for(exc)
+        await send_response(send, status, error_body(exc), error_headers(exc))
+    except _Aborted:
+        status = 500
+        raise
+    except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
+        logger.exception("unexpected error serving %s", scope["path"])
+        fault = errors.ServiceError("internal error; see the server log")
+        status = 500
+        await send_response(send, 500, error_body(fault), error_headers(fault))
+    finally:
+        metrics.inflight.dec()
+        if reader is not None:
+            reader.cancel()
+        if model is not None:
+            labels = (model.name, str(model.version))
+            metrics.requests.labels(*labels, "score", str(status)).inc()
+            metrics.request_duration.labels(*labels, "score").observe(time.perf_counter() - started)
+
+
+async def _deliver(outbox: Outbox, send: Send) -> None:
+    while (data := await outbox.get()) is not None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _respond(
+    state: ServiceState,
+    job: ScoreJob,
+    queue: "asyncio.Queue[Chunk | BaseException | None]",
+    send: Send,
+) -> int:
+    """Sends 200 and the scored chunks once the first chunk scored; returns the status."""
+    chunk = await _next(queue)
+    if chunk is None:
+        raise errors.InvalidInput("the body has no rows to score")
+    encoder = make_encoder(job.output_format)
+    table = await _score_chunk(state, job, chunk, 0)
+    body = await asyncio.to_thread(encoder.encode, table)
+    content_type = CONTENT_TYPES[job.output_format].encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", content_type)],
+        }
+    )
+    outbox = Outbox(_OUTBOX_MEMORY_BYTES)
+    await outbox.put(body)
+    writer = asyncio.create_task(_deliver(outbox, send))
+    first_row = chunk.table.num_rows
+    status = 200
+    try:
+        try:
+            while (chunk := await _next(queue)) is not None:
+                table = await _score_chunk(state, job, chunk, first_row)
+                await outbox.put(await asyncio.to_thread(encoder.encode, table))
+                first_row += chunk.table.num_rows
+                if writer.done():  # the client went away
+                    break
+            await outbox.put(encoder.close())
+        except Exception as exc:  # the response has started: only the end of it can tell
+            if not isinstance(exc, errors.ServiceError):
+                logger.exception("scoring %s failed after %d rows", job.model.name, first_row)
+                exc = errors.ServiceError("internal error; see the server log")
+            logger.info("scoring %s stopped after %d rows: %s", job.model.name, first_row, exc)
+            if job.output_format == "parquet":
+                writer.cancel()
+                raise _Aborted(exc.message) from exc
+            await outbox.put(_trailer(job.output_format, exc))
+            status = status_for(exc)
+        outbox.close()
+        await writer
+    finally:
+        outbox.discard()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return status

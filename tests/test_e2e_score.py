@@ -1,0 +1,227 @@
+"""`:score` against a real server: streamed CSV, NDJSON and Parquet, bad rows, bounded memory."""
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from sklearn.datasets import load_iris
+
+from service.scoring import ModelReference, load_model
+from tests.serving import run_server
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+CLASSES = ["setosa", "versicolor", "virginica"]
+CSV = "text/csv"
+NDJSON = "application/x-ndjson"
+PARQUET = "application/vnd.apache.parquet"
+
+
+def iris_csv(rows: int = 150) -> tuple[bytes, np.ndarray]:
+    """Iris rows as CSV with an id column first and the features in another order."""
+    data = np.resize(load_iris().data, (rows, 4))
+    lines = ["id,petal_width,sepal_length,petal_length,sepal_width"]
+    lines += [f"{i:06d},{r[3]},{r[0]},{r[2]},{r[1]}" for i, r in enumerate(data.tolist())]
+    return ("\n".join(lines) + "\n").encode(), data.astype(np.float32)
+
+
+def expected(repository: Path, version: int, matrix: np.ndarray) -> dict[str, np.ndarray]:
+    model = load_model(ModelReference(str(repository), "iris", version))
+    return model.runtime.predict({"input": matrix})
+
+
+def read_table(body: bytes, content_type: str) -> pa.Table:
+    if content_type.startswith(CSV):
+        return pa_csv.read_csv(
+            io.BytesIO(body),
+            convert_options=pa_csv.ConvertOptions(column_types={"id": pa.string()}),
+        )
+    if content_type.startswith(NDJSON):
+        return pa.Table.from_pylist([orjson.loads(line) for line in body.splitlines()])
+    return pq.read_table(io.BytesIO(body))
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize("accept", [None, NDJSON, PARQUET])
+def test_csv_rows_come_back_with_predictions_in_the_accepted_format(
+    client: httpx.Client, trained_repository: Path, version: str, accept: str | None
+) -> None:
+    body, matrix = iris_csv(1000)
+    headers = {"content-type": CSV, **({"accept": accept} if accept else {})}
+    response = client.post(
+        f"/v1/models/iris/versions/{version}:score?chunk_rows=300", content=body, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(accept or CSV)
+    table = read_table(response.content, response.headers["content-type"])
+    assert table.column_names[:5] == [
+        "id",
+        "petal_width",
+        "sepal_length",
+        "petal_length",
+        "sepal_width",
+    ]
+    assert table.column_names[5:] == ["label", *(f"probability_{c}" for c in CLASSES)]
+    # CSV to CSV keeps every cell as written; other formats get the types a CSV reader infers.
+    ids = ["000000", "000001", "000002"] if accept is None else [0, 1, 2]
+    assert table["id"].to_pylist()[:3] == ids
+    want = expected(trained_repository, int(version), matrix)
+    assert table["label"].to_pylist() == [str(v) for v in want["label"]]
+    got = np.column_stack([table[f"probability_{c}"].to_numpy() for c in CLASSES])
+    np.testing.assert_allclose(got, want["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_ndjson_and_parquet_bodies_score_like_csv(
+    client: httpx.Client, trained_repository: Path
+) -> None:
+    _, matrix = iris_csv(200)
+    rows = [
+        {"key": i, **dict(zip(FEATURES, r, strict=True))} for i, r in enumerate(matrix.tolist())
+    ]
+    ndjson = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink, row_group_size=64)
+    want = [str(v) for v in expected(trained_repository, 2, matrix)["label"]]
+    for body, content_type in ((ndjson, NDJSON), (sink.getvalue(), PARQUET)):
+        response = client.post(
+            "/v1/models/iris:score?chunk_rows=50",
+            content=body,
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 200, response.text
+        table = read_table(response.content, content_type)
+        assert table["key"].to_pylist() == list(range(200))
+        assert table["label"].to_pylist() == want
+
+
+def test_a_regressor_answers_with_a_prediction_column(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/models/diabetes:score",
+        content=b"age,sex,bmi,bp,s1,s2,s3,s4,s5,s6\n"
+        + b"0.01,0.05,0.06,0.02,-0.04,-0.03,-0.04,0.0,0.02,-0.02\n",
+        headers={"content-type": CSV},
+    )
+    assert response.status_code == 200, response.text
+    header, row = response.text.splitlines()
+    assert header.endswith(",s6,prediction")
+    assert 25 < float(row.rsplit(",", 1)[1]) < 350
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"id,sepal_length\n1,5.0\n", CSV, 400, "'sepal_width', 'petal_length', 'petal_width'"),
+        (
+            b"sepal_length,sepal_width,petal_length,petal_width\n5,3,1,x\n",
+            CSV,
+            400,
+            "row 1, column 'petal_width': not a number: 'x'",
+        ),
+        (
+            b"sepal_length,sepal_width,petal_length,petal_width\n5,3,1,1\n5,,1,1\n",
+            CSV,
+            400,
+            "row 2, column 'sepal_width': missing value",
+        ),
+        (b'{"sepal_length": 5}\n', NDJSON, 400, "'sepal_width'"),
+        (b"sepal_length,sepal_width,petal_length,petal_width\n", CSV, 400, "no rows"),
+        (b"a,b\n1,2\n", "text/plain", 415, "text/csv"),
+        (b"not parquet", PARQUET, 400, "Parquet"),
+    ],
+)
+def test_bad_bodies_are_refused_before_any_output(
+    client: httpx.Client, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    response = client.post(
+        "/v1/models/iris:score", content=body, headers={"content-type": content_type}
+    )
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_a_bad_row_after_the_first_chunk_ends_the_stream_with_an_error_line(
+    client: httpx.Client,
+) -> None:
+    body, _ = iris_csv(100)
+    lines = body.splitlines()
+    lines[71] = b"000070,0.2,5.1,oops,3.5"
+    response = client.post(
+        "/v1/models/iris:score?chunk_rows=20",
+        content=b"\n".join(lines) + b"\n",
+        headers={"content-type": CSV},
+    )
+    assert response.status_code == 200
+    out = response.text.splitlines()
+    assert out[-1] == "#error: row 71, column 'petal_length': not a number: 'oops'"
+    assert len(out) == 1 + 60 + 1  # header, the three chunks before the bad one, the error
+
+
+def test_skipped_rows_carry_an_error_column(client: httpx.Client) -> None:
+    body = b"sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,1.4,0.2\n5,3,1,x\n6,3,6,2\n"
+    response = client.post(
+        "/v1/models/iris:score?on_error=skip",
+        content=body,
+        headers={"content-type": CSV, "accept": NDJSON},
+    )
+    assert response.status_code == 200, response.text
+    rows = [orjson.loads(line) for line in response.content.splitlines()]
+    assert [r["label"] for r in rows] == ["setosa", None, "virginica"]
+    assert [r["error"] for r in rows] == [
+        None,
+        "row 2, column 'petal_width': not a number: 'x'",
+        None,
+    ]
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_large_streamed_file_keeps_the_server_memory_bounded(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """80 MB of CSV from a client that reads nothing until it has sent it all.
+
+    A server that kept the body (or the answer) in memory would keep growing as the file
+    goes through; a bounded one reaches its working size early and stays there.
+    """
+    block, _ = iris_csv(20_000)
+    header, rows = block.split(b"\n", 1)
+    repeats = 80 * 2**20 // len(rows) + 1
+    with run_server(trained_repository, tmp_path) as server:
+        pid = server.process.pid
+        url = f"{server.url}/v1/models/iris:score"
+        httpx.post(url, content=block, headers={"content-type": CSV})
+        idle = _rss_bytes(pid)
+        samples: list[tuple[int, int]] = []  # (repeats sent, server RSS)
+
+        def generate() -> Iterator[bytes]:
+            yield header + b"\n"
+            for sent in range(repeats):
+                samples.append((sent, _rss_bytes(pid)))
+                yield rows
+
+        lines = 0
+        with httpx.stream(
+            "POST", url, content=generate(), headers={"content-type": CSV}, timeout=120
+        ) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                lines += chunk.count(b"\n")
+        samples.append((repeats, _rss_bytes(pid)))
+    assert lines == 1 + repeats * 20_000
+    quarter = next(rss for sent, rss in samples if sent >= repeats // 4)
+    peak = max(rss for _, rss in samples)
+    mb = 2**20
+    assert peak - quarter < 30 * mb, f"grew {(peak - quarter) / mb:.0f} MB after a quarter"
+    assert peak - idle < 150 * mb, f"grew {(peak - idle) / mb:.0f} MB above idle"

@@ -1,0 +1,143 @@
+"""`modelserve score` as a user runs it: a real process, real files, workers, a terminal."""
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from sklearn.datasets import load_iris
+
+from service.scoring import ModelReference, score
+
+ROWS = 30_000
+
+
+def run_score(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "service", "score", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def iris_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = np.resize(load_iris().data, (ROWS, 4))
+    path = tmp_path_factory.mktemp("input") / "iris.csv"
+    lines = ["id,petal_width,sepal_length,petal_length,sepal_width"]
+    lines += [f"{i:06d},{r[3]},{r[0]},{r[2]},{r[1]}" for i, r in enumerate(data.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_workers_score_a_csv_exactly_like_one_process_and_like_score(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    outputs = {}
+    for workers in ("1", "2"):
+        target = tmp_path / f"out-{workers}.csv"
+        done = run_score(
+            "iris:2", iris_csv, target, "--model-repository", trained_repository,
+            "--workers", workers, "--chunk-rows", "4000",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""  # no progress bar when stderr is not a terminal
+        outputs[workers] = target.read_bytes()
+    assert outputs["1"] == outputs["2"]
+    as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    table = pa_csv.read_csv(iris_csv, convert_options=as_text)
+    want = score(table, ModelReference(str(trained_repository), "iris", 2))
+    got = pa_csv.read_csv(tmp_path / "out-2.csv", convert_options=as_text)
+    assert got.num_rows == ROWS
+    assert got.column_names == want.column_names
+    assert got["id"].to_pylist()[:2] == ["000000", "000001"]  # cells come back as written
+    assert got["label"].to_pylist() == want["label"].to_pylist()
+    np.testing.assert_allclose(
+        got["probability_virginica"].to_numpy(), want["probability_virginica"].to_numpy(), 1e-6
+    )
+
+
+def test_parquet_and_ndjson_round_trip_through_workers(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    table = pa_csv.read_csv(iris_csv).slice(0, 6000)
+    source = tmp_path / "in.parquet"
+    pq.write_table(table, source, row_group_size=1500)
+    ndjson = tmp_path / "out.ndjson"
+    scored = tmp_path / "out.parquet"
+    repository = ("--model-repository", trained_repository)
+    assert run_score("iris:1", source, ndjson, *repository, "--workers", "2").returncode == 0
+    done = run_score("iris:1", ndjson, scored, *repository, "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    result = pq.read_table(scored)
+    want = score(table, ModelReference(str(trained_repository), "iris", 1))
+    assert result["id"].to_pylist() == table["id"].to_pylist()
+    assert result["label"].to_pylist() == want["label"].to_pylist()
+
+
+def test_a_bad_row_in_a_later_part_fails_with_its_row_and_no_output(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    lines = iris_csv.read_bytes().splitlines()
+    lines[25_001] = b"025000,0.2,5.1,,3.5"
+    source = tmp_path / "bad.csv"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    target = tmp_path / "out.csv"
+    repository = ("--model-repository", trained_repository)
+    done = run_score("iris", source, target, *repository, "--workers", "2")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: row 25001, column 'petal_length': missing value"
+    assert not target.exists()
+    done = run_score("iris", source, target, *repository, "--on-error", "skip")
+    assert done.returncode == 0, done.stderr
+    errors = pa_csv.read_csv(target)["error"].to_pylist()
+    assert errors[25_000] == "row 25001, column 'petal_length': missing value"
+    assert sum(bool(e) for e in errors) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("iris:9", "model 'iris' has no version '9'"), ("nosuch", "model 'nosuch' is not in")],
+)
+def test_unknown_models_fail_with_a_clear_message(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path, model: str, message: str
+) -> None:
+    done = run_score(model, iris_csv, tmp_path / "o.csv", "--model-repository", trained_repository)
+    assert done.returncode == 1
+    assert message in done.stderr
+
+
+def test_a_tampered_artifact_is_refused(repository: Path, iris_csv: Path, tmp_path: Path) -> None:
+    artifact = repository / "iris" / "2" / "model.onnx"
+    artifact.write_bytes(artifact.read_bytes()[:-10])
+    done = run_score("iris:2", iris_csv, tmp_path / "o.csv", "--model-repository", repository)
+    assert done.returncode == 1
+    assert "sha256" in done.stderr
+
+
+def test_a_terminal_gets_a_progress_bar(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    primary, secondary = pty.openpty()
+    command = [sys.executable, "-m", "service", "score", "iris", str(iris_csv)]
+    command += [str(tmp_path / "o.csv"), "--model-repository", str(trained_repository)]
+    process = subprocess.Popen(command, stderr=secondary, stdout=subprocess.DEVNULL)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not data:
+            break
+        shown += data
+    os.close(primary)
+    assert process.wait(timeout=60) == 0
+    text = shown.decode()
+    assert "rows/s" in text
+    assert "ETA" in text
+    assert f"scored {ROWS:,} rows" in text
