@@ -10,6 +10,7 @@ if ! command -v curl >/dev/null; then
   apt-get update -qq && apt-get install -y -qq curl >/dev/null
 fi
 export PATH="$PWD/.venv/bin:$PATH"
+scripts/prometheus.sh
 
 echo "== ruff"
 ruff check .
