@@ -9,6 +9,8 @@ scripts/setup.sh dev
 if ! command -v curl >/dev/null; then
   apt-get update -qq && apt-get install -y -qq curl >/dev/null
 fi
+# The metrics tests run the real promtool and Prometheus server.
+scripts/prometheus.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"

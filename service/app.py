@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
 from service import __version__
+from service.access import AccessLogMiddleware
 from service.config import Settings
 from service.errors import ServiceError
+from service.exposition import exposition_registry, multiprocess_directory, worker_exited
 from service.http import BodyLimit, error_body, error_headers, status_of
 from service.inference import InferenceMiddleware
 from service.metrics import create_metrics, record_model
@@ -62,8 +64,10 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    prometheus = CollectorRegistry()
-    metrics = create_metrics(prometheus)
+    registry = CollectorRegistry()
+    metrics = create_metrics(registry)
+    directory = multiprocess_directory()
+    prometheus = exposition_registry(registry, directory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +113,8 @@ def create_app(settings: Settings) -> FastAPI:
             if poller is not None:
                 poller.cancel()
             executor.shutdown(wait=True)
+            if directory is not None:
+                worker_exited(directory)
 
     app = FastAPI(
         title="modelserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
@@ -116,6 +122,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes)
     # Added first, so it sits inside the fast path: it guards the routes FastAPI serves.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    # The fast path is outermost; what it does not serve goes through the access log.
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(InferenceMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

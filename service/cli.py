@@ -3,9 +3,12 @@
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -15,6 +18,28 @@ from service.logs import configure_logging
 logger = logging.getLogger(__name__)
 # A repository holding this file is the bundled example one: its artifacts are built, not shipped.
 EXAMPLES_MARKER = ".examples"
+# prometheus_client reads it when imported, so it is set before any worker imports it.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def worker_metrics(workers: int) -> Iterator[None]:
+    """Several workers share their metrics through files in a fresh directory, removed at exit.
+
+    Files left by an earlier run would add its counts to this one's, so the directory is
+    always new; one worker keeps its metrics in memory.
+    """
+    os.environ.pop(MULTIPROCESS_ENV, None)
+    if workers == 1:
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="modelserve-metrics-")
+    os.environ[MULTIPROCESS_ENV] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"MODELSERVE_{flag.upper()}"] = str(value)
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     # SIGTERM is how orchestrators stop a server: it ends with exit status 0. uvicorn takes the
     # signal over while it serves, drains, and then raises it again, which lands here.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -37,20 +62,21 @@ def _serve(args: argparse.Namespace) -> int:
             train_examples(root)
     import uvicorn
 
-    uvicorn.run(
-        "service.main:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        # Named rather than "auto": a missing uvicorn[standard] then fails loudly instead of
-        # silently falling back to the slower asyncio loop and pure-Python HTTP parser.
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
-    )
+    with worker_metrics(settings.workers):
+        uvicorn.run(
+            "service.main:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            # Named rather than "auto": a missing uvicorn[standard] then fails loudly instead of
+            # silently falling back to the slower asyncio loop and pure-Python HTTP parser.
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        )
     return 0
 
 
@@ -63,7 +89,7 @@ def _validate(args: argparse.Namespace) -> int:
     from service.state import load_options
 
     settings = Settings() if args.model_name is None else Settings(model_name=args.model_name)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     root = args.model_repository or settings.model_repository
     registry = load_registry(root, load_options(settings))
     problems = 0

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    access_log: bool = Field(True, description="Log one line per request (at info level).")
     max_request_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
     )

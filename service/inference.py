@@ -10,10 +10,11 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from typing import Any
 
-from service import errors
+from numpy.typing import NDArray
+
+from service import access, errors
 from service.http import (
     Receive,
     Scope,
@@ -77,21 +78,14 @@ class InferenceMiddleware:
         await _serve(state, match, scope, receive, send)
 
 
-def _request_id(scope: Scope) -> str:
-    """The client's X-Request-ID when it is a sane token, else a fresh one."""
-    given = header(scope, b"x-request-id")
-    if given is not None and 0 < len(given) <= 128 and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
-
-
 async def _serve(
     state: ServiceState, match: re.Match[str], scope: Scope, receive: Receive, send: Send
 ) -> None:
     started = time.perf_counter()
     protocol = "v2" if match["v2name"] is not None else "v1"
-    request_id = _request_id(scope)
+    request_id = access.request_id(scope)
     request = _Request(state, match, scope, receive)
+    error: str | None = None
     metrics = state.metrics
     metrics.inflight.inc()
     try:
@@ -104,29 +98,45 @@ async def _serve(
             f"the request's deadline passed after {time.perf_counter() - started:.3f} s"
         )
         status, payload, headers = 504, error_body(late, request_id), error_headers(late)
+        error = "DeadlineExceeded"
     except errors.ServiceError as exc:
         status = status_of(exc)
         # Server-side failures name the request, so the client can quote it and an operator
         # can find the traceback in the log; the client's own mistakes need no lookup.
         payload = error_body(exc, request_id if status >= 500 else None)
         headers = error_headers(exc)
+        error = type(exc).__name__
         if status == 500:  # overload (503) and deadlines (504) are counted in metrics instead
             logger.error("request %s failed: %s", request_id, exc.message)
     except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
         logger.exception("unexpected error serving %s (request %s)", scope["path"], request_id)
         fault = errors.ServiceError("internal error; see the server log")
         status, payload, headers = 500, error_body(fault, request_id), error_headers(fault)
+        error = "InternalError"
     finally:
         metrics.inflight.dec()
+    seconds = time.perf_counter() - started
     model = request.model
+    # Only a resolved model labels a series: names and versions come from the repository,
+    # never from the request, so unknown models add no series.
     if model is not None:
-        labels = (model.name, str(model.version))
-        metrics.requests.labels(*labels, protocol, str(status)).inc()
-        metrics.request_duration.labels(*labels, protocol).observe(time.perf_counter() - started)
-    headers = [*headers, (b"x-request-id", request_id.encode())]
+        name, version = model.name, str(model.version)
+        metrics.requests.labels(name, version, protocol, str(status)).inc()
+        if status == 200:  # errors are counted by code; their time would blur the latency
+            metrics.request_duration.labels(name, version, protocol).observe(seconds)
+    else:
+        name, version = match["v2name"] or match["v1name"], match["v2version"] or match["v1version"]
+    headers = [*headers, (access.REQUEST_ID, request_id.encode())]
     if state.draining:
         headers.append((b"connection", b"close"))  # clients reconnect to another instance
     await send_response(send, status, payload, headers)
+    rows = request.rows if status == 200 else 0
+    access.log_request(request_id, scope, status, seconds, name, version, protocol, rows, error)
+
+
+def _rows(tensors: dict[str, NDArray[Any]]) -> int:
+    first = next(iter(tensors.values()), None)
+    return 0 if first is None else (first.shape[0] if first.ndim else 1)
 
 
 class _Request:
@@ -138,6 +148,7 @@ class _Request:
         self.scope = scope
         self.receive = receive
         self.model: ModelVersion | None = None
+        self.rows = 0
         self.started = asyncio.get_running_loop().time()
 
     async def answer(
@@ -156,9 +167,12 @@ class _Request:
         router = state.router
         if protocol == "v2":
             self.model = router.resolve(self.match["v2name"], self.match["v2version"])
-            return await _infer_v2(router, self.model, scope, body, budget, self.started)
+            call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
+            self.rows = _rows(call.tensors)
+            return await _infer_v2(router, self.model, call, budget, self.started)
         self.model = router.resolve(self.match["v1name"], self.match["v1version"])
         tensors = v1.decode_predict_request(self.model, body)
+        self.rows = _rows(tensors)
         prediction = await router.predict(self.model, tensors)
         return 200, v1.encode_predict_response(self.model, prediction.outputs), _JSON
 
@@ -166,12 +180,10 @@ class _Request:
 async def _infer_v2(
     router: Router,
     model: ModelVersion,
-    scope: Scope,
-    body: bytes,
+    call: v2.InferCall,
     budget: asyncio.Timeout,
     started: float,
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
     timeout_s = v2.requested_timeout_s(call)
     deadline = budget.when()
     if timeout_s is not None and deadline is not None:

@@ -1,21 +1,50 @@
 """Logging set up once at startup: plain text or JSON lines."""
 
 import logging
+import re
+import time
 from typing import Any
 
 import orjson
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn adds `color_message`, a copy of the message for terminals.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+
+
+class Clock:
+    """ISO 8601 UTC times with milliseconds; one strftime per second, not one per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def stamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._stamp}.{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, pid, then the extras."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = Clock()
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": self._clock.stamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
@@ -23,21 +52,50 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+_BARE = re.compile(r"[!#-<>-\[\]-~]+")  # visible ASCII but for '"', '=' and '\\'
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    if _BARE.fullmatch(text):
+        return text
+    # Quoted and escaped, so a value (a URL path, say) can never break or forge a line.
+    return orjson.dumps(text).decode()
+
+
 class TextFormatter(logging.Formatter):
+    """Time, level, logger and message, then the extras as key=value pairs (None left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = Clock()
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
-        if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        parts = [
+            self._clock.stamp(record),
+            record.levelname,
+            f"{record.name}:",
+            record.getMessage(),
+        ]
+        parts.extend(
+            f"{k}={_text_value(v)}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD and v is not None
+        )
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, access_log: bool = True) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Off, the access logger stops at its level check: no record is built per request.
+    logging.getLogger("service.access").setLevel(logging.NOTSET if access_log else logging.WARNING)

@@ -9,5 +9,5 @@ from service.logs import configure_logging
 
 def app_from_environment() -> FastAPI:
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     return create_app(settings)

@@ -47,6 +47,7 @@ class Metrics:
     model_load_failures: Counter
     model_info: Gauge
     predictions: Counter
+    last_inference: Gauge
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -60,7 +61,7 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         request_duration=Histogram(
             "modelserve_request_duration_seconds",
-            "Time from decoding a request to encoding its answer.",
+            "Time from decoding a successful request to encoding its answer.",
             [*mv, "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -102,12 +103,13 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         ),
+        # With several workers a version is ready only if every live worker serves it.
         model_ready=Gauge(
             "modelserve_model_ready",
             "1 if the model version serves.",
             mv,
             registry=registry,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemin",
         ),
         model_load_duration=Gauge(
             "modelserve_model_load_duration_seconds",
@@ -124,13 +126,21 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         model_info=Gauge(
             "modelserve_model_info",
-            "Loaded model versions (value 1).",
+            "Model versions as loaded: 1 while loaded, 0 once replaced or unloaded.",
             [*mv, "format", "sha256"],
             registry=registry,
             multiprocess_mode="livemax",
         ),
         predictions=Counter(
             "modelserve_predictions", "Predicted class labels.", [*mv, "label"], registry=registry
+        ),
+        # "max" keeps the time of exited workers too: it is the last inference of any of them.
+        last_inference=Gauge(
+            "modelserve_last_inference_timestamp_seconds",
+            "Unix time at which the model version last finished a model call.",
+            mv,
+            registry=registry,
+            multiprocess_mode="max",
         ),
     )
 
@@ -140,9 +150,12 @@ def record_model(
 ) -> None:
     """Bring the model-state metrics in line with a model as loaded (or unloaded: None)."""
     if previous is not None:
+        # Set to 0 rather than removed: removal does not reach the files of multiprocess mode,
+        # and both modes should expose the same series.
         for number, old in previous.versions.items():
-            metrics.model_ready.labels(previous.name, str(number)).set(0)
-            metrics.model_info.remove(previous.name, str(number), old.format, old.sha256[:12])
+            labels = (previous.name, str(number))
+            metrics.model_ready.labels(*labels).set(0)
+            metrics.model_info.labels(*labels, old.format, old.sha256[:12]).set(0)
     if entry is None:
         return
     for number, model in entry.versions.items():

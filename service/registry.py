@@ -193,12 +193,18 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
                 number,
                 exc.reason,
                 exc.message,
+                extra={"model": source.name, "version": number, "reason": exc.reason},
             )
         except Exception as exc:  # the loader boundary: a broken artifact must not stop the server
             failures[number] = VersionFailure(
                 number, "corrupt_artifact", f"{type(exc).__name__}: {exc}"
             )
-            logger.exception("model %s version %s not loaded", source.name, number)
+            logger.exception(
+                "model %s version %s not loaded",
+                source.name,
+                number,
+                extra={"model": source.name, "version": number, "reason": "corrupt_artifact"},
+            )
         else:
             loaded = versions[number]
             logger.info(
@@ -207,6 +213,7 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
                     "model": source.name,
                     "version": number,
                     "format": loaded.format,
+                    "sha256": loaded.sha256[:12],
                     "load_ms": round(loaded.load_seconds * 1000, 1),
                 },
             )

@@ -1,5 +1,6 @@
 """Routes a request to its model version and through that version's batcher."""
 
+import time
 import weakref
 from concurrent.futures import Executor
 from typing import Any
@@ -23,6 +24,7 @@ class _VersionObserver:
         self._batch_rows = metrics.batch_rows.labels(*labels)
         self._compute = metrics.compute_duration.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
+        self._last = metrics.last_inference.labels(*labels)
         self.rows = metrics.inference_rows.labels(*labels)
         self.queue = metrics.queue_duration.labels(*labels)
         self._predictions = metrics.predictions
@@ -34,6 +36,7 @@ class _VersionObserver:
     def call_done(self, rows: int, seconds: float) -> None:
         self._batch_rows.observe(rows)
         self._compute.observe(seconds)
+        self._last.set(time.time())
 
     def queue_changed(self, depth: int) -> None:
         self._depth.set(depth)

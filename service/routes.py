@@ -1,4 +1,5 @@
-"""Control-plane routes: health, metadata, the repository extension, V1 status and metrics."""
+"""Control-plane routes: health, metadata, statistics, the repository extension, V1 status and
+metrics."""
 
 import asyncio
 from typing import Annotated
@@ -11,6 +12,7 @@ from service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from service.metrics import record_model
 from service.protocols.schemas import (
     ErrorResponse,
+    InferenceStatistics,
     Liveness,
     ModelMetadata,
     ModelReadiness,
@@ -23,8 +25,9 @@ from service.protocols.schemas import (
 )
 from service.registry import ModelVersion, reload_model
 from service.state import ServiceState
+from service.statistics import model_statistics
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 PLATFORMS = {"sklearn": "sklearn", "onnx": "onnxruntime_onnx"}
 
 
@@ -102,6 +105,45 @@ def _metadata(model: ModelVersion, versions: list[int]) -> ModelMetadata:
         outputs=signature.outputs,
         parameters=parameters,
     )
+
+
+# Declared before /v2/models/{name}, which would otherwise take "stats" for a model name.
+@router.get(
+    "/v2/models/stats",
+    response_model=InferenceStatistics,
+    dependencies=[ApiKey],
+    tags=["statistics"],
+)
+def statistics_of_all(state: State) -> InferenceStatistics:
+    registry = state.registry
+    versions = [
+        (name, number)
+        for name, entry in sorted(registry.models.items())
+        for number in sorted(entry.versions)
+    ]
+    return model_statistics(state.prometheus, versions)
+
+
+@router.get(
+    "/v2/models/{name}/stats",
+    response_model=InferenceStatistics,
+    dependencies=[ApiKey],
+    tags=["statistics"],
+)
+def statistics_of_model(state: State, name: str) -> InferenceStatistics:
+    entry = state.registry.model(name)
+    return model_statistics(state.prometheus, [(name, number) for number in sorted(entry.versions)])
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/stats",
+    response_model=InferenceStatistics,
+    dependencies=[ApiKey],
+    tags=["statistics"],
+)
+def statistics_of_version(state: State, name: str, version: str) -> InferenceStatistics:
+    model = state.registry.resolve(name, version)
+    return model_statistics(state.prometheus, [(name, model.version)])
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadata, dependencies=[ApiKey], tags=["v2"])

@@ -36,6 +36,7 @@ def load_options(settings: Settings) -> LoadOptions:
 class ServiceState:
     settings: Settings
     metrics: Metrics
+    # What GET /metrics and the statistics read: with several workers, all of them merged.
     prometheus: CollectorRegistry
     executor: ThreadPoolExecutor
     router: Router

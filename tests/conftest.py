@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from tests.models_for_faults import add_fault_models
-from tests.serving import RunningServer, run_server
+from tests.prometheus import Prometheus, run_prometheus
+from tests.serving import RunningServer, run_server, wait_for
 from training.examples import train_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +115,36 @@ def fault_client(fault_server: RunningServer) -> Iterator[httpx.Client]:
         base_url=fault_server.url, timeout=30.0, headers={"X-API-Key": API_KEY}
     ) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def workers_server(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A two-worker server with JSON logs, over the examples plus iris version 3, whose
+    truncated artifact fails to load (so load failures have a series)."""
+    root = tmp_path_factory.mktemp("workers") / "models"
+    shutil.copytree(trained_repository, root)
+    broken = root / "iris" / "3"
+    shutil.copytree(root / "iris" / "1", broken)
+    artifact = next(broken.glob("model.*"))
+    artifact.write_bytes(artifact.read_bytes()[:100])
+    with run_server(
+        root,
+        tmp_path_factory.mktemp("workers-logs"),
+        env={"MODELSERVE_LOG_FORMAT": "json", "MODELSERVE_ADMIN_TOKEN": "test-admin-token"},
+        args=("--workers", "2"),
+    ) as running:
+        # Ready means one worker answers; the tests need both serving.
+        wait_for(lambda: running.output().count("Application startup complete") >= 2)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    workers_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    """A real Prometheus scraping the two-worker server every second."""
+    target = workers_server.url.removeprefix("http://")
+    with run_prometheus(target, tmp_path_factory.mktemp("prometheus")) as running:
+        yield running

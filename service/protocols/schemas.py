@@ -108,3 +108,41 @@ class VersionStatus(BaseModel):
 
 class ModelStatus(BaseModel):
     model_version_status: list[VersionStatus]
+
+
+class StatisticDuration(BaseModel):
+    count: int = 0
+    ns: int = 0
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    cache_hit: StatisticDuration = Field(default_factory=StatisticDuration)
+    cache_miss: StatisticDuration = Field(default_factory=StatisticDuration)
+
+
+class InferBatchStatistics(BaseModel):
+    batch_size: int
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+class ModelStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int
+    inference_count: int
+    execution_count: int
+    inference_stats: InferStatistics
+    batch_stats: list[InferBatchStatistics] = Field(default_factory=list)
+    memory_usage: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class InferenceStatistics(BaseModel):
+    model_stats: list[ModelStatistics]
