@@ -14,7 +14,8 @@ import pytest
 from sklearn.datasets import load_iris
 
 from service.scoring import ModelReference, load_model
-from tests.serving import run_server
+from tests.scrape import scrape, total
+from tests.serving import RunningServer, run_server
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -75,6 +76,29 @@ def test_csv_rows_come_back_with_predictions_in_the_accepted_format(
     assert table["label"].to_pylist() == [str(v) for v in want["label"]]
     got = np.column_stack([table[f"probability_{c}"].to_numpy() for c in CLASSES])
     np.testing.assert_allclose(got, want["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_go_through_the_versions_batcher_and_are_counted(
+    server: RunningServer, client: httpx.Client
+) -> None:
+    body, _ = iris_csv(1000)
+    before = scrape(server.url)
+    response = client.post(
+        "/v1/models/iris/versions/2:score?chunk_rows=300",
+        content=body,
+        headers={"content-type": CSV},
+    )
+    assert response.status_code == 200, response.text
+    after = scrape(server.url)
+    iris = {"model": "iris", "version": "2"}
+
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **iris, **labels) - total(before, name, **iris, **labels)
+
+    assert grew("modelserve_inference_rows_total") == 1000
+    assert grew("modelserve_batch_rows_count") == 4  # chunks of 300, 300, 300 and 100 rows
+    assert grew("modelserve_batch_rows_sum") == 1000
+    assert grew("modelserve_requests_total", protocol="score", code="200") == 1
 
 
 def test_ndjson_and_parquet_bodies_score_like_csv(
