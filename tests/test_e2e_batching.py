@@ -82,6 +82,23 @@ async def run_rounds(url: str, rounds: list[list[Plan]]) -> list[list[dict[str, 
         return [await asyncio.gather(*(infer(client, plan) for plan in batch)) for batch in rounds]
 
 
+def predicted_labels(metrics_text: str, version: int) -> dict[str, float]:
+    """modelserve_predictions_total per label for one breast_cancer version."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "modelserve_predictions":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "modelserve_predictions_total"
+                and labels.get("model") == "breast_cancer"
+                and labels.get("version") == str(version)
+            ):
+                counts[labels["label"]] = sample.value
+    return counts
+
+
 def batch_rows(metrics_text: str, version: int) -> tuple[float, float]:
     """(sum, count) of the batch-size histogram of one breast_cancer version."""
     values: dict[str, float] = {}
@@ -136,6 +153,16 @@ def test_concurrent_requests_are_batched_and_split_back_exactly(
         rows_in_calls, calls = batch_rows(metrics, version)
         # Every row of this version went through exactly one call of this version's model.
         assert rows_in_calls == sent, (version, rows_in_calls, sent)
+        # ... and its predicted label was counted once, whatever call it shared.
+        labels = [
+            str(label)
+            for batch in rounds
+            for v, first, count, _ in batch
+            if v == version
+            for label in expected[version]["label"][first : first + count]
+        ]
+        counted = {label: float(labels.count(label)) for label in set(labels)}
+        assert predicted_labels(metrics, version) == counted
     rows_in_calls, calls = batch_rows(metrics, 1)
     requests = sum(1 for batch in rounds for plan in batch if plan[0] == 1)
     if batching:

@@ -29,6 +29,7 @@ from service.runtimes import RuntimeOptions
 
 CONCURRENCY = (1, 16, 64)
 BULK_ROWS = (1_000, 10_000)
+RAW_SECONDS = 1.0
 Record = dict[str, Any]
 
 
@@ -42,29 +43,31 @@ def pinned(cores: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, previous)
 
 
-def measure_raw_calls(repository: Path) -> list[Record]:
+def measure_raw_calls(repository: Path, artifact: Artifact, rep: int) -> list[Record]:
     """Raw calls on the server's core; ONNX also with two intra-op threads on both cores."""
     records: list[Record] = []
-    for artifact in ARTIFACTS:
-        for rows in (1, *BULK_ROWS):
-            with pinned({0}):
-                rates = measure_raw(repository, artifact, rows, RuntimeOptions())
-            records.append({"kind": "raw", "artifact": artifact.label, "rows": rows, **rates})
-            if artifact.format != "onnx":
-                continue
-            for threads in (1, 2):
-                with pinned({0, 1}):
-                    options = RuntimeOptions(onnx_intra_op_threads=threads)
-                    rate = measure_raw(repository, artifact, rows, options)["runtime"]
-                records.append(
-                    {
-                        "kind": "onnx_threads",
-                        "artifact": artifact.label,
-                        "rows": rows,
-                        "threads": threads,
-                        "rows_per_s": rate,
-                    }
-                )
+    for rows in (1, *BULK_ROWS):
+        with pinned({0}):
+            rates = measure_raw(repository, artifact, rows, RuntimeOptions(), RAW_SECONDS)
+        records.append(
+            {"kind": "raw", "rep": rep, "artifact": artifact.label, "rows": rows, **rates}
+        )
+        if artifact.format != "onnx":
+            continue
+        for threads in (1, 2):
+            with pinned({0, 1}):
+                options = RuntimeOptions(onnx_intra_op_threads=threads)
+                rate = measure_raw(repository, artifact, rows, options, RAW_SECONDS)["runtime"]
+            records.append(
+                {
+                    "kind": "onnx_threads",
+                    "rep": rep,
+                    "artifact": artifact.label,
+                    "rows": rows,
+                    "threads": threads,
+                    "rows_per_s": rate,
+                }
+            )
     return records
 
 
@@ -107,9 +110,49 @@ def _headers(content_type: str, header_length: int | None) -> dict[str, str]:
     return headers
 
 
-def _first_label(repository: Path, artifact: Artifact, rows: int) -> str:
+def _first_label(repository: Path, artifact: Artifact) -> str:
     runtime = load_runtime(repository, artifact, RuntimeOptions())
     return str(runtime.predict({"input": make_features(artifact.model, 1)})["label"][0])
+
+
+def _single_rows(
+    server: Server, artifact: Artifact, label: str, rep: int, seconds: float
+) -> Iterator[Record]:
+    request = build_request(server.kind, artifact, make_features(artifact.model, 1), label, "json")
+    for connections in CONCURRENCY:
+        load = run_wrk(server, request, connections, seconds)
+        yield {
+            "kind": "single",
+            "rep": rep,
+            "artifact": artifact.label,
+            "server": server.name,
+            "concurrency": connections,
+            "rate": load.rate,
+            "p50_ms": load.p50_ms,
+            "p99_ms": load.p99_ms,
+            "cpu_us": load.cpu_us_per_request,
+        }
+
+
+def _large_requests(
+    server: Server, artifact: Artifact, label: str, rep: int, seconds: float
+) -> Iterator[Record]:
+    encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
+    for rows in BULK_ROWS:
+        data = make_features(artifact.model, rows)
+        for encoding in encodings:
+            request = build_request(server.kind, artifact, data, label, encoding)
+            load = run_wrk(server, request, 1, seconds)
+            yield {
+                "kind": "bulk",
+                "rep": rep,
+                "artifact": artifact.label,
+                "server": server.name,
+                "rows": rows,
+                "encoding": encoding,
+                "rows_per_s": load.rate * rows,
+                "p50_ms": load.p50_ms,
+            }
 
 
 def measure_servers(
@@ -117,57 +160,21 @@ def measure_servers(
 ) -> list[Record]:
     """Every scenario on every server that serves it, interleaved, `repeat` times."""
     records: list[Record] = []
-    labels = {a: _first_label(repository, a, 1) for a in ARTIFACTS}
+    labels = {a: _first_label(repository, a) for a in ARTIFACTS}
     for rep in range(repeat):
+        # Each repetition starts with another server, so no server always runs first.
         order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
         for artifact in ARTIFACTS:
-            single = make_features(artifact.model, 1)
-            for connections in CONCURRENCY:
-                for server in order:
-                    if not server.serves(artifact):
-                        continue
-                    request = build_request(server.kind, artifact, single, labels[artifact], "json")
-                    load = run_wrk(server, request, connections, seconds)
-                    records.append(
-                        {
-                            "kind": "single",
-                            "rep": rep,
-                            "artifact": artifact.label,
-                            "server": server.name,
-                            "concurrency": connections,
-                            "rate": load.rate,
-                            "p50_ms": load.p50_ms,
-                            "p99_ms": load.p99_ms,
-                            "cpu_us": load.cpu_us_per_request,
-                        }
-                    )
-                    print(json.dumps(records[-1]), flush=True)
-            for rows in BULK_ROWS:
-                data = make_features(artifact.model, rows)
-                for server in order:
-                    if not server.serves(artifact) or "no batching" in server.name:
-                        continue
-                    if "adaptive" in server.name:
-                        continue  # one request fills a batch: the same as MLServer without it
-                    encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
-                    for encoding in encodings:
-                        request = build_request(
-                            server.kind, artifact, data, labels[artifact], encoding
-                        )
-                        load = run_wrk(server, request, 1, seconds)
-                        records.append(
-                            {
-                                "kind": "bulk",
-                                "rep": rep,
-                                "artifact": artifact.label,
-                                "server": server.name,
-                                "rows": rows,
-                                "encoding": encoding,
-                                "rows_per_s": load.rate * rows,
-                                "p50_ms": load.p50_ms,
-                            }
-                        )
-                        print(json.dumps(records[-1]), flush=True)
+            # The raw calls too, right before the servers, so they share the machine's noise.
+            records += measure_raw_calls(repository, artifact, rep)
+            for server in (s for s in order if s.serves(artifact)):
+                for record in _single_rows(server, artifact, labels[artifact], rep, seconds):
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+            for server in (s for s in order if s.serves(artifact) and s.large_requests):
+                for record in _large_requests(server, artifact, labels[artifact], rep, seconds):
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
     return records
 
 
@@ -176,7 +183,7 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
     records: list[Record] = []
     artifact = Artifact("iris", 2)
     data = make_features("iris", 1)
-    label = _first_label(repository, artifact, 1)
+    label = _first_label(repository, artifact)
     for rep in range(repeat):
         for workers in (1, 2):
             server = start_modelserve(
@@ -188,7 +195,16 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
                 load = run_wrk(server, request, 64, seconds, cores="0,1")
             finally:
                 server.stop()
-            records.append({"kind": "workers", "rep": rep, "workers": workers, "rate": load.rate})
+            busy = load.cpu_us_per_request * load.rate / 1e6
+            records.append(
+                {
+                    "kind": "workers",
+                    "rep": rep,
+                    "workers": workers,
+                    "rate": load.rate,
+                    "cores": busy,
+                }
+            )
             print(json.dumps(records[-1]), flush=True)
     return records
 
@@ -196,7 +212,7 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
 def start_servers(batched: Path, unbatched: Path, work: Path, peers: bool) -> list[Server]:
     starts: list[Callable[[], Server]] = [
         lambda: start_modelserve("modelserve", batched, work),
-        lambda: start_modelserve("modelserve (no batching)", unbatched, work),
+        lambda: start_modelserve("modelserve (no batching)", unbatched, work, large_requests=False),
     ]
     if peers:
         starts += [
@@ -229,7 +245,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     batched, unbatched = prepare_repository(work)
     started = time.time()
-    records = measure_raw_calls(batched)
+    records: list[Record] = []
     servers = start_servers(batched, unbatched, work, args.peers)
     try:
         with pinned({1}):

@@ -20,19 +20,24 @@ from service.runtimes import RuntimeOptions
 
 
 def summarise(collapsed: Path, top: int) -> str:
-    """Own and inclusive sample shares per function from py-spy's collapsed stacks."""
+    """Sample shares per thread, and own and inclusive shares per function, from py-spy."""
+    threads: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        thread, *calls = stack.split(";")
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1] for f in calls] or ["?"]
         samples = int(count)
         total += samples
+        threads[thread] += samples
         own[frames[-1]] += samples
         for frame in set(frames):
             inclusive[frame] += samples
-    lines = [f"{total} samples", "", "own time:"]
+    lines = [f"{total} samples", "", "threads:"]
+    lines += [f"{100 * n / total:5.1f}%  {t}" for t, n in threads.most_common()]
+    lines += ["", "own time:"]
     lines += [f"{100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
     lines += ["", "inclusive time:"]
     lines += [f"{100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
@@ -65,6 +70,7 @@ def main() -> None:
         run_wrk(server, request, args.connections, 1.0)  # warm up
         command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"]
         command += ["--pid", str(server.process.pid), "--rate", "500", "--nonblocking"]
+        command += ["--threads"]  # each stack starts with its thread, to split loop and model
         command += ["--duration", str(int(args.seconds)), "--output", str(collapsed)]
         command += ["--native"] if args.native else []
         sampler = threading.Thread(target=subprocess.run, args=(command,), kwargs={"check": True})

@@ -14,20 +14,21 @@ from service.repository import read_verified
 from service.runtimes import Runtime, RuntimeOptions, runtime_module
 
 
-def seconds_per_call(call: Callable[[], object], budget_s: float = 0.3, repeats: int = 5) -> float:
-    """The best of `repeats` timings, each averaging over about budget_s / repeats seconds."""
+def seconds_per_call(call: Callable[[], object], budget_s: float = 0.3) -> float:
+    """The mean time of one call over about budget_s seconds of calls.
+
+    A mean over a stretch of time, as wrk measures the servers: the best of a few short runs
+    would flatter the raw call on a machine that other work shares.
+    """
     call()  # warm caches and lazily built state
+    calls = 0
     started = time.perf_counter()
-    call()
-    once = max(time.perf_counter() - started, 1e-7)
-    number = max(1, int(budget_s / repeats / once))
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(number):
-            call()
-        best = min(best, (time.perf_counter() - started) / number)
-    return best
+    elapsed = 0.0
+    while elapsed < budget_s:
+        call()
+        calls += 1
+        elapsed = time.perf_counter() - started
+    return elapsed / calls
 
 
 def load_runtime(repository: Path, artifact: Artifact, options: RuntimeOptions) -> Runtime:
