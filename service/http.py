@@ -1,6 +1,6 @@
 """HTTP plumbing shared by every route: the error table, error bodies, and bounded body reads."""
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -70,19 +70,25 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             )
     chunks: list[bytes] = []
     size = 0
+    async for chunk in body_chunks(receive):
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The body's non-empty chunks as they arrive; a client that leaves is invalid input."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise errors.InvalidInput("the client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+            yield chunk
         if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return
 
 
 async def send_response(

@@ -20,7 +20,16 @@ from urllib.parse import parse_qs
 import orjson
 
 from service import errors
-from service.http import Receive, Scope, Send, error_body, error_headers, header, send_response
+from service.http import (
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    error_body,
+    error_headers,
+    header,
+    send_response,
+)
 from service.http import status_of as status_for
 from service.outbox import Outbox
 from service.protocols.files import (
@@ -84,18 +93,6 @@ def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
     return ScoreJob(model, input_format, output_format, on_error, int(rows_text))
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise errors.InvalidInput("the client disconnected before sending the whole body")
-        data = message.get("body", b"")
-        if data:
-            yield data
-        if not message.get("more_body", False):
-            return
-
-
 async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
     csv = job.input_format == "csv"
     lines = LineChunks(job.chunk_rows, header=csv)
@@ -111,7 +108,7 @@ async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
         as_text = job.output_format == "csv"
         return await asyncio.to_thread(decode_csv, block, columns, as_text)
 
-    async for data in _body(receive):
+    async for data in body_chunks(receive):
         for block in lines.feed(data):
             yield await decode(block)
     rest = lines.finish()
@@ -126,7 +123,7 @@ async def _parquet_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chun
     # Parquet's index is at the end of the file: the body goes to disk first, not to memory.
     with tempfile.TemporaryFile() as spool:
         pending: list[bytes] = []
-        async for data in _body(receive):
+        async for data in body_chunks(receive):
             pending.append(data)
             if sum(map(len, pending)) >= _SPOOL_BYTES:
                 await asyncio.to_thread(spool.write, b"".join(pending))
