@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.serving import free_port, wait_for
+from tests.serving import free_port, stop, wait_for
 
 SCRAPE_INTERVAL_S = 1.0
 
@@ -94,9 +93,4 @@ def run_prometheus(target: str, workdir: Path) -> Iterator[Prometheus]:
         sys.stderr.write(log.read_text(errors="replace"))
         raise
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=20)
