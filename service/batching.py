@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from service.errors import Overloaded, PredictionFailed
 from service.runtimes import Arrays
@@ -28,6 +29,8 @@ class Prediction:
     outputs: Arrays
     queue_seconds: float
     compute_seconds: float
+    # Each label's position among the model's classes, when the runtime gave it.
+    label_index: NDArray[np.intp] | None = None
 
 
 @dataclass

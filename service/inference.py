@@ -174,7 +174,11 @@ class _Request:
         tensors = v1.decode_predict_request(self.model, body)
         self.rows = _rows(tensors)
         prediction = await router.predict(self.model, tensors)
-        return 200, v1.encode_predict_response(self.model, prediction.outputs), _JSON
+        return (
+            200,
+            v1.encode_predict_response(self.model, prediction.outputs, prediction.label_index),
+            _JSON,
+        )
 
 
 async def _infer_v2(
@@ -192,7 +196,9 @@ async def _infer_v2(
         budget.reschedule(min(deadline, started + timeout_s))
     wanted = v2.select_outputs(model, call)
     prediction = await router.predict(model, call.tensors)
-    payload, json_length = v2.encode_infer_response(model, call, prediction.outputs, wanted)
+    payload, json_length = v2.encode_infer_response(
+        model, call, prediction.outputs, wanted, prediction.label_index
+    )
     if json_length is None:
         return 200, payload, _JSON
     return (

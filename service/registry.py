@@ -5,11 +5,13 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from service.labels import ClassLabels
 from service.metadata import ArtifactMetadata
 from service.repository import (
     Fingerprint,
@@ -54,6 +56,11 @@ class ModelVersion:
     @property
     def format(self) -> str:
         return self.runtime.format
+
+    @cached_property
+    def labels(self) -> ClassLabels | None:
+        classes = self.signature.classes
+        return ClassLabels(classes) if self.signature.task == "classification" and classes else None
 
     @property
     def batchable(self) -> bool:

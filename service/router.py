@@ -1,5 +1,6 @@
 """Routes a request to its model version and through that version's batcher."""
 
+import dataclasses
 import time
 import weakref
 from concurrent.futures import Executor
@@ -12,7 +13,7 @@ from service.batching import Batcher, Prediction, predict_unbatched
 from service.errors import Overloaded
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry
-from service.runtimes import Arrays
+from service.runtimes import LABEL_INDEX, Arrays
 from service.signature import conform
 
 
@@ -29,9 +30,9 @@ class _VersionObserver:
         self.queue = metrics.queue_duration.labels(*labels)
         self._predictions = metrics.predictions
         self._labels = labels
-        classes = model.signature.classes if model.signature.task == "classification" else None
+        self._known = model.labels
         # Sorted, as searchsorted needs; None when labels must be counted the slow way.
-        self._classes = np.sort(np.asarray(classes)) if classes else None
+        self._classes = np.sort(np.asarray(model.signature.classes)) if self._known else None
 
     def call_done(self, rows: int, seconds: float) -> None:
         self._batch_rows.observe(rows)
@@ -41,11 +42,15 @@ class _VersionObserver:
     def queue_changed(self, depth: int) -> None:
         self._depth.set(depth)
 
-    def count_labels(self, label: NDArray[Any]) -> None:
+    def count_labels(self, label: NDArray[Any], index: NDArray[np.intp] | None) -> None:
         if label.size == 1:
             self._predictions.labels(*self._labels, str(label.reshape(-1)[0])).inc()
             return
-        for value, count in _label_counts(label, self._classes):
+        if index is not None and self._known is not None:
+            counts = self._known.counts(index)
+        else:
+            counts = _label_counts(label, self._classes)
+        for value, count in counts:
             self._predictions.labels(*self._labels, str(value)).inc(count)
 
 
@@ -131,7 +136,11 @@ class Router:
             observer.call_done(rows, prediction.compute_seconds)
         observer.rows.inc(rows)
         observer.queue.observe(prediction.queue_seconds)
+        # Taken out here, so no encoder ever mistakes it for one of the model's outputs.
+        index = prediction.outputs.pop(LABEL_INDEX, None)
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
-            observer.count_labels(label)
+            observer.count_labels(label, index)
+        if index is not None and model.labels is not None:
+            prediction = dataclasses.replace(prediction, label_index=index)
         return prediction

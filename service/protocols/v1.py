@@ -2,11 +2,12 @@
 
 from typing import Any
 
+import numpy as np
 import orjson
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
-from service.protocols.v2 import json_array, loads
+from service.protocols.v2 import json_array, labels_by_class, loads
 from service.registry import ModelVersion
 from service.runtimes import Arrays
 from service.signature import array_from_values
@@ -55,11 +56,18 @@ def decode_predict_request(model: ModelVersion, body: bytes) -> dict[str, NDArra
     return {spec.name: array_from_values(rows, None, "instances")}
 
 
-def encode_predict_response(model: ModelVersion, outputs: Arrays) -> bytes:
+def encode_predict_response(
+    model: ModelVersion, outputs: Arrays, label_index: NDArray[np.intp] | None = None
+) -> bytes:
+    """The answer; `label_index` (each label's class position) lets labels go per class."""
     signature = model.signature
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if "label" in outputs:
-        response["predictions"] = json_array(outputs["label"])
+        by_class = labels_by_class(model, outputs["label"], label_index)
+        if by_class:
+            response["predictions"] = by_class[0].values(by_class[1])
+        else:
+            response["predictions"] = json_array(outputs["label"])
         if "probabilities" in outputs:
             response["probabilities"] = json_array(outputs["probabilities"])
             response["classes"] = signature.classes

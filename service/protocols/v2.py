@@ -9,6 +9,7 @@ import orjson
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
+from service.labels import ClassLabels
 from service.registry import ModelVersion
 from service.runtimes import Arrays
 from service.signature import array_from_values
@@ -260,10 +261,26 @@ def json_array(array: NDArray[Any]) -> Any:
     return np.ascontiguousarray(array)
 
 
+def labels_by_class(
+    model: ModelVersion, label: NDArray[Any], index: NDArray[np.intp] | None
+) -> tuple[ClassLabels, NDArray[np.intp]] | None:
+    """The model's classes and each label's position, when string labels go per class."""
+    if index is None or model.labels is None or label.dtype.kind not in "OUS":
+        return None
+    return model.labels, index
+
+
 def encode_infer_response(
-    model: ModelVersion, call: InferCall, outputs: Arrays, wanted: list[tuple[str, bool]]
+    model: ModelVersion,
+    call: InferCall,
+    outputs: Arrays,
+    wanted: list[tuple[str, bool]],
+    label_index: NDArray[np.intp] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it."""
+    """The response body, and the JSON header's length when binary outputs follow it.
+
+    `label_index` (each label's class position) lets string labels be encoded per class.
+    """
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, binary in wanted:
@@ -273,10 +290,13 @@ def encode_infer_response(
             "datatype": datatype_of(array.dtype),
             "shape": list(array.shape),
         }
+        by_class = labels_by_class(model, array, label_index) if name == "label" else None
         if binary:
-            raw = _binary(array)
+            raw = by_class[0].bytes_elements(by_class[1]) if by_class else _binary(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif by_class:
+            entry["data"] = by_class[0].values(by_class[1])
         else:
             entry["data"] = json_array(array.reshape(-1))
         tensors.append(entry)

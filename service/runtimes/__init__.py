@@ -12,6 +12,11 @@ from service.tensors import TensorSpec
 
 Arrays = dict[str, NDArray[Any]]
 
+# An output a classifier's runtime may add beside "label": each row's position in
+# signature.classes. The router takes it out before any answer is encoded; with it, labels
+# are counted and encoded per class instead of string by string.
+LABEL_INDEX = "label index"
+
 
 @dataclass(frozen=True)
 class Signature:

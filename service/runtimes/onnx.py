@@ -1,15 +1,24 @@
 """ONNX models through onnxruntime: scikit-learn exports and general graphs."""
 
 import platform
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
 from service.metadata import ArtifactMetadata
-from service.runtimes import Arrays, Runtime, RuntimeOptions, Signature, signature_of
+from service.runtimes import (
+    LABEL_INDEX,
+    Arrays,
+    Runtime,
+    RuntimeOptions,
+    Signature,
+    signature_of,
+)
 from service.tensors import TensorSpec
 
 _ONNX_TYPES = {
@@ -105,6 +114,12 @@ class OnnxRuntime:
         self._outputs = [
             (spec.name, len(spec.shape), spec.datatype == "BYTES") for spec in signature.outputs
         ]
+        classes = signature.classes if signature.task == "classification" else None
+        # String class labels are looked up once per row, giving each label's class position.
+        self._positions: dict[Any, int] | None = None
+        if classes and all(isinstance(c, str) for c in classes):
+            self._positions = {c: i for i, c in enumerate(classes)}
+            self._classes = np.asarray(classes, dtype=np.str_)
 
     def predict(self, inputs: Arrays) -> Arrays:
         feed = {graph: inputs[name] for graph, name in self._inputs}
@@ -118,9 +133,22 @@ class OnnxRuntime:
             if strings and array.dtype == object:
                 # onnxruntime returns str objects; a fixed-width str array, as scikit-learn
                 # gives, is counted and encoded with array operations instead of Python loops.
-                array = array.astype(np.str_)
+                index = self._class_index(array) if name == "label" else None
+                if index is not None:
+                    arrays[LABEL_INDEX] = index
+                    array = self._classes.take(index)
+                else:
+                    array = array.astype(np.str_)
             arrays[name] = array
         return arrays
+
+    def _class_index(self, label: NDArray[np.object_]) -> NDArray[np.intp] | None:
+        """Each label's position among the classes; None if one is not a known class."""
+        if self._positions is None or label.ndim != 1:
+            return None
+        found = map(self._positions.get, label.tolist(), repeat(-1))
+        index = np.fromiter(found, dtype=np.intp, count=len(label))
+        return index if len(index) == 0 or index.min() >= 0 else None
 
 
 def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:

@@ -13,7 +13,8 @@ from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
 from service.metadata import ArtifactMetadata
-from service.runtimes import Arrays, Runtime, RuntimeOptions, Signature, signature_of
+from service.runtimes import LABEL_INDEX, Arrays, Runtime, RuntimeOptions, Signature, signature_of
+from service.runtimes.forest import tree_loop
 from service.tensors import TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
@@ -113,21 +114,35 @@ class SklearnRuntime:
             self._want_proba and type(_final_step(estimator)).__name__ in _LABEL_FROM_PROBA
         )
         self._classes: NDArray[Any] = np.asarray(getattr(estimator, "classes_", []))
+        # Label positions are only meaningful in the order the signature lists the classes.
+        self._index_labels = self._label_from_proba and self._classes.tolist() == (
+            signature.classes or []
+        )
         self._regression = signature.task == "regression"
+        self._predict = tree_loop(estimator, "predict") or estimator.predict
+        self._predict_proba = (
+            (tree_loop(estimator, "predict_proba") or estimator.predict_proba)
+            if self._want_proba
+            else None
+        )
 
     def predict(self, inputs: Arrays) -> Arrays:
         features = inputs[self._input]
         if self._regression:
-            values = np.asarray(self._estimator.predict(features))
+            values = np.asarray(self._predict(features))
             return {"prediction": values.reshape(len(features), -1)[:, 0].astype(np.float32)}
-        if not self._want_proba:
-            return {"label": np.asarray(self._estimator.predict(features))}
-        proba = np.asarray(self._estimator.predict_proba(features), dtype=np.float32)
-        if self._label_from_proba:
-            label = self._classes.take(proba.argmax(axis=1))
-        else:
-            label = np.asarray(self._estimator.predict(features))
-        return {"label": label, "probabilities": proba}
+        if self._predict_proba is None:
+            return {"label": np.asarray(self._predict(features))}
+        exact = np.asarray(self._predict_proba(features))
+        proba = exact.astype(np.float32)
+        if not self._label_from_proba:
+            return {"label": np.asarray(self._predict(features)), "probabilities": proba}
+        # From the unrounded values, as predict() does: FP32 rounding can tie close classes.
+        index = exact.argmax(axis=1)
+        outputs = {"label": self._classes.take(index), "probabilities": proba}
+        if self._index_labels:
+            outputs[LABEL_INDEX] = index
+        return outputs
 
 
 def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:

@@ -1,0 +1,106 @@
+"""Forests evaluated tree by tree give the forest's own answers."""
+
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from sklearn.datasets import load_breast_cancer, load_diabetes
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from service.runtimes import LABEL_INDEX
+from service.runtimes.forest import tree_loop
+from service.runtimes.sklearn import SklearnRuntime, describe_estimator
+
+
+def _cancer() -> tuple[NDArray[np.float32], NDArray[Any]]:
+    data = load_breast_cancer()
+    names = np.array(["malignant", "benign"])
+    return data.data.astype(np.float32), names[data.target]
+
+
+def _rows(x: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Rows the forest has not seen: training rows with noise, as a contiguous block."""
+    noise = np.random.default_rng(1).normal(scale=0.05, size=x.shape).astype(np.float32)
+    return x * (1 + noise)
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        RandomForestClassifier(n_estimators=25, random_state=0),
+        ExtraTreesClassifier(n_estimators=25, random_state=0),
+        make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=25, random_state=0)),
+    ],
+    ids=["random-forest", "extra-trees", "pipeline"],
+)
+def test_classifier_runtime_gives_the_forests_own_answers(estimator: Any) -> None:
+    x, y = _cancer()
+    estimator.fit(x, y)
+    assert tree_loop(estimator, "predict_proba") is not None
+    runtime = SklearnRuntime(estimator, describe_estimator(estimator))
+    rows = _rows(x)
+    outputs = runtime.predict({"input": rows})
+    expected = estimator.predict_proba(rows)
+    assert np.array_equal(outputs["probabilities"], expected.astype(np.float32))
+    assert outputs["label"].tolist() == estimator.predict(rows).tolist()
+    assert np.array_equal(
+        runtime.predict({"input": rows[:1]})["probabilities"][0], outputs["probabilities"][0]
+    )
+    classes = np.asarray(runtime.signature.classes)
+    assert classes[outputs[LABEL_INDEX]].tolist() == outputs["label"].tolist()
+
+
+def test_regressor_loop_is_exact() -> None:
+    data = load_diabetes()
+    x = data.data.astype(np.float32)
+    forest = RandomForestRegressor(n_estimators=25, random_state=0).fit(x, data.target)
+    loop = tree_loop(forest, "predict")
+    assert loop is not None
+    rows = _rows(x)
+    assert np.array_equal(loop(rows), forest.predict(rows))
+    runtime = SklearnRuntime(forest, describe_estimator(forest))
+    predicted = runtime.predict({"input": rows})["prediction"]
+    assert np.array_equal(predicted, forest.predict(rows).astype(np.float32))
+
+
+def test_parallel_forests_agree_within_summation_order() -> None:
+    x, y = _cancer()
+    forest = RandomForestClassifier(n_estimators=40, n_jobs=2, random_state=0).fit(x, y)
+    loop = tree_loop(forest, "predict_proba")
+    assert loop is not None
+    rows = _rows(x)
+    np.testing.assert_allclose(loop(rows), forest.predict_proba(rows), rtol=0, atol=1e-12)
+
+
+class _Calibrated(RandomForestClassifier):  # type: ignore[misc]  # untyped base
+    """A subclass may change what predict_proba means; the loop must not stand in for it."""
+
+    def predict_proba(self, X: Any) -> Any:
+        return np.sqrt(super().predict_proba(X))
+
+
+def test_loop_is_not_used_where_it_would_differ() -> None:
+    x, y = _cancer()
+    assert tree_loop(_Calibrated(n_estimators=5, random_state=0).fit(x, y), "predict_proba") is None
+    two_outputs = np.stack([load_diabetes().target[:100]] * 2, axis=1)
+    multi = RandomForestRegressor(n_estimators=5, random_state=0).fit(x[:100], two_outputs)
+    assert tree_loop(multi, "predict") is None
+    classifier = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    assert tree_loop(classifier, "predict") is None  # labels come from the probabilities
+    runtime = SklearnRuntime(
+        _Calibrated(n_estimators=5, random_state=0).fit(x, y), describe_estimator(classifier)
+    )
+    rows = _rows(x)
+    assert np.array_equal(
+        runtime.predict({"input": rows})["probabilities"],
+        np.sqrt(
+            RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y).predict_proba(rows)
+        ).astype(np.float32),
+    )

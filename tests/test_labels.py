@@ -1,0 +1,74 @@
+"""Labels encoded and counted by class position match the string-by-string path exactly."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from service.protocols import v1, v2
+from service.registry import LoadOptions, ModelVersion, load_registry
+from service.runtimes import LABEL_INDEX
+from service.runtimes.sklearn import SklearnRuntime, describe_estimator
+
+
+def _version(classes: list[Any]) -> ModelVersion:
+    data = load_iris()
+    estimator = LogisticRegression(max_iter=500).fit(data.data, np.array(classes)[data.target])
+    runtime = SklearnRuntime(estimator, describe_estimator(estimator))
+    return ModelVersion("custom", 1, runtime, Path("custom.joblib"), None, "", 0.0, 256, 0.0)
+
+
+@pytest.fixture(scope="module")
+def versions(trained_repository: Path) -> dict[str, ModelVersion]:
+    registry = load_registry(trained_repository, LoadOptions())
+    return {
+        "iris-joblib": registry.resolve("iris", "1"),
+        "iris-onnx": registry.resolve("iris", "2"),
+        "non-ascii": _version(["sétosa", "versicolor", "virgínica ✓"]),
+        "integers": _version([10, 20, 30]),
+    }
+
+
+@pytest.mark.parametrize("key", ["iris-joblib", "iris-onnx", "non-ascii", "integers"])
+def test_by_class_and_by_string_answers_are_identical(
+    versions: dict[str, ModelVersion], key: str
+) -> None:
+    model = versions[key]
+    rows = np.random.default_rng(0).normal(loc=4, scale=2, size=(500, 4)).astype(np.float32)
+    outputs = model.runtime.predict({"input": rows})
+    index = outputs.pop(LABEL_INDEX)
+    assert model.labels is not None
+    assert len(set(index.tolist())) > 1  # the rows reach more than one class
+    assert np.asarray(model.signature.classes)[index].tolist() == outputs["label"].tolist()
+
+    call = v2.InferCall({"input": rows}, id="r")
+    for binary in (True, False):
+        wanted = [("label", binary), ("probabilities", binary)]
+        by_string = v2.encode_infer_response(model, call, outputs, wanted)
+        assert v2.encode_infer_response(model, call, outputs, wanted, index) == by_string
+    assert v1.encode_predict_response(model, outputs, index) == v1.encode_predict_response(
+        model, outputs
+    )
+    values, counts = np.unique(outputs["label"], return_counts=True)
+    expected = [(str(v), c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)]
+    assert sorted(model.labels.counts(index)) == sorted(expected)
+
+
+def test_non_ascii_labels_are_utf8_in_binary(versions: dict[str, ModelVersion]) -> None:
+    model = versions["non-ascii"]
+    assert model.labels is not None
+    raw = model.labels.bytes_elements(np.array([2, 0]))
+    encoded = "virgínica ✓".encode()
+    assert raw[:4] == len(encoded).to_bytes(4, "little")
+    assert raw[4 : 4 + len(encoded)] == encoded
+    assert raw[4 + len(encoded) :] == b"\x07\x00\x00\x00" + "sétosa".encode()
+
+
+def test_json_labels_keep_their_type(versions: dict[str, ModelVersion]) -> None:
+    model = versions["integers"]
+    assert model.labels is not None
+    assert orjson.dumps(model.labels.values(np.array([0, 2]))) == b"[10,30]"
