@@ -1,4 +1,4 @@
-"""create_app(settings) -> FastAPI: the one composition root of the HTTP service."""
+"""create_app(settings) -> the ASGI application: the one composition root of the HTTP service."""
 
 import asyncio
 import gc
@@ -63,7 +63,8 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> InferenceMiddleware:
+    """The FastAPI application behind the inference fast path (its `.app`)."""
     registry = CollectorRegistry()
     metrics = create_metrics(registry)
     directory = multiprocess_directory()
@@ -122,15 +123,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes)
     # Added first, so it sits inside the fast path: it guards the routes FastAPI serves.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    # The fast path is outermost; what it does not serve goes through the access log.
+    # What the fast path does not serve goes through the access log.
     app.add_middleware(AccessLogMiddleware)
-    app.add_middleware(InferenceMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     _serve_docs_offline(app)
     add_inference_paths(app)
-    return app
+    return InferenceMiddleware(app)
 
 
 def _serve_docs_offline(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any
 
+from fastapi import FastAPI
 from numpy.typing import NDArray
 
 from service import access, errors
@@ -57,7 +58,14 @@ def _check_content_type(scope: Scope) -> None:
 
 
 class InferenceMiddleware:
-    def __init__(self, app: Any) -> None:
+    """Wraps the FastAPI application, whose lifespan puts the ServiceState on app.state.
+
+    Outside the framework's own middleware (error pages, telemetry, body limits), which
+    would add their work and a send wrapper each to every inference request; this path
+    has its own error boundary and body limit.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,7 +73,7 @@ class InferenceMiddleware:
             await self.app(scope, receive, send)
             return
         match = _ROUTE.fullmatch(scope["path"])
-        state: ServiceState | None = getattr(scope["app"].state, "service", None)
+        state: ServiceState | None = getattr(self.app.state, "service", None)
         if match is None or state is None:
             await self.app(scope, receive, send)
             return
