@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 
 from bench.online.raw import load_runtime, measure_raw
-from bench.online.report import write_report
+from bench.online.report import OURS, OURS_UNBATCHED, write_report
 from bench.online.servers import (
     ROOT,
     Server,
@@ -134,6 +135,31 @@ def _single_rows(
         }
 
 
+def _batching_pair(
+    on: Server, off: Server, artifact: Artifact, label: str, rep: int, seconds: float
+) -> Record:
+    """c=1 p50 with batching on and off, back to back in the order on, off, off, on.
+
+    The single-row runs of the two servers lie seconds apart, and at c=1 a p50 of a few
+    hundred microseconds drifts by tens of percent over that time on a shared machine;
+    paired and mirrored, a drift falls on both sides alike.
+    """
+    request = build_request("modelserve", artifact, make_features(artifact.model, 1), label, "json")
+    p50: dict[str, list[float]] = {on.name: [], off.name: []}
+    half = max(1.0, float(round(seconds / 2)))  # wrk takes whole seconds
+    for server in (on, off, off, on):
+        p50[server.name].append(run_wrk(server, request, 1, half).p50_ms)
+    on_ms, off_ms = statistics.mean(p50[on.name]), statistics.mean(p50[off.name])
+    return {
+        "kind": "batching_pair",
+        "rep": rep,
+        "artifact": artifact.label,
+        "on_p50_ms": on_ms,
+        "off_p50_ms": off_ms,
+        "ratio": on_ms / off_ms,
+    }
+
+
 def _large_requests(
     server: Server, artifact: Artifact, label: str, rep: int, seconds: float
 ) -> Iterator[Record]:
@@ -171,6 +197,11 @@ def measure_servers(
                 for record in _single_rows(server, artifact, labels[artifact], rep, seconds):
                     records.append(record)
                     print(json.dumps(record), flush=True)
+            named = {s.name: s for s in servers}
+            if artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
+                on, off = named[OURS], named[OURS_UNBATCHED]
+                records.append(_batching_pair(on, off, artifact, labels[artifact], rep, seconds))
+                print(json.dumps(records[-1]), flush=True)
             for server in (s for s in order if s.serves(artifact) and s.large_requests):
                 for record in _large_requests(server, artifact, labels[artifact], rep, seconds):
                     records.append(record)
@@ -211,8 +242,8 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
 
 def start_servers(batched: Path, unbatched: Path, work: Path, peers: bool) -> list[Server]:
     starts: list[Callable[[], Server]] = [
-        lambda: start_modelserve("modelserve", batched, work),
-        lambda: start_modelserve("modelserve (no batching)", unbatched, work, large_requests=False),
+        lambda: start_modelserve(OURS, batched, work),
+        lambda: start_modelserve(OURS_UNBATCHED, unbatched, work, large_requests=False),
     ]
     if peers:
         starts += [
