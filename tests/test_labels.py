@@ -9,6 +9,7 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+from service.labels import ClassLabels
 from service.protocols import v1, v2
 from service.registry import LoadOptions, ModelVersion, load_registry
 from service.runtimes import LABEL_INDEX
@@ -72,3 +73,15 @@ def test_json_labels_keep_their_type(versions: dict[str, ModelVersion]) -> None:
     model = versions["integers"]
     assert model.labels is not None
     assert orjson.dumps(model.labels.values(np.array([0, 2]))) == b"[10,30]"
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 40])
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 1000])
+def test_binary_labels_in_runs_match_label_by_label(n_classes: int, rows: int) -> None:
+    classes = [f"class-{i}" * (1 + i % 3) for i in range(n_classes)]
+    labels = ClassLabels(classes)
+    index = np.random.default_rng(rows).integers(0, n_classes, rows)
+    one_by_one = b"".join(
+        len(classes[i]).to_bytes(4, "little") + classes[i].encode() for i in index.tolist()
+    )
+    assert labels.bytes_elements(index) == one_by_one

@@ -135,21 +135,18 @@ def _single_rows(
         }
 
 
-def _batching_pair(
-    on: Server, off: Server, artifact: Artifact, label: str, rep: int, seconds: float
-) -> Record:
-    """c=1 p50 with batching on and off, back to back in the order on, off, off, on.
+def _batching_pair(on: Server, off: Server, artifact: Artifact, label: str, rep: int) -> Record:
+    """c=1 p50 with batching on and off: the medians of six 1 s runs each, on, off, off, on, ...
 
-    The single-row runs of the two servers lie seconds apart, and at c=1 a p50 of a few
-    hundred microseconds drifts by tens of percent over that time on a shared machine;
-    paired and mirrored, a drift falls on both sides alike.
+    The single-row runs of the two servers lie seconds apart, and at c=1 a p50 of well under
+    a millisecond drifts by tens of percent over such gaps on a shared machine; in short
+    mirrored runs a drift falls on both sides alike, and a median drops an odd slow second.
     """
     request = build_request("modelserve", artifact, make_features(artifact.model, 1), label, "json")
     p50: dict[str, list[float]] = {on.name: [], off.name: []}
-    half = max(1.0, float(round(seconds / 2)))  # wrk takes whole seconds
-    for server in (on, off, off, on):
-        p50[server.name].append(run_wrk(server, request, 1, half).p50_ms)
-    on_ms, off_ms = statistics.mean(p50[on.name]), statistics.mean(p50[off.name])
+    for server in (on, off, off, on) * 3:
+        p50[server.name].append(run_wrk(server, request, 1, 1.0).p50_ms)
+    on_ms, off_ms = statistics.median(p50[on.name]), statistics.median(p50[off.name])
     return {
         "kind": "batching_pair",
         "rep": rep,
@@ -200,7 +197,7 @@ def measure_servers(
             named = {s.name: s for s in servers}
             if artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
                 on, off = named[OURS], named[OURS_UNBATCHED]
-                records.append(_batching_pair(on, off, artifact, labels[artifact], rep, seconds))
+                records.append(_batching_pair(on, off, artifact, labels[artifact], rep))
                 print(json.dumps(records[-1]), flush=True)
             for server in (s for s in order if s.serves(artifact) and s.large_requests):
                 for record in _large_requests(server, artifact, labels[artifact], rep, seconds):

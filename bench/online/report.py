@@ -301,7 +301,8 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "response is checked for its status and its label. Server CPU is the user + system "
         "time of the server's processes per request. MLServer and the tutorial server serve "
         "the joblib versions only, so ONNX rows compare with their joblib numbers. The "
-        "batching on / off targets come from paired c=1 runs (on, off, off, on, back to back).",
+        "batching on / off targets come from paired c=1 runs: six 1 s runs each, in the order "
+        "on, off, off, on, ..., medians.",
         "",
         "## Targets",
         "",
