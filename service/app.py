@@ -121,7 +121,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         title="modelserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.include_router(routes)
-    # Added first, so it sits inside the fast path: it guards the routes FastAPI serves.
+    # Guards the routes FastAPI serves; the fast path in front has its own limit.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     # What the fast path does not serve goes through the access log.
     app.add_middleware(AccessLogMiddleware)

@@ -37,6 +37,10 @@ class InvalidInput(ServiceError):
     pass
 
 
+class MethodNotAllowed(ServiceError):
+    pass
+
+
 class UnsupportedMediaType(ServiceError):
     pass
 

@@ -18,6 +18,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
+    errors.MethodNotAllowed: 405,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.PredictionFailed: 500,
@@ -48,6 +49,8 @@ def error_headers(exc: errors.ServiceError) -> list[tuple[bytes, bytes]]:
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     if isinstance(exc, errors.Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(exc, errors.MethodNotAllowed):
+        headers.append((b"allow", b"POST"))
     return headers
 
 

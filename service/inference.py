@@ -69,13 +69,17 @@ class InferenceMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         match = _ROUTE.fullmatch(scope["path"])
         state: ServiceState | None = getattr(self.app.state, "service", None)
         if match is None or state is None:
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            wrong = errors.MethodNotAllowed(f"{scope['method']} is not allowed here; send POST")
+            await send_response(send, 405, error_body(wrong), error_headers(wrong))
             return
         if match["scorename"] is not None:
             # Streamed: the body may be far larger than any whole-body limit.

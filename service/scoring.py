@@ -18,7 +18,7 @@ from service.errors import InvalidInput, ModelNotFound
 from service.protocols.files import Chunk
 from service.registry import ModelVersion, load_version, smoke_inputs
 from service.repository import parse_version, scan_model
-from service.runtimes import Arrays
+from service.runtimes import LABEL_INDEX, Arrays
 from service.state import load_options
 from service.tabular import (
     check_columns,
@@ -85,6 +85,7 @@ def predict_rows(model: ModelVersion, chunk: Chunk, first_row: int, on_error: st
         outputs = model.runtime.predict({name: features.matrix})
     else:
         outputs = empty_outputs(model, model.runtime.predict(smoke_inputs(model.signature)))
+    outputs.pop(LABEL_INDEX, None)  # the columns come from the labels themselves
     return scored_table(model, chunk.table, features, outputs, first_row, on_error)
 
 

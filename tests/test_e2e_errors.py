@@ -94,5 +94,23 @@ def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
     assert missing.status_code == 404
     assert "error" in missing.json()
     wrong_method = client.get("/v2/models/iris/infer")
-    assert wrong_method.status_code in (404, 405)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"
     assert "error" in wrong_method.json()
+
+
+def test_what_the_fast_path_passes_on_is_served_by_the_framework(client: httpx.Client) -> None:
+    """The inference path wraps the FastAPI app: everything but inference POSTs reaches it."""
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+    paths = client.get("/openapi.json").json()["paths"]
+    assert any(p.endswith("/infer") for p in paths)
+    for method in ("HEAD", "OPTIONS", "PUT"):
+        for path in ("/v2/models/iris/infer", "/v1/models/iris:predict", "/v1/models/iris:score"):
+            response = client.request(method, path)
+            assert response.status_code == 405, (method, path)
+            assert response.headers["allow"] == "POST"
+            if method != "HEAD":
+                assert "error" in response.json()
+    assert client.get("/v2/health/ready").status_code == 200

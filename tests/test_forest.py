@@ -104,3 +104,27 @@ def test_loop_is_not_used_where_it_would_differ() -> None:
             RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y).predict_proba(rows)
         ).astype(np.float32),
     )
+
+
+def test_infinity_is_refused_as_the_forest_refuses_it() -> None:
+    x, y = _cancer()
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    loop = tree_loop(forest, "predict_proba")
+    assert loop is not None
+    rows = _rows(x[:3]).astype(np.float64)
+    rows[1, 2] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        forest.predict_proba(rows)
+    with pytest.raises(ValueError, match="infinity"):
+        loop(rows)
+    rows[1, 2] = 1e39  # finite in float64, infinite once cast to the trees' float32
+    with pytest.raises(ValueError, match="infinity"):
+        loop(rows)
+
+
+def test_one_step_pipeline_uses_the_loop() -> None:
+    x, y = _cancer()
+    pipeline = make_pipeline(RandomForestClassifier(n_estimators=5, random_state=0)).fit(x, y)
+    loop = tree_loop(pipeline, "predict_proba")
+    assert loop is not None
+    assert np.array_equal(loop(_rows(x)), pipeline.predict_proba(_rows(x)))

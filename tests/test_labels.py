@@ -12,7 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from service.labels import ClassLabels
 from service.protocols import v1, v2
 from service.registry import LoadOptions, ModelVersion, load_registry
-from service.runtimes import LABEL_INDEX
+from service.repository import read_verified
+from service.runtimes import LABEL_INDEX, RuntimeOptions
+from service.runtimes import onnx as onnx_runtime
 from service.runtimes.sklearn import SklearnRuntime, describe_estimator
 
 
@@ -54,6 +56,10 @@ def test_by_class_and_by_string_answers_are_identical(
     assert v1.encode_predict_response(model, outputs, index) == v1.encode_predict_response(
         model, outputs
     )
+    if key == "integers":  # integer labels stay an INT64 tensor, encoded as numbers
+        header = orjson.loads(v2.encode_infer_response(model, call, outputs, wanted, index)[0])
+        assert header["outputs"][0]["datatype"] == "INT64"
+        assert set(header["outputs"][0]["data"]) <= {10, 20, 30}
     values, counts = np.unique(outputs["label"], return_counts=True)
     expected = [(str(v), c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)]
     assert sorted(model.labels.counts(index)) == sorted(expected)
@@ -85,3 +91,15 @@ def test_binary_labels_in_runs_match_label_by_label(n_classes: int, rows: int) -
         len(classes[i]).to_bytes(4, "little") + classes[i].encode() for i in index.tolist()
     )
     assert labels.bytes_elements(index) == one_by_one
+
+
+def test_onnx_labels_outside_the_listed_classes_keep_their_values(trained_repository: Path) -> None:
+    """Metadata that lists other classes than the graph gives: no positions, labels as given."""
+    verified = read_verified(trained_repository / "iris" / "2", False)
+    assert verified.metadata is not None
+    other = verified.metadata.model_copy(update={"classes": ["a", "b", "c"]})
+    runtime = onnx_runtime.load(verified.data, other, RuntimeOptions())
+    rows = np.random.default_rng(0).normal(loc=4, scale=2, size=(50, 4)).astype(np.float32)
+    outputs = runtime.predict({"input": rows})
+    assert LABEL_INDEX not in outputs
+    assert set(outputs["label"].tolist()) <= {"setosa", "versicolor", "virginica"}

@@ -40,7 +40,11 @@ class _TreeAverage:
 
     def __call__(self, features: NDArray[Any]) -> NDArray[np.float64]:
         # Trees skip input checks (check_input=False) only on C-ordered float32.
-        rows = np.ascontiguousarray(features, dtype=np.float32)
+        with np.errstate(over="ignore"):  # overflow to infinity is refused just below
+            rows = np.ascontiguousarray(features, dtype=np.float32)
+        # The forest's own check lets NaN through (trees route it) but refuses infinity.
+        if np.isinf(rows).any():
+            raise ValueError("Input X contains infinity or a value too large for float32")
         shape = (len(rows),) if self._width is None else (len(rows), self._width)
         total = np.zeros(shape, dtype=np.float64)
         for call in self._calls:
@@ -57,6 +61,8 @@ def tree_loop(estimator: Any, method: str) -> Call | None:
     """
     steps = getattr(estimator, "steps", None)
     final = steps[-1][1] if steps else estimator
+    if steps and len(steps) == 1:
+        steps = None  # a one-step Pipeline transforms nothing first
     if getattr(final, "n_outputs_", None) != 1 or not hasattr(final, "estimators_"):
         return None
     if type(final) in _CLASSIFIERS and method == "predict_proba":

@@ -114,9 +114,13 @@ class SklearnRuntime:
             self._want_proba and type(_final_step(estimator)).__name__ in _LABEL_FROM_PROBA
         )
         self._classes: NDArray[Any] = np.asarray(getattr(estimator, "classes_", []))
-        # Label positions are only meaningful in the order the signature lists the classes.
-        self._index_labels = self._label_from_proba and self._classes.tolist() == (
-            signature.classes or []
+        # Label positions are only meaningful in the order the signature lists the classes,
+        # and with the same types (0 == 0.0 == False, but their labels differ).
+        classes, listed = self._classes.tolist(), signature.classes or []
+        self._index_labels = (
+            self._label_from_proba
+            and classes == listed
+            and [type(c) for c in classes] == [type(c) for c in listed]
         )
         self._regression = signature.task == "regression"
         self._predict = tree_loop(estimator, "predict") or estimator.predict
