@@ -15,9 +15,9 @@ import joblib
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 
+from tests.scrape import Series, scrape, total
 from tests.serving import run_server
 
 ROWS = load_breast_cancer().data.astype(np.float32)
@@ -82,35 +82,26 @@ async def run_rounds(url: str, rounds: list[list[Plan]]) -> list[list[dict[str, 
         return [await asyncio.gather(*(infer(client, plan) for plan in batch)) for batch in rounds]
 
 
-def predicted_labels(metrics_text: str, version: int) -> dict[str, float]:
+def predicted_labels(samples: dict[Series, float], version: int) -> dict[str, float]:
     """modelserve_predictions_total per label for one breast_cancer version."""
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != "modelserve_predictions":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name == "modelserve_predictions_total"
-                and labels.get("model") == "breast_cancer"
-                and labels.get("version") == str(version)
-            ):
-                counts[labels["label"]] = sample.value
+    for (name, labels), value in samples.items():
+        found = dict(labels)
+        if (
+            name == "modelserve_predictions_total"
+            and found.get("model") == "breast_cancer"
+            and found.get("version") == str(version)
+        ):
+            counts[found["label"]] = value
     return counts
 
 
-def batch_rows(metrics_text: str, version: int) -> tuple[float, float]:
+def batch_rows(samples: dict[Series, float], version: int) -> tuple[float, float]:
     """(sum, count) of the batch-size histogram of one breast_cancer version."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != "modelserve_batch_rows":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("model") == "breast_cancer" and labels.get("version") == str(version):
-                values[sample.name] = sample.value
-    return values.get("modelserve_batch_rows_sum", 0.0), values.get(
-        "modelserve_batch_rows_count", 0.0
+    labels = {"model": "breast_cancer", "version": str(version)}
+    return (
+        total(samples, "modelserve_batch_rows_sum", **labels),
+        total(samples, "modelserve_batch_rows_count", **labels),
     )
 
 
@@ -123,7 +114,7 @@ def test_concurrent_requests_are_batched_and_split_back_exactly(
     rounds = plans(rounds=4, concurrency=32)
     with run_server(repository, tmp_path) as server:
         answers = asyncio.run(run_rounds(server.url, rounds))
-        metrics = httpx.get(f"{server.url}/metrics", timeout=10.0).text
+        metrics = scrape(server.url)
     expected = {v: expected_outputs(repository, v) for v in (1, 2)}
 
     for plan, answer in zip(
