@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs modelserve with its dev tools and runs every check: ruff, mypy --strict, pytest, then
+# Installs modelserve with its dev tools and runs every check: ruff, mypy --strict, the
+# import-linter layering contracts, pytest, then
 # the container image smoke test (deploy/smoke-image.sh: SKIPPED, with the reason, where podman
 # cannot run).
 set -euo pipefail
@@ -18,6 +19,8 @@ ruff check .
 ruff format --check .
 echo "== mypy --strict"
 mypy
+echo "== import-linter (the layering contracts in pyproject.toml)"
+lint-imports
 echo "== pytest"
 pytest "$@"
 echo "== image smoke test"

@@ -3,43 +3,18 @@
 import argparse
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from service.config import Settings
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 # A repository holding this file is the bundled example one: its artifacts are built, not shipped.
 EXAMPLES_MARKER = ".examples"
-# prometheus_client reads it when imported, so it is set before any worker imports it.
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-@contextmanager
-def worker_metrics(workers: int) -> Iterator[None]:
-    """Several workers share their metrics through files in a fresh directory, removed at exit.
-
-    Files left by an earlier run would add its counts to this one's, so the directory is
-    always new; one worker keeps its metrics in memory.
-    """
-    os.environ.pop(MULTIPROCESS_ENV, None)
-    if workers == 1:
-        yield
-        return
-    directory = tempfile.mkdtemp(prefix="modelserve-metrics-")
-    os.environ[MULTIPROCESS_ENV] = directory
-    try:
-        yield
-    finally:
-        os.environ.pop(MULTIPROCESS_ENV, None)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,9 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
             train_examples(root)
     import uvicorn
 
+    from service.observability.exposition import worker_metrics
+
     with worker_metrics(settings.workers):
         uvicorn.run(
-            "service.main:app_from_environment",
+            "service.server.main:app_from_environment",
             factory=True,
             host=settings.host,
             port=settings.port,
@@ -85,13 +62,12 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from service.registry import load_registry
-    from service.state import load_options
+    from service.store.registry import load_registry
 
     settings = Settings() if args.model_name is None else Settings(model_name=args.model_name)
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     root = args.model_repository or settings.model_repository
-    registry = load_registry(root, load_options(settings))
+    registry = load_registry(root, settings.load_options())
     problems = 0
     for name, entry in sorted(registry.models.items()):
         for number, model in sorted(entry.versions.items()):
@@ -111,7 +87,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _package(args: argparse.Namespace) -> int:
     from service.errors import ServiceError
-    from service.packaging import package_artifact
+    from service.store.packaging import package_artifact
 
     root = args.model_repository or Settings().model_repository
     features = args.features.split(",") if args.features else None
@@ -128,10 +104,10 @@ def _package(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from service.errors import ServiceError
-    from service.filescoring import ScoreFile, score_file
-    from service.progress import ProgressBar
     from service.protocols.files import format_of_path
     from service.scoring import ModelReference
+    from service.scoring.files import ScoreFile, score_file
+    from service.scoring.progress import ProgressBar
 
     settings = Settings()
     configure_logging("warning", settings.log_format)

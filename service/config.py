@@ -6,7 +6,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.repository import is_model_name
+from service.store.registry import LoadOptions
+from service.store.repository import is_model_name
+from service.store.runtimes import RuntimeOptions
 
 
 class Settings(BaseSettings):
@@ -96,3 +98,17 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def load_options(self) -> LoadOptions:
+        """What loading a version needs of the settings, for the server and offline scoring."""
+        return LoadOptions(
+            allow_unverified_pickle=self.allow_unverified_pickle,
+            runtime=RuntimeOptions(
+                strict_versions=self.strict_versions,
+                onnx_intra_op_threads=self.onnx_intra_op_threads,
+                onnx_inter_op_threads=self.onnx_inter_op_threads,
+            ),
+            batching_max_rows=self.batching_max_rows,
+            batching_max_delay_ms=self.batching_max_delay_ms,
+            model_name=self.model_name,
+        )

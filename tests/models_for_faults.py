@@ -14,8 +14,8 @@ from numpy.typing import NDArray
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from service.metadata import Task
-from service.packaging import package_artifact
+from service.store.metadata import Task
+from service.store.packaging import package_artifact
 
 IRIS = load_iris()
 # A feature value that makes FailingClassifier raise; the load-time smoke test sends zeros.

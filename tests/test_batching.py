@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import Batcher
 from service.errors import PredictionFailed
-from service.runtimes import Arrays
+from service.prediction.batching import Batcher
+from service.store.runtimes import Arrays
 
 
 class Recorder:

@@ -9,7 +9,7 @@ import pytest
 
 from bench.online.raw import load_runtime, measure_raw
 from bench.online.workload import Artifact, Encoding, build_request, decode_answer, features
-from service.runtimes import RuntimeOptions
+from service.store.runtimes import RuntimeOptions
 
 
 @pytest.mark.parametrize("version", [1, 2])

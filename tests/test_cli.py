@@ -13,7 +13,7 @@ from sklearn.datasets import load_wine
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression
 
-from service.registry import LoadOptions, load_registry
+from service.store.registry import LoadOptions, load_registry
 from tests.conftest import ROOT
 from tests.damage import truncate
 from tests.serving import run_server

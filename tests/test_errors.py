@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from service import errors
-from service.http import STATUS_CODES, error_body, error_headers, status_of
+from service.server.http import STATUS_CODES, error_body, error_headers, status_of
 
 
 def all_error_classes() -> list[type[errors.ServiceError]]:

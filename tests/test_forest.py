@@ -14,9 +14,9 @@ from sklearn.ensemble import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from service.runtimes import LABEL_INDEX
-from service.runtimes.forest import tree_loop
-from service.runtimes.sklearn import SklearnRuntime, describe_estimator
+from service.store.runtimes import LABEL_INDEX
+from service.store.runtimes.forest import tree_loop
+from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
 
 
 def _cancer() -> tuple[NDArray[np.float32], NDArray[Any]]:

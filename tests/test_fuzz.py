@@ -15,9 +15,9 @@ from schemathesis import checks
 from schemathesis.core.result import Err
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.prediction.signature import conform
 from service.protocols import v1, v2
-from service.registry import LoadOptions, ModelVersion, load_registry
-from service.signature import conform
+from service.store.registry import LoadOptions, ModelVersion, load_registry
 from tests.serving import RunningServer, run_server
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

@@ -9,13 +9,13 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from service.labels import ClassLabels
 from service.protocols import v1, v2
-from service.registry import LoadOptions, ModelVersion, load_registry
-from service.repository import read_verified
-from service.runtimes import LABEL_INDEX, RuntimeOptions
-from service.runtimes import onnx as onnx_runtime
-from service.runtimes.sklearn import SklearnRuntime, describe_estimator
+from service.store.labels import ClassLabels
+from service.store.registry import LoadOptions, ModelVersion, load_registry
+from service.store.repository import read_verified
+from service.store.runtimes import LABEL_INDEX, RuntimeOptions
+from service.store.runtimes import onnx as onnx_runtime
+from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
 
 
 def _version(classes: list[Any]) -> ModelVersion:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from service.logs import JsonFormatter, TextFormatter
+from service.observability.logs import JsonFormatter, TextFormatter
 
 
 def _record(message: str, **extra: object) -> logging.LogRecord:

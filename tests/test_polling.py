@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from service.polling import changed_models
-from service.registry import LoadOptions, load_registry
+from service.server.polling import changed_models
+from service.store.registry import LoadOptions, load_registry
 from tests.serving import run_server
 
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}

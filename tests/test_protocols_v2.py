@@ -10,7 +10,7 @@ import pytest
 
 from service.errors import InvalidInput
 from service.protocols.v2 import decode_infer_request, encode_infer_response, select_outputs
-from service.registry import LoadOptions, ModelVersion, load_registry
+from service.store.registry import LoadOptions, ModelVersion, load_registry
 
 
 @pytest.fixture(scope="module")

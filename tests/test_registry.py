@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import ModelNotFound, ModelNotReady
-from service.registry import LoadOptions, load_registry
-from service.runtimes import RuntimeOptions
+from service.store.registry import LoadOptions, load_registry
+from service.store.runtimes import RuntimeOptions
 from tests.damage import rewrite_sha256, set_framework_version, truncate
 
 

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.errors import ModelLoadError, ModelNotFound
-from service.registry import LoadOptions, Registry, load_registry, reload_model
-from service.repository import scan_repository
+from service.store.registry import LoadOptions, Registry, load_registry, reload_model
+from service.store.repository import scan_repository
 
 SETOSA = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
 

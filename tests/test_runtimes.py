@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.registry import LoadOptions, load_registry
-from service.repository import read_verified
-from service.runtimes import RuntimeOptions, runtime_module
+from service.store.registry import LoadOptions, load_registry
+from service.store.repository import read_verified
+from service.store.runtimes import RuntimeOptions, runtime_module
 
 WIDTH = {"iris": 4, "breast_cancer": 30, "diabetes": 10}
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.registry import LoadOptions, ModelVersion, load_registry
-from service.signature import array_from_values, conform
+from service.prediction.signature import conform
+from service.protocols.v2 import array_from_values
+from service.store.registry import LoadOptions, ModelVersion, load_registry
 
 
 @pytest.fixture(scope="module")

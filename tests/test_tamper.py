@@ -10,8 +10,8 @@ import httpx
 import joblib
 import pytest
 
-from service.metadata import ArtifactMetadata
-from service.repository import sha256_file
+from service.store.metadata import ArtifactMetadata
+from service.store.repository import sha256_file
 from tests.conftest import ADMIN_TOKEN, API_KEY, ROOT, FaultSetup, fault_env
 from tests.models_for_faults import MarkerOnUnpickle
 from tests.rawhttp import exchange, request_head

@@ -20,8 +20,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from service.metadata import Task
-from service.packaging import package_artifact
+from service.store.metadata import Task
+from service.store.packaging import package_artifact
 
 logger = logging.getLogger(__name__)
 SEED = 0

@@ -26,7 +26,7 @@ from bench.online.servers import (
 from bench.online.workload import ARTIFACTS, Artifact, Encoding, build_request, decode_answer
 from bench.online.workload import features as make_features
 from bench.online.wrk import run_wrk
-from service.runtimes import RuntimeOptions
+from service.store.runtimes import RuntimeOptions
 
 CONCURRENCY = (1, 16, 64)
 BULK_ROWS = (1_000, 10_000)

@@ -16,7 +16,7 @@ from bench.online.raw import load_runtime
 from bench.online.servers import ROOT, prepare_repository, start_modelserve
 from bench.online.workload import Artifact, build_request, features
 from bench.online.wrk import run_wrk
-from service.runtimes import RuntimeOptions
+from service.store.runtimes import RuntimeOptions
 
 
 def summarise(collapsed: Path, top: int) -> str:

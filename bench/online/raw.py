@@ -10,8 +10,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.online.workload import Artifact, features
-from service.repository import read_verified
-from service.runtimes import Runtime, RuntimeOptions, runtime_module
+from service.store.repository import read_verified
+from service.store.runtimes import Runtime, RuntimeOptions, runtime_module
 
 
 def seconds_per_call(call: Callable[[], object], budget_s: float = 0.3) -> float:

@@ -22,7 +22,6 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from service.errors import InvalidInput, UnsupportedMediaType
-from service.tabular import RowError
 
 FORMATS = ("csv", "ndjson", "parquet")
 CONTENT_TYPES = {
@@ -72,6 +71,20 @@ def format_of_accept(accept: str | None, default: str) -> str:
 
 def format_of_path(path: Path) -> str | None:
     return _SUFFIXES.get(path.suffix.lower())
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int  # 0-based within the chunk
+    column: str | None
+    reason: str
+
+    def describe(self, first_row: int) -> str:
+        """The error with the row counted from 1 over the whole input."""
+        where = f"row {first_row + self.row + 1}"
+        if self.column is not None:
+            where += f", column {self.column!r}"
+        return f"{where}: {self.reason}"
 
 
 @dataclass

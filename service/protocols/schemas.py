@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.tensors import TensorSpec
+from service.store.tensors import TensorSpec
 
 
 class ErrorResponse(BaseModel):

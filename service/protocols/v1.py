@@ -7,10 +7,9 @@ import orjson
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
-from service.protocols.v2 import json_array, labels_by_class, loads
-from service.registry import ModelVersion
-from service.runtimes import Arrays
-from service.signature import array_from_values
+from service.protocols.v2 import array_from_values, json_array, labels_by_class, loads
+from service.store.registry import ModelVersion
+from service.store.runtimes import Arrays
 
 
 def _rows_from_objects(model: ModelVersion, rows: list[Any]) -> list[list[Any]]:

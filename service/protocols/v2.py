@@ -9,11 +9,10 @@ import orjson
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
-from service.labels import ClassLabels
-from service.registry import ModelVersion
-from service.runtimes import Arrays
-from service.signature import array_from_values
-from service.tensors import DATATYPES, datatype_of
+from service.store.labels import ClassLabels
+from service.store.registry import ModelVersion
+from service.store.runtimes import Arrays
+from service.store.tensors import DATATYPES, datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
@@ -35,6 +34,31 @@ class InferCall:
 
 # orjson refuses documents nested deeper than this, in C and without recursion, at no cost.
 MAX_JSON_DEPTH = 1024
+
+
+_NUMERIC_KINDS = "biuf"
+
+
+def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[Any]:
+    """A JSON list (nested or flat) as an ndarray; rejects ragged rows and non-numbers."""
+    if datatype == "BYTES":
+        try:
+            return np.asarray(values, dtype=object)
+        except ValueError as exc:
+            raise InvalidInput(f"{where}: ragged or malformed BYTES data: {exc}") from None
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise InvalidInput(f"{where}: rows have different lengths (ragged data)") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        if array.dtype.kind == "O":
+            raise InvalidInput(
+                f"{where}: ragged rows or null values; expected a rectangle of numbers"
+            )
+        raise InvalidInput(f"{where}: values must be numbers; found strings")
+    if array.dtype.kind == "b" and datatype not in (None, "BOOL"):
+        raise InvalidInput(f"{where}: values must be numbers, got booleans")
+    return array
 
 
 def loads(body: bytes | memoryview) -> Any:

@@ -2,34 +2,18 @@
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from prometheus_client import CollectorRegistry
 
-from service.auth import Credentials
 from service.config import Settings
-from service.metrics import Metrics
-from service.registry import LoadOptions, Registry
-from service.router import Router
-from service.runtimes import RuntimeOptions
+from service.observability.metrics import Metrics
+from service.prediction.router import Router
+from service.server.auth import Credentials
+from service.store.registry import LoadOptions, Registry
 
 logger = logging.getLogger(__name__)
-
-
-def load_options(settings: Settings) -> LoadOptions:
-    return LoadOptions(
-        allow_unverified_pickle=settings.allow_unverified_pickle,
-        runtime=RuntimeOptions(
-            strict_versions=settings.strict_versions,
-            onnx_intra_op_threads=settings.onnx_intra_op_threads,
-            onnx_inter_op_threads=settings.onnx_inter_op_threads,
-        ),
-        batching_max_rows=settings.batching_max_rows,
-        batching_max_delay_ms=settings.batching_max_delay_ms,
-        model_name=settings.model_name,
-    )
 
 
 @dataclass
@@ -38,7 +22,6 @@ class ServiceState:
     metrics: Metrics
     # What GET /metrics and the statistics read: with several workers, all of them merged.
     prometheus: CollectorRegistry
-    executor: ThreadPoolExecutor
     router: Router
     ready: bool = False
     # Set on SIGTERM: readiness and new inference requests answer 503 from then on.
@@ -52,7 +35,7 @@ class ServiceState:
 
     @property
     def options(self) -> LoadOptions:
-        return load_options(self.settings)
+        return self.settings.load_options()
 
     @cached_property
     def credentials(self) -> Credentials:

@@ -11,9 +11,18 @@ import uuid
 from typing import Any
 
 from service import errors
-from service.http import Message, Receive, Scope, Send, error_body, error_headers, send_response
+from service.server.http import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    error_headers,
+    send_response,
+)
 
-logger = logging.getLogger(__name__)
+# Named as before the package was split: log pipelines filter on it.
+logger = logging.getLogger("service.access")
 
 REQUEST_ID = b"x-request-id"
 # Probes and scrapes come every few seconds; at debug level they do not bury the requests.

@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
 from service.errors import InvalidInput, ModelNotFound, ModelNotReady
-from service.metrics import record_model
+from service.observability.metrics import record_model
+from service.observability.statistics import model_statistics
 from service.protocols.schemas import (
     ErrorResponse,
     InferenceStatistics,
@@ -23,9 +24,8 @@ from service.protocols.schemas import (
     ServerMetadata,
     VersionStatus,
 )
-from service.registry import ModelVersion, reload_model
-from service.state import ServiceState
-from service.statistics import model_statistics
+from service.server.state import ServiceState
+from service.store.registry import ModelVersion, reload_model
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 PLATFORMS = {"sklearn": "sklearn", "onnx": "onnxruntime_onnx"}

@@ -42,10 +42,6 @@ class Credentials:
             token.get_secret_value().encode() if token is not None else None,
         )
 
-    @property
-    def inference_open(self) -> bool:
-        return not self.api_keys
-
     def check_api_key(self, authorization: str | None, api_key: str | None) -> None:
         """Raise unless inference is open or the request carries one of the API keys."""
         if not self.api_keys:

@@ -15,24 +15,11 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
-from service.registry import ModelVersion
-from service.runtimes import Arrays
+from service.protocols.files import RowError
+from service.store.registry import ModelVersion
+from service.store.runtimes import Arrays
 
 ERROR_COLUMN = "error"
-
-
-@dataclass(frozen=True)
-class RowError:
-    row: int  # 0-based within the chunk
-    column: str | None
-    reason: str
-
-    def describe(self, first_row: int) -> str:
-        """The error with the row counted from 1 over the whole input."""
-        where = f"row {first_row + self.row + 1}"
-        if self.column is not None:
-            where += f", column {self.column!r}"
-        return f"{where}: {self.reason}"
 
 
 @dataclass

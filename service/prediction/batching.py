@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import Overloaded, PredictionFailed
-from service.runtimes import Arrays
+from service.store.runtimes import Arrays
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,6 @@ class Batcher:
         self._waiting: deque[_Waiting] = deque()
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
-
-    @property
-    def depth(self) -> int:
-        return len(self._waiting)
 
     async def submit(self, inputs: Arrays, rows: int) -> Prediction:
         if self._max_queue is not None and len(self._waiting) >= self._max_queue:

@@ -16,11 +16,7 @@ import pyarrow as pa
 from service.config import Settings
 from service.errors import InvalidInput, ModelNotFound
 from service.protocols.files import Chunk
-from service.registry import ModelVersion, load_version, smoke_inputs
-from service.repository import parse_version, scan_model
-from service.runtimes import LABEL_INDEX, Arrays
-from service.state import load_options
-from service.tabular import (
+from service.scoring.tabular import (
     check_columns,
     check_rows,
     empty_outputs,
@@ -28,6 +24,9 @@ from service.tabular import (
     needs_call,
     scored_table,
 )
+from service.store.registry import ModelVersion, load_version, smoke_inputs
+from service.store.repository import parse_version, scan_model
+from service.store.runtimes import LABEL_INDEX, Arrays
 
 ON_ERROR = ("fail", "skip")
 Data = TypeVar("Data")
@@ -65,7 +64,7 @@ def load_model(reference: ModelReference, settings: Settings | None = None) -> M
         raise ModelNotFound(f"model {reference.name!r} has no {which} in {reference.repository}")
     # Offline scoring calls the runtime directly; batching settings are unused.
     return load_version(
-        reference.name, number, source.versions[number], load_options(settings), (0, 0.0)
+        reference.name, number, source.versions[number], settings.load_options(), (0, 0.0)
     )
 
 

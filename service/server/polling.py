@@ -4,10 +4,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from service.metrics import record_model
-from service.registry import Registry, reload_model
-from service.repository import fingerprint, is_model_name
-from service.state import ServiceState
+from service.observability.metrics import record_model
+from service.server.state import ServiceState
+from service.store.registry import Registry, reload_model
+from service.store.repository import fingerprint, is_model_name
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
-from service.labels import ClassLabels
-from service.metadata import ArtifactMetadata
-from service.repository import (
+from service.store.labels import ClassLabels
+from service.store.metadata import ArtifactMetadata
+from service.store.repository import (
     Fingerprint,
     ModelSource,
     parse_version,
@@ -21,7 +21,7 @@ from service.repository import (
     scan_model,
     scan_repository,
 )
-from service.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
+from service.store.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.tensors import TensorSpec
+from service.store.tensors import TensorSpec
 
 Task = Literal["classification", "regression", "other"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidInput
-from service.metadata import ArtifactMetadata, Task
-from service.repository import ARTIFACT_NAMES, model_dir, parse_version
-from service.runtimes import RUNTIME_MODULES, runtime_module
-from service.tensors import TensorSpec
+from service.store.metadata import ArtifactMetadata, Task
+from service.store.repository import ARTIFACT_NAMES, model_dir, parse_version
+from service.store.runtimes import RUNTIME_MODULES, runtime_module
+from service.store.tensors import TensorSpec
 
 
 def next_version(folder: Path) -> int:

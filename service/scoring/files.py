@@ -21,7 +21,6 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from service.errors import InvalidInput, ServiceError
-from service.progress import ProgressBar
 from service.protocols.files import (
     Chunk,
     LineChunks,
@@ -32,7 +31,8 @@ from service.protocols.files import (
     parse_csv_header,
 )
 from service.scoring import ModelReference, cached_model, predict_rows
-from service.tabular import check_columns, feature_names
+from service.scoring.progress import ProgressBar
+from service.scoring.tabular import check_columns, feature_names
 
 logger = logging.getLogger(__name__)
 _READ_BYTES = 1 << 22

@@ -12,10 +12,17 @@ import sklearn
 from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
-from service.metadata import ArtifactMetadata
-from service.runtimes import LABEL_INDEX, Arrays, Runtime, RuntimeOptions, Signature, signature_of
-from service.runtimes.forest import tree_loop
-from service.tensors import TensorSpec, datatype_of
+from service.store.metadata import ArtifactMetadata
+from service.store.runtimes import (
+    LABEL_INDEX,
+    Arrays,
+    Runtime,
+    RuntimeOptions,
+    Signature,
+    signature_of,
+)
+from service.store.runtimes.forest import tree_loop
+from service.store.tensors import TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import ModelLoadError, ModelNotFound
-from service.metadata import ArtifactMetadata
+from service.store.metadata import ArtifactMetadata
 
 logger = logging.getLogger(__name__)
 

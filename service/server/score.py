@@ -20,18 +20,6 @@ from urllib.parse import parse_qs
 import orjson
 
 from service import errors
-from service.http import (
-    Receive,
-    Scope,
-    Send,
-    body_chunks,
-    error_body,
-    error_headers,
-    header,
-    send_response,
-)
-from service.http import status_of as status_for
-from service.outbox import Outbox
 from service.protocols.files import (
     CONTENT_TYPES,
     Chunk,
@@ -44,10 +32,7 @@ from service.protocols.files import (
     parquet_chunks,
     parse_csv_header,
 )
-from service.registry import ModelVersion, smoke_inputs
-from service.runtimes import Arrays
-from service.state import ServiceState
-from service.tabular import (
+from service.scoring.tabular import (
     check_columns,
     check_rows,
     empty_outputs,
@@ -56,6 +41,21 @@ from service.tabular import (
     needs_call,
     scored_table,
 )
+from service.server.http import (
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    error_body,
+    error_headers,
+    header,
+    send_response,
+)
+from service.server.http import status_of as status_for
+from service.server.outbox import Outbox
+from service.server.state import ServiceState
+from service.store.registry import ModelVersion, smoke_inputs
+from service.store.runtimes import Arrays
 
 logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 16384

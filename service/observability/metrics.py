@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.registry import ModelEntry
+from service.store.registry import ModelEntry
 
 # 100 µs to 10 s: sub-millisecond CPU inference must land in distinct buckets.
 LATENCY_BUCKETS = (

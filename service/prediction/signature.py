@@ -6,33 +6,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.registry import ModelVersion
-from service.runtimes import Arrays
-from service.tensors import DATATYPES, TensorSpec
-
-_NUMERIC_KINDS = "biuf"
-
-
-def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[Any]:
-    """A JSON list (nested or flat) as an ndarray; rejects ragged rows and non-numbers."""
-    if datatype == "BYTES":
-        try:
-            return np.asarray(values, dtype=object)
-        except ValueError as exc:
-            raise InvalidInput(f"{where}: ragged or malformed BYTES data: {exc}") from None
-    try:
-        array = np.asarray(values)
-    except ValueError:
-        raise InvalidInput(f"{where}: rows have different lengths (ragged data)") from None
-    if array.dtype.kind not in _NUMERIC_KINDS:
-        if array.dtype.kind == "O":
-            raise InvalidInput(
-                f"{where}: ragged rows or null values; expected a rectangle of numbers"
-            )
-        raise InvalidInput(f"{where}: values must be numbers; found strings")
-    if array.dtype.kind == "b" and datatype not in (None, "BOOL"):
-        raise InvalidInput(f"{where}: values must be numbers, got booleans")
-    return array
+from service.store.registry import ModelVersion
+from service.store.runtimes import Arrays
+from service.store.tensors import TensorSpec
 
 
 def _describe(model: ModelVersion) -> str:
@@ -108,10 +84,3 @@ def conform(model: ModelVersion, tensors: dict[str, NDArray[Any]], max_rows: int
             f"inputs of {_describe(model)} have different row counts: {sorted(rows)}"
         )
     return arrays
-
-
-def spec_datatype_check(spec_datatype: str, where: str) -> None:
-    if spec_datatype not in DATATYPES:
-        raise InvalidInput(
-            f"{where}: unknown datatype {spec_datatype!r}; one of {', '.join(DATATYPES)}"
-        )

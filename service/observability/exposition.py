@@ -9,8 +9,11 @@ they are read from /proc for each live worker and labelled with its `pid`.
 
 import functools
 import os
+import shutil
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client import (
@@ -23,10 +26,31 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+# prometheus_client reads it when imported, so it is set before any worker imports it.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every worker writes this file as soon as it builds its metrics (the in-flight gauge has no
 # labels, so its value exists from the start): its pid names a worker, live or exited.
 _WORKER_FILES = "gauge_livesum_*.db"
+
+
+@contextmanager
+def worker_metrics(workers: int) -> Iterator[None]:
+    """Several workers share their metrics through files in a fresh directory, removed at exit.
+
+    Files left by an earlier run would add its counts to this one's, so the directory is
+    always new; one worker keeps its metrics in memory.
+    """
+    os.environ.pop(MULTIPROCESS_ENV, None)
+    if workers == 1:
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="modelserve-metrics-")
+    os.environ[MULTIPROCESS_ENV] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def multiprocess_directory() -> Path | None:

@@ -1,9 +1,9 @@
 """The ASGI application factory that uvicorn workers import."""
 
-from service.app import create_app
 from service.config import Settings
-from service.inference import InferenceMiddleware
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
+from service.server.app import create_app
+from service.server.fastpath import InferenceMiddleware
 
 
 def app_from_environment() -> InferenceMiddleware:

@@ -15,8 +15,11 @@ from typing import Any
 from fastapi import FastAPI
 from numpy.typing import NDArray
 
-from service import access, errors
-from service.http import (
+from service import errors
+from service.prediction.router import Router
+from service.protocols import v1, v2
+from service.server import access
+from service.server.http import (
     Receive,
     Scope,
     Send,
@@ -27,11 +30,9 @@ from service.http import (
     send_response,
     status_of,
 )
-from service.protocols import v1, v2
-from service.registry import ModelVersion
-from service.router import Router
-from service.state import ServiceState
-from service.streaming import serve_score
+from service.server.score import serve_score
+from service.server.state import ServiceState
+from service.store.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.batching import Batcher, Prediction, predict_unbatched
 from service.errors import Overloaded
-from service.metrics import Metrics
-from service.registry import ModelVersion, Registry
-from service.runtimes import LABEL_INDEX, Arrays
-from service.signature import conform
+from service.observability.metrics import Metrics
+from service.prediction.batching import Batcher, Prediction, predict_unbatched
+from service.prediction.signature import conform
+from service.store.registry import ModelVersion, Registry
+from service.store.runtimes import LABEL_INDEX, Arrays
 
 
 class _VersionObserver:

@@ -10,8 +10,8 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
-from service.metadata import ArtifactMetadata
-from service.runtimes import (
+from service.store.metadata import ArtifactMetadata
+from service.store.runtimes import (
     LABEL_INDEX,
     Arrays,
     Runtime,
@@ -19,7 +19,7 @@ from service.runtimes import (
     Signature,
     signature_of,
 )
-from service.tensors import TensorSpec
+from service.store.tensors import TensorSpec
 
 _ONNX_TYPES = {
     "tensor(float)": "FP32",

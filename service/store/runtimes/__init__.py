@@ -7,8 +7,8 @@ from typing import Any, Protocol
 
 from numpy.typing import NDArray
 
-from service.metadata import ArtifactMetadata, Task
-from service.tensors import TensorSpec
+from service.store.metadata import ArtifactMetadata, Task
+from service.store.tensors import TensorSpec
 
 Arrays = dict[str, NDArray[Any]]
 
@@ -57,9 +57,9 @@ class RuntimeOptions:
 
 # Artifact suffix -> module; imported only when an artifact of that kind is loaded.
 RUNTIME_MODULES = {
-    ".onnx": "service.runtimes.onnx",
-    ".joblib": "service.runtimes.sklearn",
-    ".pkl": "service.runtimes.sklearn",
+    ".onnx": "service.store.runtimes.onnx",
+    ".joblib": "service.store.runtimes.sklearn",
+    ".pkl": "service.store.runtimes.sklearn",
 }
 
 

@@ -18,20 +18,24 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
 from service import __version__
-from service.access import AccessLogMiddleware
 from service.config import Settings
 from service.errors import ServiceError
-from service.exposition import exposition_registry, multiprocess_directory, worker_exited
-from service.http import BodyLimit, error_body, error_headers, status_of
-from service.inference import InferenceMiddleware
-from service.metrics import create_metrics, record_model
-from service.openapi import add_inference_paths
-from service.polling import poll_repository
-from service.registry import Registry, load_registry
-from service.router import Router
-from service.routes import router as routes
-from service.shutdown import install_drain_hook
-from service.state import ServiceState, load_options
+from service.observability.exposition import (
+    exposition_registry,
+    multiprocess_directory,
+    worker_exited,
+)
+from service.observability.metrics import create_metrics, record_model
+from service.prediction.router import Router
+from service.server.access import AccessLogMiddleware
+from service.server.fastpath import InferenceMiddleware
+from service.server.http import BodyLimit, error_body, error_headers, status_of
+from service.server.openapi import add_inference_paths
+from service.server.polling import poll_repository
+from service.server.routes import router as routes
+from service.server.shutdown import install_drain_hook
+from service.server.state import ServiceState
+from service.store.registry import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,6 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             settings,
             metrics,
             prometheus,
-            executor,
             Router(
                 Registry(),
                 executor,
@@ -90,7 +93,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         )
         app.state.service = state
         registry = await asyncio.to_thread(
-            load_registry, settings.model_repository, load_options(settings)
+            load_registry, settings.model_repository, settings.load_options()
         )
         for entry in registry.models.values():
             record_model(metrics, entry)

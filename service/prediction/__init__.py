@@ -1,0 +1,1 @@
+"""Prediction: routing a request to its model version, batching, signature checks."""

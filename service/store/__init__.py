@@ -1,0 +1,1 @@
+"""The model store: the on-disk repository, what is loaded, metadata, runtimes."""
