@@ -5,6 +5,7 @@
     ├── ModelNotReady        known version that did not load or was unloaded
     ├── InvalidInput         malformed or invalid request data
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
+    ├── MethodNotAllowed     a method the path does not serve
     ├── PayloadTooLarge      body or batch above the configured limits
     ├── Unauthorized         missing credentials
     ├── Forbidden            wrong credentials, or an endpoint that is switched off

@@ -61,7 +61,7 @@ def test_ids_are_generated_when_missing_or_unusable(workers_server: RunningServe
     rows = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
     for given in (None, "has space", "x" * 129, "caf\u00e9"):
         headers = {} if given is None else {"X-Request-ID": given.encode()}
-        response = httpx.post(url, json=rows, headers=headers)  # type: ignore[arg-type]
+        response = httpx.post(url, json=rows, headers=headers)  # type: ignore[arg-type]  # bytes values test raw header bytes
         assert response.status_code == 200
         generated = response.headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated), given

@@ -10,7 +10,7 @@ import pytest
 
 from service.errors import PredictionFailed
 from service.prediction.batching import Batcher
-from service.store.runtimes import Arrays
+from service.store.runtimes import Arrays, Prediction
 
 
 class Recorder:
@@ -26,12 +26,12 @@ class Recorder:
         pass
 
 
-def slow_double(inputs: Arrays) -> Arrays:
+def slow_double(inputs: Arrays) -> Prediction:
     time.sleep(0.02)  # long enough for the other requests to queue up meanwhile
     x = inputs["x"]
     if (x < 0).any():
         raise ValueError("negative input")
-    return {"y": x * 2, "first": x[:, 0].copy()}
+    return Prediction({"y": x * 2, "first": x[:, 0].copy()}, label_index=x[:, 0].astype(np.intp))
 
 
 def run(
@@ -41,7 +41,11 @@ def run(
 
     async def one(index: int, rows: np.ndarray) -> Arrays:
         await asyncio.sleep(index * spacing_s)
-        return (await batcher.submit({"x": rows}, len(rows))).outputs
+        prediction = (await batcher.submit({"x": rows}, len(rows))).prediction
+        # Each request's label positions are its own rows' share of the batch's.
+        assert prediction.label_index is not None
+        assert prediction.label_index.tolist() == rows[:, 0].astype(np.intp).tolist()
+        return prediction.outputs
 
     async def main() -> list[Arrays | BaseException]:
         return await asyncio.gather(
@@ -90,9 +94,9 @@ def test_a_failing_request_does_not_fail_its_neighbours(executor: ThreadPoolExec
 def test_model_runs_off_the_event_loop(executor: ThreadPoolExecutor) -> None:
     threads: list[str] = []
 
-    def record_thread(inputs: Arrays) -> Arrays:
+    def record_thread(inputs: Arrays) -> Prediction:
         threads.append(threading.current_thread().name)
-        return {"y": inputs["x"]}
+        return Prediction({"y": inputs["x"]})
 
     run(Batcher(record_thread, executor, max_rows=8), [np.ones((1, 1))])
     assert threads
@@ -139,7 +143,7 @@ def test_a_cancelled_request_keeps_the_model_busy_until_its_call_returns(
         # then share one call.
         later = [np.full((1, 2), 2.0), np.full((2, 2), 3.0)]
         predictions = await asyncio.gather(*(batcher.submit({"x": r}, len(r)) for r in later))
-        return [p.outputs for p in predictions]
+        return [p.prediction.outputs for p in predictions]
 
     results = asyncio.run(main())
     assert recorder.calls == [1, 3]

@@ -26,7 +26,11 @@ def test_benchmark_requests_are_answered_correctly(
 ) -> None:
     artifact = Artifact("iris", 1)
     rows = features("iris", 150)
-    expected = load_runtime(trained_repository, artifact, RuntimeOptions()).predict({"input": rows})
+    expected = (
+        load_runtime(trained_repository, artifact, RuntimeOptions())
+        .predict({"input": rows})
+        .outputs
+    )
     labels = [str(v) for v in expected["label"]]
     request = build_request("modelserve", artifact, rows, labels[0], encoding)
     headers = {"content-type": request.content_type}

@@ -49,7 +49,7 @@ def test_package_infers_signature_and_picks_the_next_version(tmp_path: Path) -> 
     served = load_registry(root, LoadOptions()).resolve("wine")
     rows = bunch.data.astype(np.float32)[:5]
     np.testing.assert_array_equal(
-        served.runtime.predict({"input": rows})["label"], model.predict(rows)
+        served.runtime.predict({"input": rows}).outputs["label"], model.predict(rows)
     )
 
 

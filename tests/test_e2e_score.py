@@ -34,7 +34,7 @@ def iris_csv(rows: int = 150) -> tuple[bytes, np.ndarray]:
 
 def expected(repository: Path, version: int, matrix: np.ndarray) -> dict[str, np.ndarray]:
     model = load_model(ModelReference(str(repository), "iris", version))
-    return model.runtime.predict({"input": matrix})
+    return model.runtime.predict({"input": matrix}).outputs
 
 
 def read_table(body: bytes, content_type: str) -> pa.Table:

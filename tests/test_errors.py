@@ -22,6 +22,13 @@ def test_every_error_has_a_status(cls: type[errors.ServiceError]) -> None:
     assert cls in STATUS_CODES
 
 
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_is_drawn_in_the_tree(cls: type[errors.ServiceError]) -> None:
+    """The tree in errors.py's docstring is the map readers use: no class may be missing."""
+    assert errors.__doc__ is not None
+    assert f"── {cls.__name__} " in errors.__doc__
+
+
 def test_statuses_and_bodies() -> None:
     assert status_of(errors.InvalidInput("bad")) == 400
     assert status_of(errors.ModelNotFound("x")) == 404

@@ -14,7 +14,6 @@ from sklearn.ensemble import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from service.store.runtimes import LABEL_INDEX
 from service.store.runtimes.forest import tree_loop
 from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
 
@@ -46,15 +45,18 @@ def test_classifier_runtime_gives_the_forests_own_answers(estimator: Any) -> Non
     assert tree_loop(estimator, "predict_proba") is not None
     runtime = SklearnRuntime(estimator, describe_estimator(estimator))
     rows = _rows(x)
-    outputs = runtime.predict({"input": rows})
+    prediction = runtime.predict({"input": rows})
+    outputs = prediction.outputs
     expected = estimator.predict_proba(rows)
     assert np.array_equal(outputs["probabilities"], expected.astype(np.float32))
     assert outputs["label"].tolist() == estimator.predict(rows).tolist()
     assert np.array_equal(
-        runtime.predict({"input": rows[:1]})["probabilities"][0], outputs["probabilities"][0]
+        runtime.predict({"input": rows[:1]}).outputs["probabilities"][0],
+        outputs["probabilities"][0],
     )
     classes = np.asarray(runtime.signature.classes)
-    assert classes[outputs[LABEL_INDEX]].tolist() == outputs["label"].tolist()
+    assert prediction.label_index is not None
+    assert classes[prediction.label_index].tolist() == outputs["label"].tolist()
 
 
 def test_regressor_loop_is_exact() -> None:
@@ -66,7 +68,7 @@ def test_regressor_loop_is_exact() -> None:
     rows = _rows(x)
     assert np.array_equal(loop(rows), forest.predict(rows))
     runtime = SklearnRuntime(forest, describe_estimator(forest))
-    predicted = runtime.predict({"input": rows})["prediction"]
+    predicted = runtime.predict({"input": rows}).outputs["prediction"]
     assert np.array_equal(predicted, forest.predict(rows).astype(np.float32))
 
 
@@ -99,7 +101,7 @@ def test_loop_is_not_used_where_it_would_differ() -> None:
     )
     rows = _rows(x)
     assert np.array_equal(
-        runtime.predict({"input": rows})["probabilities"],
+        runtime.predict({"input": rows}).outputs["probabilities"],
         np.sqrt(
             RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y).predict_proba(rows)
         ).astype(np.float32),

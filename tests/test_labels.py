@@ -13,7 +13,7 @@ from service.protocols import v1, v2
 from service.store.labels import ClassLabels
 from service.store.registry import LoadOptions, ModelVersion, load_registry
 from service.store.repository import read_verified
-from service.store.runtimes import LABEL_INDEX, RuntimeOptions
+from service.store.runtimes import Prediction, RuntimeOptions
 from service.store.runtimes import onnx as onnx_runtime
 from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
 
@@ -42,22 +42,23 @@ def test_by_class_and_by_string_answers_are_identical(
 ) -> None:
     model = versions[key]
     rows = np.random.default_rng(0).normal(loc=4, scale=2, size=(500, 4)).astype(np.float32)
-    outputs = model.runtime.predict({"input": rows})
-    index = outputs.pop(LABEL_INDEX)
+    prediction = model.runtime.predict({"input": rows})
+    outputs, index = prediction.outputs, prediction.label_index
     assert model.labels is not None
+    assert index is not None
     assert len(set(index.tolist())) > 1  # the rows reach more than one class
     assert np.asarray(model.signature.classes)[index].tolist() == outputs["label"].tolist()
 
     call = v2.InferCall({"input": rows}, id="r")
     for binary in (True, False):
         wanted = [("label", binary), ("probabilities", binary)]
-        by_string = v2.encode_infer_response(model, call, outputs, wanted)
-        assert v2.encode_infer_response(model, call, outputs, wanted, index) == by_string
-    assert v1.encode_predict_response(model, outputs, index) == v1.encode_predict_response(
-        model, outputs
+        by_string = v2.encode_infer_response(model, call, Prediction(outputs), wanted)
+        assert v2.encode_infer_response(model, call, prediction, wanted) == by_string
+    assert v1.encode_predict_response(model, prediction) == v1.encode_predict_response(
+        model, Prediction(outputs)
     )
     if key == "integers":  # integer labels stay an INT64 tensor, encoded as numbers
-        header = orjson.loads(v2.encode_infer_response(model, call, outputs, wanted, index)[0])
+        header = orjson.loads(v2.encode_infer_response(model, call, prediction, wanted)[0])
         assert header["outputs"][0]["datatype"] == "INT64"
         assert set(header["outputs"][0]["data"]) <= {10, 20, 30}
     values, counts = np.unique(outputs["label"], return_counts=True)
@@ -100,6 +101,6 @@ def test_onnx_labels_outside_the_listed_classes_keep_their_values(trained_reposi
     other = verified.metadata.model_copy(update={"classes": ["a", "b", "c"]})
     runtime = onnx_runtime.load(verified.data, other, RuntimeOptions())
     rows = np.random.default_rng(0).normal(loc=4, scale=2, size=(50, 4)).astype(np.float32)
-    outputs = runtime.predict({"input": rows})
-    assert LABEL_INDEX not in outputs
-    assert set(outputs["label"].tolist()) <= {"setosa", "versicolor", "virginica"}
+    prediction = runtime.predict({"input": rows})
+    assert prediction.label_index is None
+    assert set(prediction.outputs["label"].tolist()) <= {"setosa", "versicolor", "virginica"}

@@ -11,6 +11,7 @@ import pytest
 from service.errors import InvalidInput
 from service.protocols.v2 import decode_infer_request, encode_infer_response, select_outputs
 from service.store.registry import LoadOptions, ModelVersion, load_registry
+from service.store.runtimes import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_encode_mixes_json_and_binary_outputs(iris: ModelVersion) -> None:
         }
     )
     call = decode_infer_request(request, None)
-    outputs = iris.runtime.predict({"input": call.tensors["input"].astype(np.float32)})
-    body, length = encode_infer_response(iris, call, outputs, select_outputs(iris, call))
+    prediction = iris.runtime.predict({"input": call.tensors["input"].astype(np.float32)})
+    body, length = encode_infer_response(iris, call, prediction, select_outputs(iris, call))
     assert length is not None
     header = orjson.loads(body[:length])
     label, probabilities = header["outputs"]
@@ -127,7 +128,7 @@ def test_encode_mixes_json_and_binary_outputs(iris: ModelVersion) -> None:
     assert "data" not in label
     size = label["parameters"]["binary_data_size"]
     (first,) = struct.unpack_from("<I", body, length)
-    assert body[length + 4 : length + 4 + first].decode() == outputs["label"][0]
+    assert body[length + 4 : length + 4 + first].decode() == prediction.outputs["label"][0]
     assert len(body) == length + size
     assert probabilities["shape"] == [1, 3]
 
@@ -143,11 +144,13 @@ def test_nan_outputs_become_null_not_bare_tokens(iris: ModelVersion) -> None:
         ),
         None,
     )
-    outputs = {
-        "label": np.array(["setosa"]),
-        "probabilities": np.array([[np.nan, np.inf, 0.5]], dtype=np.float32),
-    }
-    body, _ = encode_infer_response(iris, call, outputs, select_outputs(iris, call))
+    prediction = Prediction(
+        {
+            "label": np.array(["setosa"]),
+            "probabilities": np.array([[np.nan, np.inf, 0.5]], dtype=np.float32),
+        }
+    )
+    body, _ = encode_infer_response(iris, call, prediction, select_outputs(iris, call))
     assert b"NaN" not in body
     assert b"Infinity" not in body
     assert orjson.loads(body)["outputs"][1]["data"] == [None, None, 0.5]

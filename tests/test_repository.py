@@ -16,7 +16,7 @@ SETOSA = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
 
 
 def label_of(registry: Registry, name: str, version: str | None = None) -> str:
-    outputs = registry.resolve(name, version).runtime.predict({"input": SETOSA})
+    outputs = registry.resolve(name, version).runtime.predict({"input": SETOSA}).outputs
     return str(outputs["label"][0])
 
 

@@ -22,8 +22,8 @@ def test_joblib_and_onnx_versions_are_interchangeable(trained_repository: Path, 
     assert joblib_version.signature.inputs == onnx_version.signature.inputs
     assert joblib_version.signature.outputs == onnx_version.signature.outputs
     rows = np.random.default_rng(0).normal(size=(64, WIDTH[name])).astype(np.float32)
-    a = joblib_version.runtime.predict({"input": rows})
-    b = onnx_version.runtime.predict({"input": rows})
+    a = joblib_version.runtime.predict({"input": rows}).outputs
+    b = onnx_version.runtime.predict({"input": rows}).outputs
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].shape == b[key].shape
@@ -55,4 +55,6 @@ def test_general_onnx_graph_keeps_its_tensor_names(tmp_path: Path) -> None:
     assert [s.name for s in runtime.signature.inputs] == ["a", "b"]
     assert [s.name for s in runtime.signature.outputs] == ["total"]
     ones = np.ones((2, 3), dtype=np.float32)
-    np.testing.assert_array_equal(runtime.predict({"a": ones, "b": ones})["total"], ones * 2)
+    np.testing.assert_array_equal(
+        runtime.predict({"a": ones, "b": ones}).outputs["total"], ones * 2
+    )

@@ -12,6 +12,7 @@ from sklearn.datasets import load_diabetes, load_iris
 
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound
 from service.scoring import ModelReference, cached_model, load_model, score
+from service.scoring.chunks import empty_outputs
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -28,7 +29,7 @@ def iris_frame(rows: int = 150) -> pd.DataFrame:
 
 def expected(repository: Path, name: str, version: int, matrix: np.ndarray) -> dict[str, Any]:
     model = load_model(ModelReference(str(repository), name, version))
-    return model.runtime.predict({"input": matrix.astype(np.float32)})
+    return model.runtime.predict({"input": matrix.astype(np.float32)}).outputs
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -139,3 +140,31 @@ def test_a_dask_cluster_scores_partitions_like_in_process(
     # Each worker process loaded the model at most once and reused it for its partitions.
     assert all(info["misses"] <= 1 for info in loads.values())
     assert sum(info["hits"] + info["misses"] for info in loads.values()) == 8
+
+
+@pytest.mark.parametrize(("name", "version"), [("iris", 1), ("iris", 2), ("diabetes", 1)])
+def test_a_chunk_of_bad_rows_gets_the_columns_a_good_chunk_gets(
+    trained_repository: Path, name: str, version: int
+) -> None:
+    """Zero-row outputs come from the signature, with the types the model itself returns."""
+    model = load_model(ModelReference(str(trained_repository), name, version))
+    features = model.signature.features
+    good = pa.table({f: [0.5, 1.5] for f in features})
+    bad = pa.table({f: pa.array([None, None], pa.float64()) for f in features})
+    reference = ModelReference(str(trained_repository), name, version)
+    scored_good = score(good, reference, on_error="skip")
+    scored_bad = score(bad, reference, on_error="skip")
+    assert scored_bad.column_names == scored_good.column_names
+    assert scored_bad["error"].null_count == 0
+    for column in scored_good.column_names:
+        if column in features or column == "error":
+            continue
+        assert scored_bad[column].null_count == 2, column
+        # The same Arrow type, so Parquet parts of one job share one schema.
+        assert scored_bad[column].type == scored_good[column].type, column
+    empty = empty_outputs(model.signature)
+    real = model.runtime.predict({"input": np.ones((1, len(features)), np.float32)}).outputs
+    assert empty.keys() == real.keys()
+    for key, array in empty.items():
+        assert array.shape == (0, *real[key].shape[1:]), key
+        assert array.dtype.kind == real[key].dtype.kind, key

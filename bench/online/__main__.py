@@ -80,7 +80,7 @@ def check_answers(server: Server, repository: Path) -> None:
         runtime = load_runtime(repository, artifact, RuntimeOptions())
         for rows in (1, 1_000):
             data = make_features(artifact.model, rows)
-            expected = runtime.predict({"input": data})
+            expected = runtime.predict({"input": data}).outputs
             labels = [str(v) for v in expected["label"]]
             encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
             for encoding in encodings:
@@ -113,7 +113,7 @@ def _headers(content_type: str, header_length: int | None) -> dict[str, str]:
 
 def _first_label(repository: Path, artifact: Artifact) -> str:
     runtime = load_runtime(repository, artifact, RuntimeOptions())
-    return str(runtime.predict({"input": make_features(artifact.model, 1)})["label"][0])
+    return str(runtime.predict({"input": make_features(artifact.model, 1)}).outputs["label"][0])
 
 
 def _single_rows(

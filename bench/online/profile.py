@@ -61,7 +61,7 @@ def main() -> None:
     artifact = Artifact(args.model, args.version)
     data = features(args.model, args.rows)
     runtime = load_runtime(repository, artifact, RuntimeOptions())
-    label = str(runtime.predict({"input": data[:1]})["label"][0])
+    label = str(runtime.predict({"input": data[:1]}).outputs["label"][0])
     request = build_request("modelserve", artifact, data, label, args.encoding)
     name = f"profile-{args.model}-v{args.version}-{args.rows}-{args.encoding}-c{args.connections}"
     collapsed = ROOT / "bench" / "results" / f"{name}.collapsed.txt"

@@ -62,7 +62,7 @@ def exposition_registry(registry: CollectorRegistry, directory: Path | None) -> 
     """The registry GET /metrics serves; `registry` holds this process's own metrics."""
     # `_created` series double the series count, and multiprocess mode has none: without
     # them one worker and several expose the same series.
-    disable_created_metrics()  # type: ignore[no-untyped-call]
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
     if directory is None:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -76,7 +76,7 @@ def exposition_registry(registry: CollectorRegistry, directory: Path | None) -> 
 
 def worker_exited(directory: Path) -> None:
     """Takes this worker's live gauges (in-flight requests, readiness) out of the sums."""
-    mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
+    mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 
 def _alive(pid: int) -> bool:
@@ -94,7 +94,7 @@ class WorkersCollector:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._files = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+        self._files = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         self._processes: dict[int, ProcessCollector] = {}
         # Scrapes run in a thread pool; two at once must not sweep the same dead worker.
         self._lock = threading.Lock()
@@ -108,14 +108,14 @@ class WorkersCollector:
                 live.append(pid)
             else:
                 # A worker that crashed never ran its shutdown, which does this for itself.
-                mark_process_dead(pid, str(self._directory))  # type: ignore[no-untyped-call]
+                mark_process_dead(pid, str(self._directory))  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         return sorted(live)
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             workers = self.live_workers()
             processes = self._process_metrics(workers)
-        yield from self._files.collect()  # type: ignore[no-untyped-call]
+        yield from self._files.collect()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         yield from processes
 
     def _process_metrics(self, workers: list[int]) -> list[Metric]:

@@ -55,13 +55,14 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
     return Metrics(
         requests=Counter(
             "modelserve_requests",
-            "Inference requests by outcome.",
+            "Inference requests (V2, V1, :score) by resolved model and status code.",
             [*mv, "protocol", "code"],
             registry=registry,
         ),
         request_duration=Histogram(
             "modelserve_request_duration_seconds",
-            "Time from decoding a successful request to encoding its answer.",
+            "Time a successful request spent in the server: from its headers to its answer "
+            "(for :score, to the last byte of its answer).",
             [*mv, "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -92,7 +93,7 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         inflight=Gauge(
             "modelserve_inflight_requests",
-            "Inference requests being served.",
+            "Inference requests inside the server, from their headers to their answer.",
             registry=registry,
             multiprocess_mode="livesum",
         ),

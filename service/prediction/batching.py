@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from numpy.typing import NDArray
 
 from service.errors import Overloaded, PredictionFailed
-from service.store.runtimes import Arrays
+from service.store.runtimes import Arrays, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +24,19 @@ class BatchObserver(Protocol):
 
 
 @dataclass(frozen=True)
-class Prediction:
-    outputs: Arrays
+class Timed:
+    """One request's share of a model call: what it waited in the queue, what the call took."""
+
+    prediction: Prediction
     queue_seconds: float
     compute_seconds: float
-    # Each label's position among the model's classes, when the runtime gave it.
-    label_index: NDArray[np.intp] | None = None
 
 
 @dataclass
 class _Waiting:
     inputs: Arrays
     rows: int
-    future: "asyncio.Future[Prediction]"
+    future: "asyncio.Future[Timed]"
     enqueued: float
 
 
@@ -52,7 +51,7 @@ class Batcher:
 
     def __init__(
         self,
-        predict: Callable[[Arrays], Arrays],
+        predict: Callable[[Arrays], Prediction],
         executor: Executor,
         max_rows: int,
         max_delay_ms: float = 0.0,
@@ -69,7 +68,7 @@ class Batcher:
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
 
-    async def submit(self, inputs: Arrays, rows: int) -> Prediction:
+    async def submit(self, inputs: Arrays, rows: int) -> Timed:
         if self._max_queue is not None and len(self._waiting) >= self._max_queue:
             raise Overloaded(
                 f"{len(self._waiting)} requests are already waiting for this model version; "
@@ -81,7 +80,7 @@ class Batcher:
             # or drainer task in between, so batching costs nothing at low load.
             self._running = True
             return await self._call_alone(loop, inputs, rows)
-        future: asyncio.Future[Prediction] = loop.create_future()
+        future: asyncio.Future[Timed] = loop.create_future()
         self._waiting.append(_Waiting(inputs, rows, future, time.perf_counter()))
         self._queue_changed()
         if not self._running:
@@ -99,11 +98,11 @@ class Batcher:
 
     async def _call_alone(
         self, loop: asyncio.AbstractEventLoop, inputs: Arrays, rows: int
-    ) -> Prediction:
+    ) -> Timed:
         started = time.perf_counter()
         call = self._executor.submit(self._predict, inputs)
         try:
-            outputs = await asyncio.wrap_future(call, loop=loop)
+            prediction = await asyncio.wrap_future(call, loop=loop)
         except asyncio.CancelledError:
             # The model stays busy until the abandoned call returns; then the queue moves on.
             call.add_done_callback(
@@ -117,7 +116,7 @@ class Batcher:
         self._start_draining(loop)
         compute = time.perf_counter() - started
         self._call_done(rows, compute)
-        return Prediction(outputs, 0.0, compute)
+        return Timed(prediction, 0.0, compute)
 
     def _abandoned_call_done(
         self, loop: asyncio.AbstractEventLoop, rows: int, started: float
@@ -164,7 +163,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         merged = batch[0].inputs if len(batch) == 1 else _concatenate([w.inputs for w in batch])
         try:
-            outputs = await loop.run_in_executor(self._executor, self._predict, merged)
+            prediction = await loop.run_in_executor(self._executor, self._predict, merged)
         except Exception as exc:  # the batcher boundary: a failing call fails its requests only
             if len(batch) > 1:
                 # Run each request alone, so one bad request cannot fail its neighbours.
@@ -184,8 +183,8 @@ class Batcher:
         start = 0
         for item in batch:
             stop = start + item.rows
-            part = outputs if len(batch) == 1 else {k: v[start:stop] for k, v in outputs.items()}
-            _settle(item.future, Prediction(part, started - item.enqueued, compute))
+            part = prediction if len(batch) == 1 else prediction.rows(start, stop)
+            _settle(item.future, Timed(part, started - item.enqueued, compute))
             start = stop
 
 
@@ -194,8 +193,8 @@ def _concatenate(parts: list[Arrays]) -> Arrays:
 
 
 def _settle(
-    future: "asyncio.Future[Prediction]",
-    result: Prediction | None = None,
+    future: "asyncio.Future[Timed]",
+    result: Timed | None = None,
     exc: Exception | None = None,
 ) -> None:
     if future.done():
@@ -207,13 +206,13 @@ def _settle(
 
 
 async def predict_unbatched(
-    predict: Callable[[Arrays], Arrays], executor: Executor, inputs: Arrays
-) -> Prediction:
+    predict: Callable[[Arrays], Prediction], executor: Executor, inputs: Arrays
+) -> Timed:
     """One call for one request, for models whose tensors have no row axis to merge on."""
     started = time.perf_counter()
     try:
-        outputs = await asyncio.get_running_loop().run_in_executor(executor, predict, inputs)
+        prediction = await asyncio.get_running_loop().run_in_executor(executor, predict, inputs)
     except Exception as exc:
         logger.exception("prediction failed")
         raise PredictionFailed(f"the model failed: {type(exc).__name__}") from exc
-    return Prediction(outputs, 0.0, time.perf_counter() - started)
+    return Timed(prediction, 0.0, time.perf_counter() - started)

@@ -1,6 +1,5 @@
 """Routes a request to its model version and through that version's batcher."""
 
-import dataclasses
 import time
 import weakref
 from concurrent.futures import Executor
@@ -11,10 +10,10 @@ from numpy.typing import NDArray
 
 from service.errors import Overloaded
 from service.observability.metrics import Metrics
-from service.prediction.batching import Batcher, Prediction, predict_unbatched
+from service.prediction.batching import Batcher, Timed, predict_unbatched
 from service.prediction.signature import conform
 from service.store.registry import ModelVersion, Registry
-from service.store.runtimes import LABEL_INDEX, Arrays
+from service.store.runtimes import Arrays, Prediction
 
 
 class _VersionObserver:
@@ -113,7 +112,7 @@ class Router:
             self._batchers[model] = batcher
         return batcher
 
-    async def _predict_alone(self, model: ModelVersion, inputs: Arrays) -> Prediction:
+    async def _predict_alone(self, model: ModelVersion, inputs: Arrays) -> Timed:
         """Unbatched calls, bounded like a batcher's queue: at most `max_queue` per version."""
         pending = self._unbatched.get(model, 0)
         if self.max_queue is not None and pending >= self.max_queue:
@@ -130,17 +129,14 @@ class Router:
         rows = len(next(iter(inputs.values())))
         observer = self._observer(model)
         if model.batchable:
-            prediction = await self._batcher(model).submit(inputs, rows)
+            timed = await self._batcher(model).submit(inputs, rows)
         else:
-            prediction = await self._predict_alone(model, inputs)
-            observer.call_done(rows, prediction.compute_seconds)
+            timed = await self._predict_alone(model, inputs)
+            observer.call_done(rows, timed.compute_seconds)
         observer.rows.inc(rows)
-        observer.queue.observe(prediction.queue_seconds)
-        # Taken out here, so no encoder ever mistakes it for one of the model's outputs.
-        index = prediction.outputs.pop(LABEL_INDEX, None)
+        observer.queue.observe(timed.queue_seconds)
+        prediction = timed.prediction
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
-            observer.count_labels(label, index)
-        if index is not None and model.labels is not None:
-            prediction = dataclasses.replace(prediction, label_index=index)
+            observer.count_labels(label, prediction.label_index)
         return prediction

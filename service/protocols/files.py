@@ -190,12 +190,18 @@ def decode_ndjson(block: bytes) -> Chunk:
     return Chunk(table)
 
 
-def parquet_chunks(source: str | Path | BinaryIO, rows: int) -> Iterator[Chunk]:
+def open_parquet(source: str | Path | BinaryIO) -> pq.ParquetFile:
     try:
-        parquet = pq.ParquetFile(source)
+        return pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInput(f"not a readable Parquet file: {exc}") from None
-    for batch in parquet.iter_batches(batch_size=rows):
+
+
+def parquet_chunks(
+    parquet: pq.ParquetFile, rows: int, row_groups: list[int] | None = None
+) -> Iterator[Chunk]:
+    """Chunks of at most `rows` rows, from every row group or from the ones listed."""
+    for batch in parquet.iter_batches(batch_size=rows, row_groups=row_groups):
         yield Chunk(pa.Table.from_batches([batch]))
 
 
@@ -260,7 +266,7 @@ class _Sink(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: Any) -> int:
+    def write(self, data: bytes) -> int:  # type: ignore[override]  # buffers arrive as bytes
         self.parts.append(bytes(data))
         return len(data)
 
@@ -275,8 +281,8 @@ class ParquetEncoder:
 
     def __init__(self) -> None:
         self._sink = _Sink()
-        self._writer: Any = None
-        self._schema: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
 
     def encode(self, table: pa.Table) -> bytes:
         if self._writer is None:

@@ -2,14 +2,13 @@
 
 from typing import Any
 
-import numpy as np
 import orjson
 from numpy.typing import NDArray
 
 from service.errors import InvalidInput
 from service.protocols.v2 import array_from_values, json_array, labels_by_class, loads
 from service.store.registry import ModelVersion
-from service.store.runtimes import Arrays
+from service.store.runtimes import Prediction
 
 
 def _rows_from_objects(model: ModelVersion, rows: list[Any]) -> list[list[Any]]:
@@ -55,14 +54,13 @@ def decode_predict_request(model: ModelVersion, body: bytes) -> dict[str, NDArra
     return {spec.name: array_from_values(rows, None, "instances")}
 
 
-def encode_predict_response(
-    model: ModelVersion, outputs: Arrays, label_index: NDArray[np.intp] | None = None
-) -> bytes:
-    """The answer; `label_index` (each label's class position) lets labels go per class."""
+def encode_predict_response(model: ModelVersion, prediction: Prediction) -> bytes:
+    """The answer; labels go per class when the prediction carries their class positions."""
     signature = model.signature
+    outputs = prediction.outputs
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if "label" in outputs:
-        by_class = labels_by_class(model, outputs["label"], label_index)
+        by_class = labels_by_class(model, outputs["label"], prediction.label_index)
         if by_class:
             response["predictions"] = by_class[0].values(by_class[1])
         else:

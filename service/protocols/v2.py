@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from service.errors import InvalidInput
 from service.store.labels import ClassLabels
 from service.store.registry import ModelVersion
-from service.store.runtimes import Arrays
+from service.store.runtimes import Prediction
 from service.store.tensors import DATATYPES, datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -297,14 +297,14 @@ def labels_by_class(
 def encode_infer_response(
     model: ModelVersion,
     call: InferCall,
-    outputs: Arrays,
+    prediction: Prediction,
     wanted: list[tuple[str, bool]],
-    label_index: NDArray[np.intp] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs follow it.
 
-    `label_index` (each label's class position) lets string labels be encoded per class.
+    String labels are encoded per class when the prediction carries their class positions.
     """
+    outputs, label_index = prediction.outputs, prediction.label_index
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, binary in wanted:

@@ -9,27 +9,24 @@ load the model themselves on first use and keep it for every later batch.
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow as pa
 
 from service.config import Settings
 from service.errors import InvalidInput, ModelNotFound
 from service.protocols.files import Chunk
-from service.scoring.tabular import (
-    check_columns,
-    check_rows,
-    empty_outputs,
-    extract_features,
-    needs_call,
-    scored_table,
-)
-from service.store.registry import ModelVersion, load_version, smoke_inputs
+from service.scoring.chunks import score_chunk
+from service.scoring.tabular import check_columns
+from service.store.registry import ModelVersion, load_version
 from service.store.repository import parse_version, scan_model
-from service.store.runtimes import LABEL_INDEX, Arrays
+
+if TYPE_CHECKING:  # pandas is optional: only users who pass DataFrames have it
+    import pandas as pd
 
 ON_ERROR = ("fail", "skip")
-Data = TypeVar("Data")
+# What goes in comes back, with prediction columns: an Arrow table or a pandas DataFrame.
+Data = TypeVar("Data", pa.Table, "pd.DataFrame")
 
 
 @dataclass(frozen=True)
@@ -74,20 +71,6 @@ def cached_model(reference: ModelReference) -> ModelVersion:
     return load_model(reference)
 
 
-def predict_rows(model: ModelVersion, chunk: Chunk, first_row: int, on_error: str) -> pa.Table:
-    """One chunk through the model in this thread: the input with prediction columns."""
-    features = extract_features(model, chunk.table, chunk.errors)
-    check_rows(features, first_row, on_error)
-    name = model.signature.inputs[0].name
-    outputs: Arrays
-    if needs_call(features):
-        outputs = model.runtime.predict({name: features.matrix})
-    else:
-        outputs = empty_outputs(model, model.runtime.predict(smoke_inputs(model.signature)))
-    outputs.pop(LABEL_INDEX, None)  # the columns come from the labels themselves
-    return scored_table(model, chunk.table, features, outputs, first_row, on_error)
-
-
 def score(data: Data, reference: ModelReference | ModelVersion, on_error: str = "fail") -> Data:
     """`data` (a pandas DataFrame or an Arrow table) with the model's prediction columns.
 
@@ -100,13 +83,11 @@ def score(data: Data, reference: ModelReference | ModelVersion, on_error: str = 
     model = reference if isinstance(reference, ModelVersion) else cached_model(reference)
     if isinstance(data, pa.Table):
         check_columns(model, data.column_names)
-        result: Any = predict_rows(model, Chunk(data), 0, on_error)
-        return result  # type: ignore[no-any-return]
-    to_pandas = getattr(data, "to_pandas", None)
-    if not hasattr(data, "columns") or to_pandas is not None:
+        return score_chunk(model, Chunk(data), 0, on_error, model.runtime.predict)
+    if not hasattr(data, "columns") or hasattr(data, "to_pandas"):
         raise InvalidInput("score() takes a pandas DataFrame or a pyarrow Table")
     table = pa.Table.from_pandas(data, preserve_index=False)
     check_columns(model, table.column_names)
-    scored = predict_rows(model, Chunk(table), 0, on_error).to_pandas()
-    scored.index = data.index  # type: ignore[attr-defined]
-    return scored  # type: ignore[no-any-return]
+    scored = score_chunk(model, Chunk(table), 0, on_error, model.runtime.predict).to_pandas()
+    scored.index = data.index
+    return scored

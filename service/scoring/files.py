@@ -18,8 +18,6 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from service.errors import InvalidInput, ServiceError
 from service.protocols.files import (
     Chunk,
@@ -27,10 +25,12 @@ from service.protocols.files import (
     decode_csv,
     decode_ndjson,
     make_encoder,
+    open_parquet,
     parquet_chunks,
     parse_csv_header,
 )
-from service.scoring import ModelReference, cached_model, predict_rows
+from service.scoring import ModelReference, cached_model
+from service.scoring.chunks import score_chunk
 from service.scoring.progress import ProgressBar
 from service.scoring.tabular import check_columns, feature_names
 
@@ -104,10 +104,11 @@ def _count_lines(path: Path, start: int, stop: int) -> int:
 
 
 def _parquet_parts(job: ScoreFile, workers: int) -> list[Part]:
-    groups = pq.ParquetFile(job.source).num_row_groups
+    parquet = open_parquet(job.source)
+    groups = parquet.num_row_groups
     workers = max(1, min(workers, groups))
     bounds = [groups * i // workers for i in range(workers + 1)]
-    metadata = pq.ParquetFile(job.source).metadata
+    metadata = parquet.metadata
     rows = [0]
     for group in range(groups):
         rows.append(rows[-1] + metadata.row_group(group).num_rows)
@@ -123,11 +124,11 @@ def plan_parts(job: ScoreFile) -> list[Part]:
 def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
     """The part's rows chunk by chunk, with how many bytes (or row groups) each consumed."""
     if job.input_format == "parquet":
-        parquet = pq.ParquetFile(job.source)
+        parquet = open_parquet(job.source)
         for group in range(part.start, part.stop):
-            for chunk in parquet_chunks_of(parquet, group, job.chunk_rows):
+            for chunk in parquet_chunks(parquet, job.chunk_rows, [group]):
                 yield chunk, 0
-            yield Chunk(_empty_like(parquet)), 1
+            yield Chunk(parquet.schema_arrow.empty_table()), 1
         return
     as_text = job.output_format == "csv"
 
@@ -152,17 +153,6 @@ def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
             yield decode(rest), len(rest)
 
 
-def parquet_chunks_of(parquet: Any, group: int, rows: int) -> Iterator[Chunk]:
-    import pyarrow as pa
-
-    for batch in parquet.iter_batches(batch_size=rows, row_groups=[group]):
-        yield Chunk(pa.Table.from_batches([batch]))
-
-
-def _empty_like(parquet: Any) -> Any:
-    return parquet.schema_arrow.empty_table()
-
-
 def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
     """Scores one part into `path`; returns its rows. Raises PartFailed."""
     try:
@@ -175,7 +165,9 @@ def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
                     if rows == 0:  # the CSV header was checked already; this finds NDJSON's
                         check_columns(model, chunk.table.column_names)
                     first_row = part.first_row + rows
-                    table = predict_rows(model, chunk, first_row, job.on_error)
+                    table = score_chunk(
+                        model, chunk, first_row, job.on_error, model.runtime.predict
+                    )
                     out.write(encoder.encode(table))
                 rows += chunk.table.num_rows
                 report(chunk.table.num_rows, consumed)
@@ -276,7 +268,8 @@ def _join(job: ScoreFile, parts: list[Part], folder: Path, target: Path) -> None
         # Parquet parts cannot be concatenated as bytes: their row groups are copied over.
         encoder = make_encoder("parquet")
         for part in parts:
-            for chunk in parquet_chunks(folder / f"part-{part.index}", job.chunk_rows):
+            piece = open_parquet(folder / f"part-{part.index}")
+            for chunk in parquet_chunks(piece, job.chunk_rows):
                 out.write(encoder.encode(chunk.table))
         out.write(encoder.close())
 

@@ -142,9 +142,13 @@ def _spread(values: NDArray[Any], good: NDArray[np.bool_]) -> Any:
     """An Arrow column over all rows of a chunk, null where the row was set aside."""
     if good.all():
         return pa.array(values)
-    full = np.empty(len(good), dtype=values.dtype if values.dtype.kind != "U" else object)
+    text = values.dtype.kind in "UO"
+    full = np.empty(len(good), dtype=object if text else values.dtype)
     full[good] = values
-    return pa.array(full, mask=~good)
+    # Typed from the model's output, not from the values: a chunk of only bad rows has none,
+    # and its columns must have the types of every other chunk's.
+    kind = pa.string() if text else pa.from_numpy_dtype(values.dtype)
+    return pa.array(full, mask=~good, type=kind)
 
 
 def prediction_columns(
@@ -195,10 +199,6 @@ def check_rows(features: Features, first_row: int, on_error: str) -> None:
         raise InvalidInput(features.errors[0].describe(first_row))
 
 
-def needs_call(features: Features) -> bool:
-    return bool(features.good.any())
-
-
 def scored_table(
     model: ModelVersion,
     table: pa.Table,
@@ -212,8 +212,3 @@ def scored_table(
     if on_error == "skip":
         columns.append((ERROR_COLUMN, error_column(features.errors, table.num_rows, first_row)))
     return append_columns(table, columns)
-
-
-def empty_outputs(model: ModelVersion, sample: Arrays) -> Arrays:
-    """Zero-row outputs shaped like `sample`, for a chunk whose every row was set aside."""
-    return {name: array[:0] for name, array in sample.items()}

@@ -11,6 +11,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
 # The one table from domain errors to HTTP status codes.
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
@@ -43,7 +44,7 @@ def error_body(exc: errors.ServiceError, request_id: str | None = None) -> bytes
     return orjson.dumps(body)
 
 
-def error_headers(exc: errors.ServiceError) -> list[tuple[bytes, bytes]]:
+def error_headers(exc: errors.ServiceError) -> Headers:
     headers = [(b"content-type", b"application/json")]
     if isinstance(exc, errors.Overloaded):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
@@ -94,9 +95,7 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def send_response(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
+async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
     await send(
         {
             "type": "http.response.start",

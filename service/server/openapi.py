@@ -87,4 +87,5 @@ def add_inference_paths(app: FastAPI) -> None:
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    # FastAPI's documented way to replace the schema is to assign the method.
+    app.openapi = openapi  # type: ignore[method-assign]  # see above

@@ -2,7 +2,7 @@
 metrics."""
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -59,8 +59,10 @@ def require_metrics_access(request: Request, state: State) -> None:
 
 Admin = Depends(require_admin)
 ApiKey = Depends(require_api_key)
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 503)}
-router = APIRouter(responses=ERRORS)  # type: ignore[arg-type]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 503)
+}
+router = APIRouter(responses=ERRORS)
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["v2"])

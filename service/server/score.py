@@ -5,16 +5,15 @@ through the model version's batcher (the one online requests use) and sent back 
 next chunks are read, so memory stays bounded whatever the size of the file. The answer is
 decided on the first chunk: a bad row there is a 400; a bad row later can only be reported
 after the rows already sent, as a last line (CSV, NDJSON) or by cutting the response
-(Parquet, whose footer then never arrives).
+(Parquet, whose footer then never arrives). Each chunk is scored by the chunk pipeline that
+offline scoring uses, in a worker thread whose model calls go through the batcher.
 """
 
 import asyncio
 import logging
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -23,39 +22,25 @@ from service import errors
 from service.protocols.files import (
     CONTENT_TYPES,
     Chunk,
+    Encoder,
     LineChunks,
     decode_csv,
     decode_ndjson,
     format_of_accept,
     format_of_media_type,
     make_encoder,
+    open_parquet,
     parquet_chunks,
     parse_csv_header,
 )
-from service.scoring.tabular import (
-    check_columns,
-    check_rows,
-    empty_outputs,
-    extract_features,
-    feature_names,
-    needs_call,
-    scored_table,
-)
-from service.server.http import (
-    Receive,
-    Scope,
-    Send,
-    body_chunks,
-    error_body,
-    error_headers,
-    header,
-    send_response,
-)
-from service.server.http import status_of as status_for
+from service.scoring.chunks import score_chunk
+from service.scoring.tabular import check_columns, feature_names
+from service.server.boundary import Exchange
+from service.server.http import Receive, Scope, Send, body_chunks, header, status_of
 from service.server.outbox import Outbox
 from service.server.state import ServiceState
-from service.store.registry import ModelVersion, smoke_inputs
-from service.store.runtimes import Arrays
+from service.store.registry import ModelVersion
+from service.store.runtimes import Arrays, Prediction
 
 logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 16384
@@ -72,10 +57,8 @@ class ScoreJob:
     output_format: str
     on_error: str
     chunk_rows: int
-
-
-class _Aborted(Exception):
-    """Raised after the response started, so the server cuts the connection."""
+    # Keeps state between chunks (CSV header written once, Parquet's writer).
+    encoder: Encoder
 
 
 def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
@@ -90,7 +73,8 @@ def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
         raise errors.InvalidInput(f"chunk_rows must be a whole number from 1 to {limit}")
     input_format = format_of_media_type(header(scope, b"content-type"))
     output_format = format_of_accept(header(scope, b"accept"), input_format)
-    return ScoreJob(model, input_format, output_format, on_error, int(rows_text))
+    encoder = make_encoder(output_format)
+    return ScoreJob(model, input_format, output_format, on_error, int(rows_text), encoder)
 
 
 async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
@@ -130,7 +114,7 @@ async def _parquet_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chun
                 pending.clear()
         await asyncio.to_thread(spool.write, b"".join(pending))
         spool.seek(0)
-        chunks = parquet_chunks(spool, job.chunk_rows)
+        chunks = parquet_chunks(open_parquet(spool), job.chunk_rows)
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             yield chunk
 
@@ -147,13 +131,13 @@ async def _read_ahead(
         await queue.put(exc)
 
 
-async def _predict(state: ServiceState, model: ModelVersion, inputs: Arrays) -> Arrays:
+async def _predict(state: ServiceState, model: ModelVersion, inputs: Arrays) -> Prediction:
     """Through the batcher; when its queue is full, a scoring job waits its turn, not fails."""
     pause = 0.01
     waited = 0.0
     while True:
         try:
-            return (await state.router.predict(model, inputs)).outputs
+            return await state.router.predict(model, inputs)
         except errors.Overloaded:
             if waited >= _OVERLOAD_PATIENCE_S:
                 raise
@@ -162,20 +146,18 @@ async def _predict(state: ServiceState, model: ModelVersion, inputs: Arrays) -> 
         pause = min(pause * 2, 1.0)
 
 
-async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_row: int) -> Any:
+async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_row: int) -> bytes:
+    """One chunk scored and encoded in a worker thread, its model call made on this loop."""
     model = job.model
     if first_row == 0:
         check_columns(model, chunk.table.column_names)
-    features = await asyncio.to_thread(extract_features, model, chunk.table, chunk.errors)
-    check_rows(features, first_row, job.on_error)
-    name = model.signature.inputs[0].name
-    outputs: Arrays
-    if needs_call(features):
-        outputs = await _predict(state, model, {name: features.matrix})
-    else:
-        sample = await _predict(state, model, smoke_inputs(model.signature))
-        outputs = empty_outputs(model, sample)
-    return scored_table(model, chunk.table, features, outputs, first_row, job.on_error)
+    loop = asyncio.get_running_loop()
+
+    def predict(inputs: Arrays) -> Prediction:
+        return asyncio.run_coroutine_threadsafe(_predict(state, model, inputs), loop).result()
+
+    table = await asyncio.to_thread(score_chunk, model, chunk, first_row, job.on_error, predict)
+    return await asyncio.to_thread(job.encoder.encode, table)
 
 
 def _trailer(output_format: str, exc: errors.ServiceError) -> bytes:
@@ -191,52 +173,17 @@ async def _next(queue: "asyncio.Queue[Chunk | BaseException | None]") -> Chunk |
     return item
 
 
-async def serve_score(
-    state: ServiceState,
-    name: str,
-    version: str | None,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-) -> None:
-    started = time.perf_counter()
-    metrics = state.metrics
-    metrics.inflight.inc()
-    model: ModelVersion | None = None
-    status = 200
-    reader: asyncio.Task[None] | None = None
+async def serve_score(exchange: Exchange) -> None:
+    """The `:score` handler of the request boundary: always a streamed answer."""
+    state = exchange.state
+    model = exchange.model = state.router.resolve(*exchange.names)
+    job = _job(state, model, exchange.scope)
+    queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
+    reader = asyncio.create_task(_read_ahead(job, exchange.receive, queue))
     try:
-        if state.draining:
-            raise errors.Overloaded(
-                "the server is shutting down; send the request to another instance"
-            )
-        state.credentials.check_api_key(
-            header(scope, b"authorization"), header(scope, b"x-api-key")
-        )
-        model = state.router.resolve(name, version)
-        job = _job(state, model, scope)
-        queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
-        reader = asyncio.create_task(_read_ahead(job, receive, queue))
-        status = await _respond(state, job, queue, send)
-    except errors.ServiceError as exc:
-        status = status_for(exc)
-        await send_response(send, status, error_body(exc), error_headers(exc))
-    except _Aborted:
-        status = 500
-        raise
-    except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
-        logger.exception("unexpected error serving %s", scope["path"])
-        fault = errors.ServiceError("internal error; see the server log")
-        status = 500
-        await send_response(send, 500, error_body(fault), error_headers(fault))
+        await _respond(exchange, job, queue)
     finally:
-        metrics.inflight.dec()
-        if reader is not None:
-            reader.cancel()
-        if model is not None:
-            labels = (model.name, str(model.version))
-            metrics.requests.labels(*labels, "score", str(status)).inc()
-            metrics.request_duration.labels(*labels, "score").observe(time.perf_counter() - started)
+        reader.cancel()
 
 
 async def _deliver(outbox: Outbox, send: Send) -> None:
@@ -245,53 +192,42 @@ async def _deliver(outbox: Outbox, send: Send) -> None:
 
 
 async def _respond(
-    state: ServiceState,
-    job: ScoreJob,
-    queue: "asyncio.Queue[Chunk | BaseException | None]",
-    send: Send,
-) -> int:
-    """Sends 200 and the scored chunks once the first chunk scored; returns the status."""
+    exchange: Exchange, job: ScoreJob, queue: "asyncio.Queue[Chunk | BaseException | None]"
+) -> None:
+    """Starts the answer once the first chunk scored, then streams the rest."""
+    state = exchange.state
     chunk = await _next(queue)
     if chunk is None:
         raise errors.InvalidInput("the body has no rows to score")
-    encoder = make_encoder(job.output_format)
-    table = await _score_chunk(state, job, chunk, 0)
-    body = await asyncio.to_thread(encoder.encode, table)
+    body = await _score_chunk(state, job, chunk, 0)
     content_type = CONTENT_TYPES[job.output_format].encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", content_type)],
-        }
-    )
+    await exchange.start(200, [(b"content-type", content_type)])
     outbox = Outbox(_OUTBOX_MEMORY_BYTES)
     await outbox.put(body)
-    writer = asyncio.create_task(_deliver(outbox, send))
-    first_row = chunk.table.num_rows
-    status = 200
+    writer = asyncio.create_task(_deliver(outbox, exchange.send))
+    exchange.rows = chunk.table.num_rows
     try:
         try:
             while (chunk := await _next(queue)) is not None:
-                table = await _score_chunk(state, job, chunk, first_row)
-                await outbox.put(await asyncio.to_thread(encoder.encode, table))
-                first_row += chunk.table.num_rows
+                await outbox.put(await _score_chunk(state, job, chunk, exchange.rows))
+                exchange.rows += chunk.table.num_rows
                 if writer.done():  # the client went away
                     break
-            await outbox.put(encoder.close())
+            await outbox.put(job.encoder.close())
         except Exception as exc:  # the response has started: only the end of it can tell
             if not isinstance(exc, errors.ServiceError):
-                logger.exception("scoring %s failed after %d rows", job.model.name, first_row)
+                logger.exception("scoring %s failed after %d rows", job.model.name, exchange.rows)
                 exc = errors.ServiceError("internal error; see the server log")
-            logger.info("scoring %s stopped after %d rows: %s", job.model.name, first_row, exc)
+            logger.info("scoring %s stopped after %d rows: %s", job.model.name, exchange.rows, exc)
+            exchange.outcome, exchange.error = status_of(exc), type(exc).__name__
             if job.output_format == "parquet":
+                # Returning before the body is complete makes the server cut the connection:
+                # the missing footer tells the client the file is incomplete.
                 writer.cancel()
-                raise _Aborted(exc.message) from exc
+                return
             await outbox.put(_trailer(job.output_format, exc))
-            status = status_for(exc)
         outbox.close()
         await writer
     finally:
         outbox.discard()
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-    return status
+    await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from numpy.typing import NDArray
 
 from service.store.metadata import ArtifactMetadata, Task
@@ -12,10 +13,23 @@ from service.store.tensors import TensorSpec
 
 Arrays = dict[str, NDArray[Any]]
 
-# An output a classifier's runtime may add beside "label": each row's position in
-# signature.classes. The router takes it out before any answer is encoded; with it, labels
-# are counted and encoded per class instead of string by string.
-LABEL_INDEX = "label index"
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one model call returns: its named outputs, first axis rows."""
+
+    outputs: Arrays
+    # Each row's position in signature.classes, when the runtime knows it for free: with it,
+    # labels are counted and encoded per class instead of string by string.
+    label_index: NDArray[np.intp] | None = None
+
+    def rows(self, start: int, stop: int) -> "Prediction":
+        """The rows [start, stop) of every output, for one request of a merged batch."""
+        index = self.label_index
+        return Prediction(
+            {name: array[start:stop] for name, array in self.outputs.items()},
+            None if index is None else index[start:stop],
+        )
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class Runtime(Protocol):
     format: str
     signature: Signature
 
-    def predict(self, inputs: Arrays) -> Arrays: ...
+    def predict(self, inputs: Arrays) -> Prediction: ...
 
 
 class RuntimeModule(Protocol):
@@ -65,7 +79,7 @@ RUNTIME_MODULES = {
 
 def runtime_module(artifact: Path) -> RuntimeModule:
     module: Any = importlib.import_module(RUNTIME_MODULES[artifact.suffix])
-    return module  # type: ignore[no-any-return]
+    return module  # type: ignore[no-any-return]  # a module cannot be typed as a Protocol
 
 
 def signature_of(metadata: ArtifactMetadata) -> Signature:

@@ -12,8 +12,8 @@ from numpy.typing import NDArray
 from service.errors import ModelLoadError
 from service.store.metadata import ArtifactMetadata
 from service.store.runtimes import (
-    LABEL_INDEX,
     Arrays,
+    Prediction,
     Runtime,
     RuntimeOptions,
     Signature,
@@ -121,10 +121,11 @@ class OnnxRuntime:
             self._positions = {c: i for i, c in enumerate(classes)}
             self._classes = np.asarray(classes, dtype=np.str_)
 
-    def predict(self, inputs: Arrays) -> Arrays:
+    def predict(self, inputs: Arrays) -> Prediction:
         feed = {graph: inputs[name] for graph, name in self._inputs}
         results = self._session.run(self._graph_outputs, feed)
         arrays: Arrays = {}
+        label_index: NDArray[np.intp] | None = None
         for (name, rank, strings), value in zip(self._outputs, results, strict=True):
             array = np.asarray(value)
             # Exports give regressors a [N, 1] output; the canonical tensor is [N].
@@ -135,12 +136,12 @@ class OnnxRuntime:
                 # gives, is counted and encoded with array operations instead of Python loops.
                 index = self._class_index(array) if name == "label" else None
                 if index is not None:
-                    arrays[LABEL_INDEX] = index
+                    label_index = index
                     array = self._classes.take(index)
                 else:
                     array = array.astype(np.str_)
             arrays[name] = array
-        return arrays
+        return Prediction(arrays, label_index)
 
     def _class_index(self, label: NDArray[np.object_]) -> NDArray[np.intp] | None:
         """Each label's position among the classes; None if one is not a known class."""

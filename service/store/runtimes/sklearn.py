@@ -14,8 +14,8 @@ from numpy.typing import NDArray
 from service.errors import ModelLoadError
 from service.store.metadata import ArtifactMetadata
 from service.store.runtimes import (
-    LABEL_INDEX,
     Arrays,
+    Prediction,
     Runtime,
     RuntimeOptions,
     Signature,
@@ -137,23 +137,24 @@ class SklearnRuntime:
             else None
         )
 
-    def predict(self, inputs: Arrays) -> Arrays:
+    def predict(self, inputs: Arrays) -> Prediction:
         features = inputs[self._input]
         if self._regression:
             values = np.asarray(self._predict(features))
-            return {"prediction": values.reshape(len(features), -1)[:, 0].astype(np.float32)}
+            return Prediction(
+                {"prediction": values.reshape(len(features), -1)[:, 0].astype(np.float32)}
+            )
         if self._predict_proba is None:
-            return {"label": np.asarray(self._predict(features))}
+            return Prediction({"label": np.asarray(self._predict(features))})
         exact = np.asarray(self._predict_proba(features))
         proba = exact.astype(np.float32)
         if not self._label_from_proba:
-            return {"label": np.asarray(self._predict(features)), "probabilities": proba}
+            label = np.asarray(self._predict(features))
+            return Prediction({"label": label, "probabilities": proba})
         # From the unrounded values, as predict() does: FP32 rounding can tie close classes.
         index = exact.argmax(axis=1)
         outputs = {"label": self._classes.take(index), "probabilities": proba}
-        if self._index_labels:
-            outputs[LABEL_INDEX] = index
-        return outputs
+        return Prediction(outputs, index if self._index_labels else None)
 
 
 def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:
