@@ -1,9 +1,10 @@
 # modelserve: a builder stage makes the virtualenv and trains the example models; the runtime
-# stage copies only those two folders. With a registry base:
-#   docker build --build-arg BASE=python:3.11-slim-bookworm -t modelserve .
-# The default BASE is the local Debian image that deploy/smoke-image.sh builds when no registry
-# can be reached. Both stages use the same BASE, so the venv's interpreter path matches.
-ARG BASE=localhost/debian-python:bookworm
+# stage copies only those two folders.
+#   docker build -t modelserve .
+# BASE is any Debian bookworm image with python3 (3.11) and its venv module; deploy/smoke-image.sh
+# passes one it builds with debootstrap where no registry can be reached. Both stages use the
+# same BASE, so the venv's interpreter path matches.
+ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \

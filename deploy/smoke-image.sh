@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 python=${PYTHON_FOR_SMOKE:-$repo/.venv/bin/python}
 work=${MODELSERVE_PODMAN_DIR:-/var/tmp/modelserve-podman}
+# The Dockerfile's default base (python:3.11-slim-bookworm) comes from a registry; where none can
+# be reached this script builds a Debian base with debootstrap and passes it as BASE.
 base=localhost/debian-python:bookworm
 image=localhost/modelserve-runtime:smoke
 grace=35 # seconds: MODELSERVE_GRACEFUL_SHUTDOWN_S (30) plus a margin, as in the Deployment

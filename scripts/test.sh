@@ -12,6 +12,8 @@ if ! command -v curl >/dev/null; then
 fi
 # The metrics tests run the real promtool and Prometheus server.
 scripts/prometheus.sh
+# The API docs test opens /docs in a real headless Chromium.
+scripts/chromium.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"

@@ -1,7 +1,9 @@
 """The deployment files: kustomize renders, Kubernetes schemas, KServe's fields, and a real server
 started the way the KServe ServingRuntime starts it."""
 
+import re
 import shutil
+import string
 import subprocess
 import sys
 import time
@@ -185,6 +187,53 @@ def test_every_modelserve_variable_is_a_setting() -> None:
         n for n in names if n.removeprefix("MODELSERVE_").lower() not in Settings.model_fields
     }
     assert not unknown
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (keyword, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (keyword.upper(), arguments)
+        for keyword, _, arguments in (line.partition(" ") for line in lines)
+        if keyword and not keyword.startswith("#")
+    ]
+
+
+def test_the_image_builds_from_a_registry_base_by_default() -> None:
+    """`docker build .` as a user types it: every stage's base resolves, without build
+    arguments, to an image a public registry serves."""
+    instructions = dockerfile_instructions()
+    first_stage = next(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    defaults = dict(
+        arguments.split("=", 1)
+        for keyword, arguments in instructions[:first_stage]
+        if keyword == "ARG"
+    )
+    froms = [arguments.split() for keyword, arguments in instructions if keyword == "FROM"]
+    stages = {words[2] for words in froms if len(words) == 3}
+    bases = {string.Template(words[0]).safe_substitute(defaults) for words in froms} - stages
+    assert bases, "no FROM in the Dockerfile"
+    for base in bases:
+        assert "$" not in base, f"base {base!r} has no default: `docker build .` fails"
+        assert base.split("/")[0] != "localhost", (
+            f"the default base {base!r} exists only where deploy/smoke-image.sh built it: "
+            "`docker build .` fails elsewhere; default to a registry image"
+        )
+        assert ":" in base, f"base {base!r} has no tag, so builds drift with the registry"
+
+
+def test_the_smoke_test_passes_its_local_base_to_every_build() -> None:
+    """The debootstrap base of deploy/smoke-image.sh is not the Dockerfile's default, so each of
+    its builds names it."""
+    script = re.sub(r"\\\n\s*", " ", (ROOT / "deploy" / "smoke-image.sh").read_text())
+    assert re.search(r"^base=localhost/", script, re.MULTILINE), "the smoke test's base moved"
+    builds = [line for line in script.splitlines() if re.match(r"\s*podman build\b", line)]
+    assert builds, "no podman build in deploy/smoke-image.sh"
+    for build in builds:
+        assert '--build-arg BASE="$base"' in build, (
+            f"builds from the Dockerfile's default: {build.strip()}"
+        )
 
 
 # KServe's CRDs ship without a structural schema for spec, so the fields that KServe's types

@@ -8,12 +8,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import swagger_ui_bundle
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
@@ -120,8 +118,15 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             if directory is not None:
                 worker_exited(directory)
 
-    app = FastAPI(
-        title="modelserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    # FastAPIOffline serves Swagger UI 5 (which renders the OpenAPI 3.1 FastAPI emits) at /docs
+    # from assets in its package, so the docs need no CDN.
+    app = FastAPIOffline(
+        title="modelserve",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        static_url="/docs/static",
     )
     app.include_router(routes)
     # Guards the routes FastAPI serves; the fast path in front has its own limit.
@@ -131,25 +136,5 @@ def create_app(settings: Settings) -> InferenceMiddleware:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    _serve_docs_offline(app)
     add_inference_paths(app)
     return InferenceMiddleware(app)
-
-
-def _serve_docs_offline(app: FastAPI) -> None:
-    """Swagger UI from a packaged copy, so /docs works without reaching a CDN."""
-    app.mount(
-        "/docs/static",
-        StaticFiles(directory=str(swagger_ui_bundle.swagger_ui_path)),
-        name="docs-static",
-    )
-
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="modelserve API",
-            swagger_js_url="/docs/static/swagger-ui-bundle.js",
-            swagger_css_url="/docs/static/swagger-ui.css",
-            swagger_favicon_url="/docs/static/favicon-32x32.png",
-        )
