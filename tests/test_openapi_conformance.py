@@ -54,3 +54,13 @@ def test_error_response(client: httpx.Client) -> None:
     assert response.status_code == 400
     validate(response.json(), "inference_error_response")
     validate(client.get("/v2/models/nope").json(), "metadata_model_error_response")
+
+
+def test_the_scoring_endpoint_is_documented_with_its_file_formats(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/models/{name}:score", "/v1/models/{name}/versions/{version}:score"):
+        operation = paths[path]["post"]
+        formats = {"text/csv", "application/x-ndjson", "application/vnd.apache.parquet"}
+        assert set(operation["requestBody"]["content"]) == formats
+        assert set(operation["responses"]["200"]["content"]) == formats
+        assert {p["name"] for p in operation["parameters"]} >= {"name", "on_error", "chunk_rows"}

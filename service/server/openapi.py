@@ -16,6 +16,30 @@ from service.protocols.schemas import (
 
 _V2_INFER = ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
 _V1_PREDICT = ["/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict"]
+_V1_SCORE = ["/v1/models/{name}:score", "/v1/models/{name}/versions/{version}:score"]
+# The batch file formats of :score, in and out (the answer's follows Accept, else the input's).
+_FILES = {
+    "text/csv": {"schema": {"type": "string"}},
+    "application/x-ndjson": {"schema": {"type": "string"}},
+    "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+}
+_SCORE_QUERY = [
+    {
+        "name": "on_error",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["fail", "skip"], "default": "fail"},
+        "description": "fail: a bad row ends the answer with an error; skip: it gets an "
+        "`error` column and empty predictions.",
+    },
+    {
+        "name": "chunk_rows",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "Rows per chunk (default 16384, at most MODELSERVE_MAX_BATCH_ROWS).",
+    },
+]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -23,8 +47,13 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 
 def _operation(
-    path: str, summary: str, request: type[BaseModel], response: type[BaseModel], tag: str
+    path: str,
+    summary: str,
+    request: type[BaseModel] | None,
+    response: type[BaseModel] | None,
+    tag: str,
 ) -> dict[str, Any]:
+    """A POST operation; without request and response models, its bodies are batch files."""
     parameters = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     if "{version}" in path:
         parameters.append(
@@ -47,23 +76,20 @@ def _operation(
             (504, "Deadline passed"),
         ]
     }
+    if request is None or response is None:
+        parameters += _SCORE_QUERY
+        body, answer = _FILES, _FILES
+    else:
+        body = {"application/json": {"schema": _ref(request)}}
+        answer = {"application/json": {"schema": _ref(response)}}
     return {
         "post": {
             "summary": summary,
             "tags": [tag],
             "operationId": f"{tag}_{summary}_{path}".replace("/", "_"),
             "parameters": parameters,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(request)}},
-            },
-            "responses": {
-                "200": {
-                    "description": "Predictions",
-                    "content": {"application/json": {"schema": _ref(response)}},
-                },
-                **errors,
-            },
+            "requestBody": {"required": True, "content": body},
+            "responses": {"200": {"description": "Predictions", "content": answer}, **errors},
         }
     }
 
@@ -84,6 +110,8 @@ def add_inference_paths(app: FastAPI) -> None:
             schema["paths"][path] = _operation(
                 path, "predict", PredictRequest, PredictResponse, "v1"
             )
+        for path in _V1_SCORE:
+            schema["paths"][path] = _operation(path, "score", None, None, "v1")
         app.openapi_schema = schema
         return schema
 
