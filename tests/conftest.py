@@ -2,7 +2,7 @@
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,20 +12,33 @@ import pytest
 from tests.models_for_faults import add_fault_models
 from tests.prometheus import Prometheus, run_prometheus
 from tests.serving import RunningServer, run_server, wait_for
-from training.examples import train_examples
+from training.examples import EXAMPLES, Example, train_example
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_examples(source: Path, target: Path, examples: Sequence[Example] = EXAMPLES) -> None:
+    """The bundled example models' folders of the repository `source` (their model.toml, no
+    artifacts), copied to `target`. A model a user added to `source` is not one the tests know,
+    so it is left out."""
+    for example in examples:
+        folder = target / example.name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / example.name / "model.toml", folder / "model.toml")
+
+
+def example_repository(source: Path, target: Path, examples: Sequence[Example] = EXAMPLES) -> Path:
+    """The example models of the repository `source`, trained into `target`."""
+    copy_examples(source, target, examples)
+    for example in examples:
+        train_example(example, target)
+    return target
 
 
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example models trained once per test session (seeded, from scikit-learn data)."""
-    root = tmp_path_factory.mktemp("trained") / "models"
-    for config in (ROOT / "models").glob("*/model.toml"):
-        (root / config.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(config, root / config.parent.name / "model.toml")
-    train_examples(root)
-    return root
+    return example_repository(ROOT / "models", tmp_path_factory.mktemp("trained") / "models")
 
 
 @pytest.fixture
