@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import joblib
 import numpy as np
+import pytest
 from sklearn.datasets import load_wine
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression
@@ -17,6 +18,9 @@ from service.store.registry import LoadOptions, load_registry
 from tests.conftest import ROOT, copy_examples
 from tests.damage import truncate
 from tests.serving import run_server
+
+# Each test runs the command line as a process of its own.
+pytestmark = pytest.mark.e2e
 
 
 def modelserve(*args: str) -> subprocess.CompletedProcess[str]:

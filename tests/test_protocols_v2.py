@@ -14,8 +14,8 @@ from service.store.registry import LoadOptions, ModelVersion, load_registry
 
 
 @pytest.fixture(scope="module")
-def iris(trained_repository: Path) -> ModelVersion:
-    return load_registry(trained_repository, LoadOptions()).resolve("iris", "1")
+def iris(iris_repository: Path) -> ModelVersion:
+    return load_registry(iris_repository, LoadOptions()).resolve("iris", "1")
 
 
 def binary_request(header: dict[str, Any], *blobs: bytes) -> tuple[bytes, str]:
