@@ -1,31 +1,73 @@
-"""Shared fixtures: a repository of real example models and a real server serving it."""
+"""Shared fixtures: a repository of real example models and a real server serving it.
+
+Tests fall into two layers. The end-to-end layer (marker `e2e`) starts processes or needs the
+whole trained example repository; everything else is the fast layer, `pytest -m "not e2e"`.
+"""
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests import serving
 from tests.models_for_faults import add_fault_models
 from tests.prometheus import Prometheus, run_prometheus
 from tests.serving import RunningServer, run_server, wait_for
-from training.examples import train_examples
+from training.examples import EXAMPLES, Example, train_example
 
 ROOT = Path(__file__).resolve().parent.parent
+# A test that asks for one of these (directly or through another fixture) is end-to-end.
+E2E_FIXTURES = frozenset(
+    {"trained_repository", "server", "fault_server", "workers_server", "prometheus"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before the test's fixtures are set up, so that a server fixture is checked too.
+    serving.allow_servers(item.get_closest_marker("e2e") is not None)
+
+
+def copy_examples(source: Path, target: Path, examples: Sequence[Example] = EXAMPLES) -> None:
+    """The bundled example models' folders of the repository `source` (their model.toml, no
+    artifacts), copied to `target`. A model a user added to `source` is not one the tests know,
+    so it is left out."""
+    for example in examples:
+        folder = target / example.name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / example.name / "model.toml", folder / "model.toml")
+
+
+def example_repository(source: Path, target: Path, examples: Sequence[Example] = EXAMPLES) -> Path:
+    """The example models of the repository `source`, trained into `target`."""
+    copy_examples(source, target, examples)
+    for example in examples:
+        train_example(example, target)
+    return target
 
 
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example models trained once per test session (seeded, from scikit-learn data)."""
-    root = tmp_path_factory.mktemp("trained") / "models"
-    for config in (ROOT / "models").glob("*/model.toml"):
-        (root / config.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(config, root / config.parent.name / "model.toml")
-    train_examples(root)
-    return root
+    return example_repository(ROOT / "models", tmp_path_factory.mktemp("trained") / "models")
+
+
+@pytest.fixture(scope="session")
+def iris_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The iris example alone (version 1 joblib, version 2 ONNX), for the fast layer's tests
+    that need one real model and only read it."""
+    iris = [e for e in EXAMPLES if e.name == "iris"]
+    return example_repository(ROOT / "models", tmp_path_factory.mktemp("iris") / "models", iris)
 
 
 @pytest.fixture

@@ -13,6 +13,15 @@ from pathlib import Path
 
 import httpx
 
+# Whether the running test may start servers: only an `e2e` test may (set by tests/conftest.py),
+# so that the fast layer stays free of server processes as tests are added.
+_servers_allowed = True
+
+
+def allow_servers(allowed: bool) -> None:
+    global _servers_allowed
+    _servers_allowed = allowed
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -69,6 +78,11 @@ def run_server(
 ) -> Iterator[RunningServer]:
     """A `modelserve serve` process on a free port, once `wait_for` answers 200; stopped with
     SIGTERM afterwards."""
+    if not _servers_allowed:
+        raise RuntimeError(
+            "this test starts a server process: mark it `@pytest.mark.e2e` or use a server "
+            "fixture (tests/conftest.py E2E_FIXTURES), so that `pytest -m 'not e2e'` stays fast"
+        )
     port = free_port()
     log = log_dir / f"server-{port}.log"
     environment = {**os.environ, **(env or {})}

@@ -17,10 +17,11 @@ MODEL_ENDPOINTS = [
     ("GET", "/v2/models/iris/ready"),
     ("GET", "/v1/models/iris"),
 ]
+# (path, status with the admin token, a phrase its error names)
 ADMIN_ENDPOINTS = [
-    "/v2/repository/index",
-    "/v2/repository/models/iris/load",
-    "/v2/repository/models/no-such-model/unload",
+    ("/v2/repository/index", 200, None),
+    ("/v2/repository/models/iris/load", 200, None),
+    ("/v2/repository/models/no-such-model/unload", 404, "'no-such-model' is not loaded"),
 ]
 
 
@@ -48,8 +49,11 @@ def test_model_endpoints_need_an_api_key(anonymous: httpx.Client, method: str, p
     missing = _send(anonymous, method, path, {})
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
+    assert "needs an API key" in missing.json()["error"]
     for wrong in ({"X-API-Key": "nope"}, {"Authorization": "Bearer nope"}):
-        assert _send(anonymous, method, path, wrong).status_code == 403
+        refused = _send(anonymous, method, path, wrong)
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "the API key is not valid"
     for right in ({"X-API-Key": API_KEY}, {"Authorization": f"Bearer {API_KEY}"}):
         assert _send(anonymous, method, path, right).status_code == 200
     assert _send(anonymous, method, path, {"X-API-Key": "second-key"}).status_code == 200
@@ -60,25 +64,37 @@ def test_a_key_of_another_scheme_is_not_a_key(anonymous: httpx.Client) -> None:
         INFER, content=infer_body(), headers={**JSON, "Authorization": API_KEY}
     )
     assert response.status_code == 401
+    assert "needs an API key" in response.json()["error"]
 
 
-@pytest.mark.parametrize("path", ADMIN_ENDPOINTS)
-def test_admin_endpoints_need_the_admin_token(anonymous: httpx.Client, path: str) -> None:
+@pytest.mark.parametrize(("path", "status", "phrase"), ADMIN_ENDPOINTS)
+def test_admin_endpoints_need_the_admin_token(
+    anonymous: httpx.Client, path: str, status: int, phrase: str | None
+) -> None:
     missing = anonymous.post(path)
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
-    assert anonymous.post(path, headers={"Authorization": "Bearer wrong"}).status_code == 403
-    # An inference key is not an admin token.
-    assert anonymous.post(path, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 403
+    assert "Authorization: Bearer <admin token>" in missing.json()["error"]
+    # A wrong token, and an inference key, which is not an admin token.
+    for wrong in ("wrong", API_KEY):
+        refused = anonymous.post(path, headers={"Authorization": f"Bearer {wrong}"})
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "the admin token is not valid"
     allowed = anonymous.post(path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert allowed.status_code in (200, 404), allowed.text  # 404: the model to unload is unknown
+    assert allowed.status_code == status, allowed.text
+    if phrase is not None:
+        assert phrase in allowed.json()["error"]
 
 
 def test_health_is_open_and_protected_metrics_need_credentials(anonymous: httpx.Client) -> None:
     assert anonymous.get("/v2/health/live").status_code == 200
     assert anonymous.get("/v2/health/ready").status_code == 200
-    assert anonymous.get("/metrics").status_code == 401
-    assert anonymous.get("/metrics", headers={"X-API-Key": "nope"}).status_code == 403
+    missing = anonymous.get("/metrics")
+    assert missing.status_code == 401
+    assert "send 'Authorization: Bearer <key>' or 'X-API-Key'" in missing.json()["error"]
+    refused = anonymous.get("/metrics", headers={"X-API-Key": "nope"})
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "the credentials are not valid"
     assert anonymous.get("/metrics", headers={"X-API-Key": API_KEY}).status_code == 200
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     assert anonymous.get("/metrics", headers=admin).status_code == 200

@@ -9,14 +9,18 @@ from pathlib import Path
 import httpx
 import joblib
 import numpy as np
+import pytest
 from sklearn.datasets import load_wine
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression
 
 from service.store.registry import LoadOptions, load_registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_examples
 from tests.damage import truncate
 from tests.serving import run_server
+
+# Each test runs the command line as a process of its own.
+pytestmark = pytest.mark.e2e
 
 
 def modelserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,13 +118,10 @@ def test_validate_fails_on_a_broken_version(repository: Path) -> None:
 
 
 def test_serve_trains_missing_example_models(tmp_path: Path) -> None:
+    # What a fresh clone's models/ holds: the marker and the examples' model.toml files.
     root = tmp_path / "models"
-    shutil.copytree(
-        ROOT / "models",
-        root,
-        ignore=shutil.ignore_patterns("model.joblib", "model.onnx", "metadata.json"),
-    )
-    assert (root / ".examples").is_file()
+    copy_examples(ROOT / "models", root)
+    shutil.copy(ROOT / "models" / ".examples", root / ".examples")
     with run_server(root, tmp_path) as server:
         answer = httpx.post(
             f"{server.url}/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}

@@ -66,20 +66,28 @@ def test_unload_and_load(repository: Path, tmp_path: Path) -> None:
         assert (answer["model_version"], answer["predictions"]) == ("1", ["setosa"])
         missing = client.post("/v2/repository/models/nope/load", headers=ADMIN)
         assert missing.status_code == 404
+        assert "model 'nope' is not in the repository" in missing.json()["error"]
         traversal = client.post("/v2/repository/models/..%2F..%2Fetc/load", headers=ADMIN)
         assert traversal.status_code == 404
 
 
+NEEDS_TOKEN = "repository endpoints need 'Authorization: Bearer <admin token>'"
+
+
 @pytest.mark.parametrize(
-    ("headers", "status"),
-    [({}, 401), ({"Authorization": "Bearer wrong"}, 403), ({"Authorization": "Basic x"}, 401)],
+    ("headers", "status", "message"),
+    [
+        ({}, 401, NEEDS_TOKEN),
+        ({"Authorization": "Bearer wrong"}, 403, "the admin token is not valid"),
+        ({"Authorization": "Basic x"}, 401, NEEDS_TOKEN),
+    ],
 )
 def test_admin_endpoints_need_the_token(
-    client: httpx.Client, headers: dict[str, str], status: int
+    client: httpx.Client, headers: dict[str, str], status: int, message: str
 ) -> None:
     response = client.post("/v2/repository/index", headers=headers)
     assert response.status_code == status
-    assert "error" in response.json()
+    assert response.json()["error"] == message
 
 
 def test_admin_endpoints_are_off_without_a_token(repository: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from service.scoring import ModelReference, load_model
+from tests.reference import fitted_example
 from tests.scrape import scrape, total
 from tests.serving import RunningServer, run_server
 
@@ -124,17 +125,20 @@ def test_ndjson_and_parquet_bodies_score_like_csv(
         assert table["label"].to_pylist() == want
 
 
-def test_a_regressor_answers_with_a_prediction_column(client: httpx.Client) -> None:
+def test_a_regressor_answers_with_a_prediction_column(
+    client: httpx.Client, trained_repository: Path
+) -> None:
+    features = [0.01, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, 0.0, 0.02, -0.02]
     response = client.post(
         "/v1/models/diabetes:score",
-        content=b"age,sex,bmi,bp,s1,s2,s3,s4,s5,s6\n"
-        + b"0.01,0.05,0.06,0.02,-0.04,-0.03,-0.04,0.0,0.02,-0.02\n",
+        content=b"age,sex,bmi,bp,s1,s2,s3,s4,s5,s6\n" + ",".join(map(str, features)).encode(),
         headers={"content-type": CSV},
     )
     assert response.status_code == 200, response.text
     header, row = response.text.splitlines()
     assert header.endswith(",s6,prediction")
-    assert 25 < float(row.rsplit(",", 1)[1]) < 350
+    want = fitted_example(trained_repository, "diabetes").predict([features])
+    np.testing.assert_allclose(float(row.rsplit(",", 1)[1]), want[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

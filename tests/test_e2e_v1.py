@@ -1,23 +1,30 @@
 """V1 (`instances`) prediction and model status against a real server process."""
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
-from sklearn.datasets import load_iris
+from sklearn.datasets import load_diabetes, load_iris
+
+from tests.reference import fitted_example
 
 IRIS = load_iris()
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
-def test_rows_as_lists(client: httpx.Client, version: str) -> None:
-    rows = IRIS.data[[0, 120]].tolist()
-    response = client.post(f"/v1/models/iris/versions/{version}:predict", json={"instances": rows})
+def test_rows_as_lists(client: httpx.Client, trained_repository: Path, version: str) -> None:
+    rows = IRIS.data[[0, 120]]
+    response = client.post(
+        f"/v1/models/iris/versions/{version}:predict", json={"instances": rows.tolist()}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["predictions"] == ["setosa", "virginica"]
     assert body["classes"] == ["setosa", "versicolor", "virginica"]
-    np.testing.assert_allclose(np.sum(body["probabilities"], axis=1), 1.0, rtol=1e-5)
+    want = fitted_example(trained_repository, "iris").predict_proba(rows)
+    np.testing.assert_allclose(body["probabilities"], want, atol=1e-5)
 
 
 def test_rows_as_objects_in_any_key_order(client: httpx.Client) -> None:
@@ -32,11 +39,17 @@ def test_inputs_key_is_accepted(client: httpx.Client) -> None:
     assert response.json()["predictions"] == ["setosa"]
 
 
-def test_regressor_predictions_are_numbers(client: httpx.Client) -> None:
-    response = client.post("/v1/models/diabetes:predict", json={"instances": [[0.0] * 10]})
-    predictions = response.json()["predictions"]
-    assert len(predictions) == 1
-    assert isinstance(predictions[0], float)
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_regressor_predictions_are_the_models_own(
+    client: httpx.Client, trained_repository: Path, version: str
+) -> None:
+    rows = load_diabetes().data[:5]
+    response = client.post(
+        f"/v1/models/diabetes/versions/{version}:predict", json={"instances": rows.tolist()}
+    )
+    assert response.status_code == 200, response.text
+    want = fitted_example(trained_repository, "diabetes").predict(rows)
+    np.testing.assert_allclose(response.json()["predictions"], want, rtol=1e-5)
     assert "probabilities" not in response.json()
 
 

@@ -1,12 +1,15 @@
 """V2 inference and metadata against a real server process, for joblib and ONNX versions alike."""
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import orjson
 import pytest
-from sklearn.datasets import load_breast_cancer, load_iris
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+
+from tests.reference import fitted_example
 
 IRIS = load_iris()
 PICKED = [0, 60, 120]
@@ -29,7 +32,9 @@ def outputs_of(response: httpx.Response) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("flat", [False, True])
-def test_iris_labels_and_probabilities(client: httpx.Client, version: str, flat: bool) -> None:
+def test_iris_labels_and_probabilities(
+    client: httpx.Client, trained_repository: Path, version: str, flat: bool
+) -> None:
     response = client.post(
         f"/v2/models/iris/versions/{version}/infer", json=infer_body(ROWS, flat=flat)
     )
@@ -44,8 +49,8 @@ def test_iris_labels_and_probabilities(client: httpx.Client, version: str, flat:
     probabilities = outputs["probabilities"]
     assert (probabilities["datatype"], probabilities["shape"]) == ("FP32", [3, 3])
     matrix = np.array(probabilities["data"]).reshape(3, 3)
-    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-5)
-    assert [IRIS.target_names[i] for i in matrix.argmax(axis=1)] == EXPECTED
+    want = fitted_example(trained_repository, "iris").predict_proba(ROWS)
+    np.testing.assert_allclose(matrix, want, atol=1e-5)
 
 
 def test_joblib_and_onnx_versions_agree(client: httpx.Client) -> None:
@@ -96,13 +101,15 @@ def test_id_is_echoed_and_outputs_select(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_regressor_prediction(client: httpx.Client, version: str) -> None:
-    rows = np.zeros((2, 10), dtype=np.float32)
+def test_regressor_prediction(client: httpx.Client, trained_repository: Path, version: str) -> None:
+    rows = load_diabetes().data[:5].astype(np.float32)
     outputs = outputs_of(
         client.post(f"/v2/models/diabetes/versions/{version}/infer", json=infer_body(rows))
     )
     assert outputs["prediction"]["datatype"] == "FP32"
-    assert outputs["prediction"]["shape"] == [2]
+    assert outputs["prediction"]["shape"] == [5]
+    want = fitted_example(trained_repository, "diabetes").predict(rows)
+    np.testing.assert_allclose(outputs["prediction"]["data"], want, rtol=1e-5)
 
 
 def test_server_and_model_metadata(client: httpx.Client) -> None:
@@ -128,7 +135,7 @@ def test_health_and_readiness(client: httpx.Client) -> None:
     assert client.get("/v2/models/unknown/ready").status_code == 404
 
 
-def test_binary_tensor_extension_both_ways(client: httpx.Client) -> None:
+def test_binary_tensor_extension_both_ways(client: httpx.Client, trained_repository: Path) -> None:
     header = orjson.dumps(
         {
             "inputs": [
@@ -160,4 +167,5 @@ def test_binary_tensor_extension_both_ways(client: httpx.Client) -> None:
     assert label["data"] == EXPECTED
     size = probabilities["parameters"]["binary_data_size"]
     values = np.frombuffer(response.content[split : split + size], dtype="<f4").reshape(3, 3)
-    assert [IRIS.target_names[i] for i in values.argmax(axis=1)] == EXPECTED
+    want = fitted_example(trained_repository, "iris").predict_proba(ROWS)
+    np.testing.assert_allclose(values, want, atol=1e-5)

@@ -76,39 +76,63 @@ HUGE_NUMBER = b"1" * 5000
 TOO_MANY_ROWS = infer_body([[5.0, 3.0, 1.5, 0.2]] * 1001)
 TOO_LARGE = infer_body([[5.0, 3.0, 1.5, 0.2]] * 900, id="x" * 1_000_000)
 
-# (case id, path, body, extra headers, expected status)
-CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
-    ("malformed-json", INFER, b'{"inputs": [', JSON, 400),
-    ("not-utf8", INFER, b'{"inputs": "\xff\xfe\xfd"}', JSON, 400),
-    ("text-plain", INFER, infer_body(), {"Content-Type": "text/plain"}, 415),
+# (case id, path, body, extra headers, expected status, a phrase the error message must contain)
+CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+    ("malformed-json", INFER, b'{"inputs": [', JSON, 400, "not valid JSON"),
+    ("not-utf8", INFER, b'{"inputs": "\xff\xfe\xfd"}', JSON, 400, "not valid UTF-8"),
+    (
+        "text-plain",
+        INFER,
+        infer_body(),
+        {"Content-Type": "text/plain"},
+        415,
+        "content type 'text/plain'",
+    ),
     (
         "form-urlencoded",
         INFER,
         infer_body(),
         {"Content-Type": "application/x-www-form-urlencoded"},
         415,
+        "content type 'application/x-www-form-urlencoded'",
     ),
-    ("top-level-array", INFER, b"[1, 2, 3]", JSON, 400),
-    ("top-level-string", INFER, b'"inputs"', JSON, 400),
-    ("top-level-null", INFER, b"null", JSON, 400),
-    ("empty-body", INFER, b"", JSON, 400),
-    ("unknown-request-field", INFER, infer_body(extra_field=1), JSON, 400),
+    ("top-level-array", INFER, b"[1, 2, 3]", JSON, 400, "must be a JSON object"),
+    ("top-level-string", INFER, b'"inputs"', JSON, 400, "must be a JSON object"),
+    ("top-level-null", INFER, b"null", JSON, 400, "must be a JSON object"),
+    ("empty-body", INFER, b"", JSON, 400, "empty document"),
+    (
+        "unknown-request-field",
+        INFER,
+        infer_body(extra_field=1),
+        JSON,
+        400,
+        "unknown field 'extra_field'",
+    ),
     (
         "unknown-tensor-field",
         INFER,
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4], colour="red")]}),
         JSON,
         400,
+        "unknown field 'colour'",
     ),
-    ("strings-as-features", INFER, infer_body([["a", "b", "c", "d"]]), JSON, 400),
-    ("null-as-feature", INFER, infer_body([[5.1, None, 1.4, 0.2]]), JSON, 400),
-    ("booleans-as-features", INFER, infer_body([[True, False, True, False]]), JSON, 400),
+    ("strings-as-features", INFER, infer_body([["a", "b", "c", "d"]]), JSON, 400, "found strings"),
+    ("null-as-feature", INFER, infer_body([[5.1, None, 1.4, 0.2]]), JSON, 400, "null values"),
+    (
+        "booleans-as-features",
+        INFER,
+        infer_body([[True, False, True, False]]),
+        JSON,
+        400,
+        "got booleans",
+    ),
     (
         "infinity-token",
         INFER,
         b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[Infinity,1,1,1]]}]}',
         JSON,
         400,
+        "not valid JSON",
     ),
     (
         "nan-token",
@@ -116,8 +140,9 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[NaN,1,1,1]]}]}',
         JSON,
         400,
+        "not valid JSON",
     ),
-    ("1e39-into-fp32", INFER, infer_body([[1e39, 1.0, 1.0, 1.0]]), JSON, 400),
+    ("1e39-into-fp32", INFER, infer_body([[1e39, 1.0, 1.0, 1.0]]), JSON, 400, "out of FP32 range"),
     (
         "5000-digit-number",
         INFER,
@@ -126,6 +151,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         + b",1,1,1]]}]}",
         JSON,
         400,
+        "number is infinity",
     ),
     (
         "ragged-rows",
@@ -133,18 +159,34 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4], [1, 2]], [2, 4])]}),
         JSON,
         400,
+        "ragged",
     ),
-    ("empty-batch", INFER, orjson.dumps({"inputs": [tensor([], [0, 4])]}), JSON, 400),
-    ("too-many-rows", INFER, TOO_MANY_ROWS, JSON, 413),
-    ("too-large-with-content-length", INFER, TOO_LARGE, JSON, 413),
-    ("100000-deep-nesting", INFER, DEEP, JSON, 400),
-    ("wrong-feature-count", INFER, infer_body([[1.0, 2.0, 3.0]]), JSON, 400),
+    (
+        "empty-batch",
+        INFER,
+        orjson.dumps({"inputs": [tensor([], [0, 4])]}),
+        JSON,
+        400,
+        "empty batch",
+    ),
+    ("too-many-rows", INFER, TOO_MANY_ROWS, JSON, 413, "1001 rows is more than the limit of 1000"),
+    ("too-large-with-content-length", INFER, TOO_LARGE, JSON, 413, "over the limit of 1000000"),
+    ("100000-deep-nesting", INFER, DEEP, JSON, 400, "nested more than 1024 levels"),
+    (
+        "wrong-feature-count",
+        INFER,
+        infer_body([[1.0, 2.0, 3.0]]),
+        JSON,
+        400,
+        "has 3 values but shape [1, 4] needs 4",
+    ),
     (
         "shape-disagrees-with-data",
         INFER,
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [2, 4])]}),
         JSON,
         400,
+        "has 4 values but shape [2, 4] needs 8",
     ),
     (
         "negative-shape",
@@ -152,6 +194,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [-1, 4])]}),
         JSON,
         400,
+        "'shape' must be a list of non-negative integers",
     ),
     (
         "unknown-datatype",
@@ -159,15 +202,17 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4], "FP128")]}),
         JSON,
         400,
+        "'datatype' must be one of",
     ),
-    ("missing-inputs", INFER, b'{"id": "1"}', JSON, 400),
-    ("empty-inputs", INFER, b'{"inputs": []}', JSON, 400),
+    ("missing-inputs", INFER, b'{"id": "1"}', JSON, 400, "'inputs' must be a non-empty list"),
+    ("empty-inputs", INFER, b'{"inputs": []}', JSON, 400, "'inputs' must be a non-empty list"),
     (
         "unknown-input-name",
         INFER,
         orjson.dumps({"inputs": [{**tensor([[1, 2, 3, 4]], [1, 4]), "name": "x"}]}),
         JSON,
         400,
+        "unknown input 'x'",
     ),
     (
         "input-twice",
@@ -175,55 +220,182 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
         orjson.dumps({"inputs": [tensor([[1, 2, 3, 4]], [1, 4])] * 2}),
         JSON,
         400,
+        "given twice",
     ),
-    ("id-not-a-string", INFER, infer_body(id=7), JSON, 400),
-    ("unknown-output", INFER, infer_body(outputs=[{"name": "nope"}]), JSON, 400),
-    ("timeout-not-a-number", INFER, infer_body(parameters={"timeout": "soon"}), JSON, 400),
-    ("unknown-model", "/v2/models/no-such-model/infer", infer_body(), JSON, 404),
-    ("unknown-version", "/v2/models/iris/versions/99/infer", infer_body(), JSON, 404),
-    ("version-leading-zero", "/v2/models/iris/versions/01/infer", infer_body(), JSON, 404),
-    ("version-negative", "/v2/models/iris/versions/-1/infer", infer_body(), JSON, 404),
-    ("binary-header-length-past-body", INFER, *_binary_case(32, 2, header_length="99999"), 400),
-    ("binary-header-length-not-a-number", INFER, *_binary_case(32, 2, header_length="ten"), 400),
-    ("binary-header-length-negative", INFER, *_binary_case(32, 2, header_length="-5"), 400),
-    ("binary-data-size-past-body", INFER, *_binary_case(64, 1), 400),
-    ("binary-data-size-wrong-for-shape", INFER, *_binary_case(16, 2), 400),
-    ("binary-bytes-left-over", INFER, *_binary_case(32, 3), 400),
-    ("v1-top-level-array", "/v1/models/iris:predict", b"[[5.1, 3.5, 1.4, 0.2]]", JSON, 400),
-    ("v1-instances-not-a-list", "/v1/models/iris:predict", b'{"instances": 5}', JSON, 400),
+    ("id-not-a-string", INFER, infer_body(id=7), JSON, 400, "'id' must be a string"),
+    (
+        "unknown-output",
+        INFER,
+        infer_body(outputs=[{"name": "nope"}]),
+        JSON,
+        400,
+        "no output 'nope'",
+    ),
+    (
+        "timeout-not-a-number",
+        INFER,
+        infer_body(parameters={"timeout": "soon"}),
+        JSON,
+        400,
+        "parameters.timeout",
+    ),
+    (
+        "unknown-model",
+        "/v2/models/no-such-model/infer",
+        infer_body(),
+        JSON,
+        404,
+        "model 'no-such-model' is not in the repository",
+    ),
+    (
+        "unknown-version",
+        "/v2/models/iris/versions/99/infer",
+        infer_body(),
+        JSON,
+        404,
+        "model 'iris' has no version 99",
+    ),
+    (
+        "version-leading-zero",
+        "/v2/models/iris/versions/01/infer",
+        infer_body(),
+        JSON,
+        404,
+        "has no version '01'",
+    ),
+    (
+        "version-negative",
+        "/v2/models/iris/versions/-1/infer",
+        infer_body(),
+        JSON,
+        404,
+        "has no version '-1'",
+    ),
+    (
+        "binary-header-length-past-body",
+        INFER,
+        *_binary_case(32, 2, header_length="99999"),
+        400,
+        "Inference-Header-Content-Length 99999 is outside the body",
+    ),
+    (
+        "binary-header-length-not-a-number",
+        INFER,
+        *_binary_case(32, 2, header_length="ten"),
+        400,
+        "Inference-Header-Content-Length must be an integer",
+    ),
+    (
+        "binary-header-length-negative",
+        INFER,
+        *_binary_case(32, 2, header_length="-5"),
+        400,
+        "Inference-Header-Content-Length -5 is outside the body",
+    ),
+    (
+        "binary-data-size-past-body",
+        INFER,
+        *_binary_case(64, 1),
+        400,
+        "binary_data_size 64 runs past the end",
+    ),
+    (
+        "binary-data-size-wrong-for-shape",
+        INFER,
+        *_binary_case(16, 2),
+        400,
+        "binary_data_size 16 does not match shape [2, 4]",
+    ),
+    ("binary-bytes-left-over", INFER, *_binary_case(32, 3), 400, "not claimed by any input"),
+    (
+        "v1-top-level-array",
+        "/v1/models/iris:predict",
+        b"[[5.1, 3.5, 1.4, 0.2]]",
+        JSON,
+        400,
+        "must be a JSON object",
+    ),
+    (
+        "v1-instances-not-a-list",
+        "/v1/models/iris:predict",
+        b'{"instances": 5}',
+        JSON,
+        400,
+        '"instances" must be a list',
+    ),
     (
         "v1-unknown-feature",
         "/v1/models/iris:predict",
         b'{"instances": [{"sepal_length": 1, "colour": 2}]}',
         JSON,
         400,
+        "missing feature 'sepal_width'",
     ),
-    ("v1-unknown-model", "/v1/models/nope:predict", b'{"instances": [[1, 2, 3, 4]]}', JSON, 404),
-    ("admin-deep-nesting", "/v2/repository/index", DEEP, ADMIN_JSON, 400),
-    ("admin-malformed-json", "/v2/repository/index", b'{"ready": ', ADMIN_JSON, 400),
-    ("admin-top-level-array", "/v2/repository/index", b"[true]", ADMIN_JSON, 400),
+    (
+        "v1-unknown-model",
+        "/v1/models/nope:predict",
+        b'{"instances": [[1, 2, 3, 4]]}',
+        JSON,
+        404,
+        "model 'nope' is not in the repository",
+    ),
+    (
+        "admin-deep-nesting",
+        "/v2/repository/index",
+        DEEP,
+        ADMIN_JSON,
+        400,
+        "nested more than 1024 levels",
+    ),
+    (
+        "admin-malformed-json",
+        "/v2/repository/index",
+        b'{"ready": ',
+        ADMIN_JSON,
+        400,
+        "JSON decode error",
+    ),
+    (
+        "admin-top-level-array",
+        "/v2/repository/index",
+        b"[true]",
+        ADMIN_JSON,
+        400,
+        "valid dictionary",
+    ),
 ]
 
 
+# Cases whose message does not name the cause yet: the control plane's body parser (FastAPI's)
+# answers a too-deep body with "There was an error parsing the body", and no "type".
+UNNAMED_CAUSE = {"admin-deep-nesting"}
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "headers", "status"),
-    [pytest.param(*case[1:], id=case[0]) for case in CASES],
+    ("path", "body", "headers", "status", "phrase"),
+    [
+        pytest.param(
+            *case[1:],
+            id=case[0],
+            marks=[pytest.mark.xfail(strict=True, reason="the message does not name the cause")]
+            if case[0] in UNNAMED_CAUSE
+            else [],
+        )
+        for case in CASES
+    ],
 )
 def test_bad_request_gets_a_clear_error(
-    fault_client: httpx.Client, path: str, body: bytes, headers: dict[str, str], status: int
+    fault_client: httpx.Client,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    phrase: str,
 ) -> None:
     response = fault_client.post(path, content=body, headers=headers)
     assert response.status_code == status, response.text
-    error = response.json()
-    assert isinstance(error["error"], str)
-    assert error["error"]
+    assert phrase in response.json()["error"]
     assert "Traceback" not in response.text
-
-
-def test_deep_nesting_is_named_in_the_error(fault_client: httpx.Client) -> None:
-    response = fault_client.post(INFER, content=DEEP, headers=JSON)
-    assert response.status_code == 400
-    assert "nested more than 1024 levels" in response.json()["error"]
 
 
 def _huge_chunked(fault_server: RunningServer, path: str, headers: dict[str, str]) -> int | None:
@@ -300,6 +472,7 @@ def test_failing_model_answers_500_with_the_request_id(fault_client: httpx.Clien
     )
     assert response.status_code == 500
     body = response.json()
+    assert body["error"] == "the model failed: ValueError"  # the class only, not the message
     assert body["request_id"] == "fault-42"
     assert response.headers["x-request-id"] == "fault-42"
     assert "Traceback" not in response.text

@@ -136,8 +136,8 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None
 
 
 @pytest.fixture(scope="module")
-def iris(trained_repository: Path) -> ModelVersion:
-    registry = load_registry(trained_repository, LoadOptions())
+def iris(iris_repository: Path) -> ModelVersion:
+    registry = load_registry(iris_repository, LoadOptions())
     return registry.resolve("iris", "1")
 
 

@@ -26,8 +26,8 @@ def _version(classes: list[Any]) -> ModelVersion:
 
 
 @pytest.fixture(scope="module")
-def versions(trained_repository: Path) -> dict[str, ModelVersion]:
-    registry = load_registry(trained_repository, LoadOptions())
+def versions(iris_repository: Path) -> dict[str, ModelVersion]:
+    registry = load_registry(iris_repository, LoadOptions())
     return {
         "iris-joblib": registry.resolve("iris", "1"),
         "iris-onnx": registry.resolve("iris", "2"),
@@ -94,9 +94,9 @@ def test_binary_labels_in_runs_match_label_by_label(n_classes: int, rows: int) -
     assert labels.bytes_elements(index) == one_by_one
 
 
-def test_onnx_labels_outside_the_listed_classes_keep_their_values(trained_repository: Path) -> None:
+def test_onnx_labels_outside_the_listed_classes_keep_their_values(iris_repository: Path) -> None:
     """Metadata that lists other classes than the graph gives: no positions, labels as given."""
-    verified = read_verified(trained_repository / "iris" / "2", False)
+    verified = read_verified(iris_repository / "iris" / "2", False)
     assert verified.metadata is not None
     other = verified.metadata.model_copy(update={"classes": ["a", "b", "c"]})
     runtime = onnx_runtime.load(verified.data, other, RuntimeOptions())

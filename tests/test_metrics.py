@@ -10,6 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.scrape import scrape, send, total
 from tests.serving import RunningServer
 
+# `any_server` picks its server by name, out of sight of tests/conftest.py's automatic mark.
+pytestmark = pytest.mark.e2e
+
 # DESIGN §5, plus the time of the last model call (for the statistics extension).
 METRICS = {
     "modelserve_requests": ("counter", {"model", "version", "protocol", "code"}),

@@ -40,7 +40,7 @@ def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> Non
         assert eventually(lambda: client.get("/v2/models/iris/versions/2/ready").status_code == 503)
         assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "1"
         shutil.rmtree(repository / "diabetes")
-        assert eventually(lambda: client.get("/v2/models/diabetes").status_code != 200)
+        assert eventually(lambda: client.get("/v2/models/diabetes").status_code == 404)
 
 
 def test_polling_watches_a_single_model_folder(repository: Path) -> None:

@@ -15,8 +15,8 @@ from service.store.runtimes import Prediction
 
 
 @pytest.fixture(scope="module")
-def iris(trained_repository: Path) -> ModelVersion:
-    return load_registry(trained_repository, LoadOptions()).resolve("iris", "1")
+def iris(iris_repository: Path) -> ModelVersion:
+    return load_registry(iris_repository, LoadOptions()).resolve("iris", "1")
 
 
 def binary_request(header: dict[str, Any], *blobs: bytes) -> tuple[bytes, str]:

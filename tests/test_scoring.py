@@ -13,6 +13,7 @@ from sklearn.datasets import load_diabetes, load_iris
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound
 from service.scoring import ModelReference, cached_model, load_model, score
 from service.scoring.chunks import empty_outputs
+from tests.reference import fitted_example
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -62,7 +63,7 @@ def test_arrow_table_of_a_regressor_gets_a_prediction_column(trained_repository:
     scored = score(table, ModelReference(str(trained_repository), "diabetes", 2))
     assert isinstance(scored, pa.Table)
     assert scored.column_names == [*names, "prediction"]
-    want = expected(trained_repository, "diabetes", 2, diabetes.data)["prediction"]
+    want = fitted_example(trained_repository, "diabetes").predict(diabetes.data)
     np.testing.assert_allclose(scored["prediction"].to_numpy(), want, rtol=1e-5)
 
 

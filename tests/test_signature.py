@@ -12,8 +12,8 @@ from service.store.registry import LoadOptions, ModelVersion, load_registry
 
 
 @pytest.fixture(scope="module")
-def iris(trained_repository: Path) -> ModelVersion:
-    return load_registry(trained_repository, LoadOptions()).resolve("iris", "2")
+def iris(iris_repository: Path) -> ModelVersion:
+    return load_registry(iris_repository, LoadOptions()).resolve("iris", "2")
 
 
 def test_conversion_to_the_model_dtype(iris: ModelVersion) -> None:

@@ -1,12 +1,14 @@
 """The real tritonclient.http client works against modelserve unchanged."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from sklearn.datasets import load_iris
 
+from tests.reference import fitted_example
 from tests.serving import RunningServer
 
 IRIS = load_iris()
@@ -40,7 +42,12 @@ def test_model_metadata(triton_client: triton.InferenceServerClient) -> None:
 
 @pytest.mark.parametrize("version", ["1", "2"])
 @pytest.mark.parametrize("binary", [True, False])
-def test_infer(triton_client: triton.InferenceServerClient, version: str, binary: bool) -> None:
+def test_infer(
+    triton_client: triton.InferenceServerClient,
+    trained_repository: Path,
+    version: str,
+    binary: bool,
+) -> None:
     tensor = triton.InferInput("input", list(ROWS.shape), "FP32")
     tensor.set_data_from_numpy(ROWS, binary_data=binary)
     outputs = [
@@ -52,9 +59,8 @@ def test_infer(triton_client: triton.InferenceServerClient, version: str, binary
     )
     labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
     assert labels == EXPECTED
-    probabilities = result.as_numpy("probabilities")
-    assert probabilities.shape == (3, 3)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    want = fitted_example(trained_repository, "iris").predict_proba(ROWS)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
     assert result.get_response()["id"] == "triton-1"
 
 
