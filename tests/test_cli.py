@@ -108,8 +108,13 @@ def test_package_refuses_bad_names_and_existing_versions(tmp_path: Path) -> None
         (lambda path: None, "no such file"),
         (lambda path: path.write_bytes(b"not a pickle\n"), "cannot be read as a joblib"),
         (lambda path: path.write_bytes(b""), "cannot be read as a joblib"),
+        # A pickle of a class from a package this machine does not have.
+        (
+            lambda path: path.write_bytes(b"cnot_installed_here\nModel\n(tR."),
+            "needs code that cannot be imported here (No module named 'not_installed_here')",
+        ),
     ],
-    ids=["missing", "corrupt", "empty"],
+    ids=["missing", "corrupt", "empty", "unimportable"],
 )
 def test_package_failures_are_one_error_line(
     tmp_path: Path, make: Callable[[Path], object], cause: str
@@ -136,9 +141,7 @@ def test_package_of_a_truncated_joblib_names_the_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: {artifact} cannot be read as a joblib or pickle file (")
-    assert line.endswith(
-        "is it complete and saved by joblib.dump, pickle.dump or an ONNX exporter?"
-    )
+    assert line.endswith("; is it complete, and written with joblib.dump or pickle.dump?")
 
 
 @pytest.mark.parametrize(

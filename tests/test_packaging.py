@@ -70,6 +70,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     framed = LogisticRegression(max_iter=1000).fit(IRIS.data, IRIS.target)
     joblib.dump(framed, folder / "iris_frame.joblib")
     (folder / "iris.onnx").write_bytes(export(framed, ROWS, zipmap=False))
+    joblib.dump(LogisticRegression(max_iter=1000).fit(ROWS, IRIS.target), folder / "iris.joblib")
     (folder / "iris_zipmap.onnx").write_bytes(export(framed, ROWS))
     diabetes = load_diabetes()
     ridge = Ridge().fit(diabetes.data, diabetes.target)
@@ -173,17 +174,18 @@ def test_task_names_the_output_of_a_graph_that_is_not_recognised(
     ]
 
 
-def test_an_onnx_version_takes_the_feature_names_of_the_other_versions(
-    tmp_path: Path, artifacts: Artifacts, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("nameless", ["iris.onnx", "iris.joblib"], ids=["onnx", "array-fitted"])
+def test_a_version_without_names_takes_those_of_the_other_versions(
+    tmp_path: Path, artifacts: Artifacts, capsys: pytest.CaptureFixture[str], nameless: str
 ) -> None:
     root = tmp_path / "models"
     assert package(root, artifacts["iris_frame.joblib"], "--name", "iris") == 0
     assert metadata(root, "iris", 1)["features"] == COLUMNS
     capsys.readouterr()
-    assert package(root, artifacts["iris.onnx"], "--name", "iris") == 0
+    assert package(root, artifacts[nameless], "--name", "iris") == 0
     assert metadata(root, "iris", 2)["features"] == COLUMNS
     assert error_lines(capsys) == [
-        "note: iris.onnx carries no feature names; using those of version 1"
+        f"note: {nameless} carries no feature names; using those of version 1"
     ]
 
 
@@ -212,7 +214,7 @@ def test_a_version_of_another_width_is_refused_unless_allowed(
     assert error_lines(capsys) == [
         f"error: {source} takes input 'input' of 13 features, but version 1 takes input 'input' "
         "of 4 features; clients of the default version or an alias would break. Make them agree "
-        "(train it on the features of version 1), package it under another --name, or pass "
+        "(train it on the same 4 features as version 1), package it under another --name, or pass "
         "--allow-signature-change"
     ]
     assert not (root / "m" / "2").exists()

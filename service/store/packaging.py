@@ -98,11 +98,21 @@ def _describe(source: Path, data: bytes) -> Signature:
         signature = runtime_module(source).describe(data)
     except ServiceError:
         raise
-    except Exception as exc:  # unpickling and protobuf parsing raise many unrelated types
-        kind = "an ONNX graph" if source.suffix == ".onnx" else "a joblib or pickle file"
+    except ImportError as exc:
         raise InvalidInput(
-            f"{source} cannot be read as {kind} ({type(exc).__name__}: {exc}); "
-            "is it complete and saved by joblib.dump, pickle.dump or an ONNX exporter?"
+            f"{source} needs code that cannot be imported here ({exc}); install the package "
+            "that defines the model, or make its module importable"
+        ) from exc
+    except Exception as exc:  # unpickling and protobuf parsing raise many unrelated types
+        cause = f"{type(exc).__name__}: {exc}"
+        if source.suffix == ".onnx":
+            raise InvalidInput(
+                f"{source} cannot be read as an ONNX graph ({cause}); is it complete, and "
+                "written with model.SerializeToString()?"
+            ) from exc
+        raise InvalidInput(
+            f"{source} cannot be read as a joblib or pickle file ({cause}); is it complete, and "
+            "written with joblib.dump or pickle.dump?"
         ) from exc
     return exported or signature
 
@@ -148,8 +158,10 @@ def check_agreement(
         if [i.name for i in inputs] != [i.name for i in other.inputs]:
             names = ", ".join(repr(i.name) for i in other.inputs)
             fixes.append(f"export it with its input named {names}")
-        if [_width(i) for i in inputs] != [_width(i) for i in other.inputs]:
-            fixes.append(f"train it on the features of version {number}")
+        widths = [_width(i) for i in other.inputs]
+        if [_width(i) for i in inputs] != widths:
+            count = f"{widths[0]} " if len(widths) == 1 and widths[0] >= 0 else ""
+            fixes.append(f"train it on the same {count}features as version {number}")
         raise InvalidInput(
             f"{source} takes {_inputs_text(inputs)}, but version {number} takes "
             f"{_inputs_text(other.inputs)}; clients of the default version or an alias would "
