@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from service.config import Settings
 from service.observability.logs import configure_logging
@@ -92,14 +93,30 @@ def _package(args: argparse.Namespace) -> int:
     root = args.model_repository or Settings().model_repository
     features = args.features.split(",") if args.features else None
     try:
-        target = package_artifact(
-            args.artifact, root, args.name, args.version, features=features, task=args.task
+        packaged = package_artifact(
+            args.artifact,
+            root,
+            args.name,
+            args.version,
+            features=features,
+            task=args.task,
+            allow_nan=args.allow_nan,
+            allow_signature_change=args.allow_signature_change,
         )
     except ServiceError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"packaged {args.artifact} as {target}")
+        return _fail(exc.message)
+    except OSError as exc:
+        return _fail(str(exc))
+    for note in packaged.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"packaged {args.artifact} as {packaged.folder}")
     return 0
+
+
+def _fail(message: str) -> int:
+    """One `error:` line, whatever the message held (an exporter's error may span lines)."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -149,10 +166,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line, exit status 2, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="modelserve", description="Serve scikit-learn and ONNX models."
-    )
+    parser = _Parser(prog="modelserve", description="Serve scikit-learn and ONNX models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP")
@@ -183,13 +205,55 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     score.set_defaults(run=_score)
 
-    package = commands.add_parser("package", help="add an artifact to the repository")
-    package.add_argument("artifact", type=Path)
-    package.add_argument("--name", required=True)
-    package.add_argument("--version", type=int)
-    package.add_argument("--model-repository", type=Path)
-    package.add_argument("--features", help="comma-separated feature names, in column order")
-    package.add_argument("--task", choices=["classification", "regression", "other"])
+    package = commands.add_parser(
+        "package",
+        help="add an artifact to the repository",
+        description="Copy a scikit-learn (joblib/pickle) or ONNX artifact into the repository "
+        "as a new version of a model and write its metadata.json (signature, feature names, "
+        "classes, sha256, framework versions).",
+    )
+    package.add_argument(
+        "artifact", type=Path, metavar="ARTIFACT", help="a .joblib, .pkl or .onnx file"
+    )
+    package.add_argument(
+        "--name", required=True, metavar="N", help="the model's name in the repository"
+    )
+    package.add_argument(
+        "--version",
+        type=_positive,
+        metavar="V",
+        help="the version number (default: the next free one)",
+    )
+    package.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+    package.add_argument(
+        "--features",
+        metavar="A,B,…",
+        help="comma-separated feature names, in column order (default: the model's own, else "
+        "those of another version with as many features, else x0, x1, …)",
+    )
+    package.add_argument(
+        "--task",
+        choices=["classification", "regression", "other"],
+        help="for an ONNX graph that is not a recognised scikit-learn export: regression "
+        "serves its one output as `prediction`",
+    )
+    package.add_argument(
+        "--allow-nan",
+        action="store_true",
+        help="accept NaN and infinite feature values (for models that handle missing values, "
+        "such as HistGradientBoosting); by default requests holding them are refused",
+    )
+    package.add_argument(
+        "--allow-signature-change",
+        action="store_true",
+        help="accept an input name or feature count that differs from the model's other "
+        "versions (clients of the default version or an alias will see the change)",
+    )
     package.set_defaults(run=_package)
     return parser
 

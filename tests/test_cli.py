@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -46,7 +47,7 @@ def test_package_infers_signature_and_picks_the_next_version(tmp_path: Path) -> 
         assert result.returncode == 0, result.stderr
         assert (root / "wine" / expected / "model.joblib").is_file()
     metadata = json.loads((root / "wine" / "2" / "metadata.json").read_text())
-    assert metadata["features"] == [f"f{i}" for i in range(13)]  # no names in a numpy fit
+    assert metadata["features"] == [f"x{i}" for i in range(13)]  # no names in a numpy fit
     assert metadata["classes"] == [0, 1, 2]
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 13]}]
     assert metadata["framework"]["scikit-learn"]
@@ -102,6 +103,68 @@ def test_package_refuses_bad_names_and_existing_versions(tmp_path: Path) -> None
     again = modelserve(*args)
     assert again.returncode == 1
     assert "exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        (lambda path: None, "no such file"),
+        (lambda path: path.write_bytes(b"not a pickle\n"), "cannot be read as a joblib"),
+        (lambda path: path.write_bytes(b""), "cannot be read as a joblib"),
+        # A pickle of a class from a package this machine does not have.
+        (
+            lambda path: path.write_bytes(b"cnot_installed_here\nModel\n(tR."),
+            "needs code that cannot be imported here (No module named 'not_installed_here')",
+        ),
+    ],
+    ids=["missing", "corrupt", "empty", "unimportable"],
+)
+def test_package_failures_are_one_error_line(
+    tmp_path: Path, make: Callable[[Path], object], cause: str
+) -> None:
+    artifact = tmp_path / "model.joblib"
+    make(artifact)
+    result = modelserve(
+        "package", str(artifact), "--name", "m", "--model-repository", str(tmp_path)
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {artifact}")
+    assert cause in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_package_of_a_truncated_joblib_names_the_file(tmp_path: Path) -> None:
+    artifact = tmp_path / "model.joblib"
+    joblib.dump(LogisticRegression(max_iter=5000).fit(*load_wine(return_X_y=True)), artifact)
+    truncate(artifact)
+    result = modelserve(
+        "package", str(artifact), "--name", "m", "--model-repository", str(tmp_path)
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {artifact} cannot be read as a joblib or pickle file (")
+    assert line.endswith("; is it complete, and written with joblib.dump or pickle.dump?")
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ("package", "m.joblib"),
+            "error: the following arguments are required: --name (see `modelserve package --help`)",
+        ),
+        (
+            ("package", "m.joblib", "--name", "m", "--version", "0"),
+            "error: argument --version: must be a positive whole number "
+            "(see `modelserve package --help`)",
+        ),
+    ],
+    ids=["no-name", "version-0"],
+)
+def test_package_usage_errors_are_one_line_and_exit_2(args: tuple[str, ...], line: str) -> None:
+    result = modelserve(*args)
+    assert (result.returncode, result.stderr.splitlines()) == (2, [line])
 
 
 def test_validate_passes_on_a_good_repository(repository: Path) -> None:

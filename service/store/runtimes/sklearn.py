@@ -71,7 +71,7 @@ def describe_estimator(estimator: Any) -> Signature:
         )
     names = getattr(estimator, "feature_names_in_", None)
     features = (
-        [str(n) for n in names] if names is not None else [f"f{i}" for i in range(n_features)]
+        [str(n) for n in names] if names is not None else [f"x{i}" for i in range(n_features)]
     )
     inputs = [TensorSpec(name="input", datatype="FP32", shape=[-1, n_features])]
     classes = getattr(estimator, "classes_", None)
