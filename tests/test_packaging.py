@@ -123,7 +123,7 @@ def test_skl2onnx_classifiers_get_the_tensors_of_their_joblib_version(
     assert exported["classes"] == labels
     assert exported["outputs"][0]["name"] == "label"
     served = load_registry(root, LoadOptions()).resolve("m", "2")
-    answer = served.runtime.predict({"input": ROWS})
+    answer = served.runtime.predict({"input": ROWS}).outputs
     np.testing.assert_array_equal(answer["label"], model.predict(ROWS))
     np.testing.assert_allclose(answer["probabilities"], model.predict_proba(ROWS), atol=1e-5)
 
