@@ -128,6 +128,7 @@ def test_skl2onnx_classifiers_get_the_tensors_of_their_joblib_version(
     np.testing.assert_allclose(answer["probabilities"], model.predict_proba(ROWS), atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_skl2onnx_regressor_serves_prediction_like_its_joblib_version(
     tmp_path: Path, artifacts: Artifacts
 ) -> None:
