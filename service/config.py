@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(
         0.0, ge=0, description="Repository polling interval in seconds; 0: off."
     )
+    routing_sync_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often every worker applies a changed model.toml (routing, load, "
+        "unload), in seconds: the bound on how long a change takes to reach all workers.",
+    )
+    shadow_max_pending: int = Field(
+        8,
+        ge=1,
+        description="Shadow requests that may be in flight per version pair; past it they are "
+        "dropped (and counted), so a slow shadow never slows the primary.",
+    )
     batching_max_rows: int = Field(
         256, ge=0, description="Default rows per model call when batching; 0: no batching."
     )

@@ -9,6 +9,7 @@
     ├── PayloadTooLarge      body or batch above the configured limits
     ├── Unauthorized         missing credentials
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
+    ├── Conflict             a change based on a state that has moved on
     ├── Overloaded           queue full; retry later
     ├── DeadlineExceeded     the request's deadline passed
     ├── PredictionFailed     the model raised while predicting
@@ -55,6 +56,10 @@ class Unauthorized(ServiceError):
 
 
 class Forbidden(ServiceError):
+    pass
+
+
+class Conflict(ServiceError):
     pass
 
 

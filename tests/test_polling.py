@@ -27,7 +27,11 @@ def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> Non
     spare = tmp_path / "spare"
     shutil.move(repository / "iris", spare)
     with (
-        run_server(repository, tmp_path, env={"MODELSERVE_REPOSITORY_POLL_S": "0.3"}) as server,
+        run_server(
+            repository,
+            tmp_path,
+            env={"MODELSERVE_REPOSITORY_POLL_S": "0.3", "MODELSERVE_ADMIN_TOKEN": "poll-admin"},
+        ) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         assert client.post("/v1/models/iris:predict", json=ROW).status_code == 404
@@ -37,8 +41,20 @@ def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> Non
         )
         with (repository / "iris" / "2" / "model.onnx").open("ab") as artifact:
             artifact.write(b"tampered")
-        assert eventually(lambda: client.get("/v2/models/iris/versions/2/ready").status_code == 503)
-        assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "1"
+        # A serving version whose artifact changes to one that does not load keeps serving the
+        # artifact it verified, and says so in the index.
+        admin = {"Authorization": "Bearer poll-admin"}
+
+        def stale() -> bool:
+            index = client.post("/v2/repository/index", headers=admin).json()
+            return any(
+                e["name"] == "iris" and e.get("version") == "2" and "hash_mismatch" in e["reason"]
+                for e in index
+            )
+
+        assert eventually(stale)
+        assert client.get("/v2/models/iris/versions/2/ready").status_code == 200
+        assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "2"
         shutil.rmtree(repository / "diabetes")
         assert eventually(lambda: client.get("/v2/models/diabetes").status_code == 404)
 

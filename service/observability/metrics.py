@@ -29,6 +29,8 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+# Differences between a version's answers and its shadow's: from float32 rounding to disagreement.
+DIFFERENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
@@ -48,6 +50,11 @@ class Metrics:
     model_info: Gauge
     predictions: Counter
     last_inference: Gauge
+    shadow_requests: Counter
+    shadow_rows: Counter
+    shadow_agreement: Gauge
+    shadow_difference: Histogram
+    shadow_duration: Histogram
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -135,6 +142,43 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         predictions=Counter(
             "modelserve_predictions", "Predicted class labels.", [*mv, "label"], registry=registry
         ),
+        shadow_requests=Counter(
+            "modelserve_shadow_requests",
+            "Requests mirrored to a shadow version, by outcome: compared, dropped (the shadow "
+            "fell behind), failed.",
+            [*mv, "shadow_version", "outcome"],
+            registry=registry,
+        ),
+        shadow_rows=Counter(
+            "modelserve_shadow_rows",
+            "Rows a classifier and its shadow both labelled, by whether the labels agree.",
+            [*mv, "shadow_version", "labels"],
+            registry=registry,
+        ),
+        # Per worker, the share of agreeing rows so far; the rows counter gives the exact
+        # ratio over every worker (sum of "same" over the sum of both).
+        shadow_agreement=Gauge(
+            "modelserve_shadow_label_agreement_ratio",
+            "Share of compared rows whose shadow label equals the version's.",
+            [*mv, "shadow_version"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        shadow_difference=Histogram(
+            "modelserve_shadow_difference",
+            "Per compared request, the largest difference from the shadow's answer: absolute "
+            "probability difference (classifiers), relative prediction difference (regressors).",
+            [*mv, "shadow_version"],
+            buckets=DIFFERENCE_BUCKETS,
+            registry=registry,
+        ),
+        shadow_duration=Histogram(
+            "modelserve_shadow_duration_seconds",
+            "Time of a shadow request, from mirroring to its answer.",
+            [*mv, "shadow_version"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
         # "max" keeps the time of exited workers too: it is the last inference of any of them.
         last_inference=Gauge(
             "modelserve_last_inference_timestamp_seconds",
@@ -166,4 +210,6 @@ def record_model(
         metrics.model_info.labels(*labels, model.format, model.sha256[:12]).set(1)
     for number, failure in entry.failures.items():
         metrics.model_ready.labels(entry.name, str(number)).set(0)
+        metrics.model_load_failures.labels(entry.name, failure.reason).inc()
+    for failure in entry.stale.values():  # still serving the previous artifact: ready
         metrics.model_load_failures.labels(entry.name, failure.reason).inc()

@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 from service.errors import Overloaded
 from service.observability.metrics import Metrics
 from service.prediction.batching import Batcher, Timed, predict_unbatched
+from service.prediction.shadow import Shadows
 from service.prediction.signature import conform
 from service.store.registry import ModelVersion, Registry
 from service.store.runtimes import Arrays, Prediction
@@ -75,8 +76,10 @@ class Router:
         metrics: Metrics,
         max_rows: int,
         max_queue: int | None = None,
+        shadow_max_pending: int = 8,
     ) -> None:
         self.registry = registry
+        self._shadows = Shadows(metrics, self._shadow_call, shadow_max_pending)
         self.max_rows = max_rows
         self.max_queue = max_queue
         self._executor = executor
@@ -89,8 +92,10 @@ class Router:
         )
         self._unbatched: weakref.WeakKeyDictionary[ModelVersion, int] = weakref.WeakKeyDictionary()
 
-    def resolve(self, name: str, version: str | None) -> ModelVersion:
-        return self.registry.resolve(name, version)
+    def resolve(
+        self, name: str, version: str | None, routing_key: str | None = None
+    ) -> ModelVersion:
+        return self.registry.resolve(name, version, routing_key)
 
     def _observer(self, model: ModelVersion) -> _VersionObserver:
         observer = self._observers.get(model)
@@ -128,15 +133,23 @@ class Router:
         inputs = conform(model, tensors, self.max_rows)
         rows = len(next(iter(inputs.values())))
         observer = self._observer(model)
-        if model.batchable:
-            timed = await self._batcher(model).submit(inputs, rows)
-        else:
-            timed = await self._predict_alone(model, inputs)
-            observer.call_done(rows, timed.compute_seconds)
+        timed = await self._run(model, inputs, rows)
         observer.rows.inc(rows)
         observer.queue.observe(timed.queue_seconds)
         prediction = timed.prediction
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
             observer.count_labels(label, prediction.label_index)
+        self._shadows.mirror(self.registry.models.get(model.name), model, inputs, rows, prediction)
         return prediction
+
+    async def _run(self, model: ModelVersion, inputs: Arrays, rows: int) -> Timed:
+        """One request's call: through the version's batcher, or alone when it cannot batch."""
+        if model.batchable:
+            return await self._batcher(model).submit(inputs, rows)
+        timed = await self._predict_alone(model, inputs)
+        self._observer(model).call_done(rows, timed.compute_seconds)
+        return timed
+
+    async def _shadow_call(self, model: ModelVersion, inputs: Arrays, rows: int) -> Prediction:
+        return (await self._run(model, inputs, rows)).prediction

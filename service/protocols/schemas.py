@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.store.tensors import TensorSpec
 
@@ -50,6 +50,46 @@ class RepositoryEntry(BaseModel):
     version: str | None = None
     state: str
     reason: str = ""
+
+
+class ShadowRouting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: int
+    target: int
+    fraction: float = 1.0
+
+
+class Routing(BaseModel):
+    """A model's routing: the JSON mirror of its model.toml keys.
+
+    In a PUT, a key present replaces the file's (null or {} removes it) and a key left out is
+    kept; `revision`, when given, must be the file's current one. `workers` and `unloaded` are
+    what GET reports and are ignored in a PUT.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_version: int | None = None
+    aliases: dict[str, int] | None = None
+    traffic: dict[str, float] | None = None
+    shadow: ShadowRouting | None = None
+    version_policy: dict[str, Any] | None = None
+    batching: dict[str, Any] | None = None
+    revision: int | None = None
+    unloaded: bool | None = None
+    workers: list[dict[str, Any]] | None = None
+
+
+class RoutingChange(BaseModel):
+    """What a change of routing, load or unload answers once the change is durable."""
+
+    model: str
+    revision: int
+    # Every worker and replica applies the change within this many seconds (plus, for a
+    # version that is new to a worker, the time it takes to load it).
+    propagation_s: float
+    routing: Routing
 
 
 class RequestInput(BaseModel):

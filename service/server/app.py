@@ -29,7 +29,8 @@ from service.server.access import AccessLogMiddleware
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import BodyLimit, error_body, error_headers, status_of
 from service.server.openapi import add_inference_paths
-from service.server.polling import poll_repository
+from service.server.polling import follow_routing, poll_repository, write_status
+from service.server.rollout import router as rollout
 from service.server.routes import router as routes
 from service.server.shutdown import install_drain_hook
 from service.server.state import ServiceState
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 metrics,
                 settings.max_batch_rows,
                 settings.max_queue_requests,
+                settings.shadow_max_pending,
             ),
         )
         app.state.service = state
@@ -104,16 +106,17 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         state.ready = True
         restore_signals = install_drain_hook(state.start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
-        poller = None
+        write_status(state)
+        watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
         if settings.repository_poll_s > 0:
-            poller = asyncio.create_task(poll_repository(state, settings.repository_poll_s))
+            watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
         try:
             yield
         finally:
             restore_signals()
             state.ready = False
-            if poller is not None:
-                poller.cancel()
+            for watch in watches:
+                watch.cancel()
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)
@@ -129,6 +132,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         static_url="/docs/static",
     )
     app.include_router(routes)
+    app.include_router(rollout)
     # Guards the routes FastAPI serves; the fast path in front has its own limit.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     # What the fast path does not serve goes through the access log.

@@ -91,6 +91,11 @@ def _rows(tensors: dict[str, NDArray[Any]]) -> int:
     return 0 if first is None else (first.shape[0] if first.ndim else 1)
 
 
+def _routing_key(scope: Scope) -> str | None:
+    """X-Routing-Key: requests that carry the same key reach the same version of a split."""
+    return header(scope, b"x-routing-key")
+
+
 async def _read(exchange: Exchange) -> bytes:
     _check_content_type(exchange.scope)
     limit = exchange.state.settings.max_request_bytes
@@ -100,8 +105,11 @@ async def _read(exchange: Exchange) -> bytes:
 async def _infer_v2(exchange: Exchange) -> Answer:
     body = await _read(exchange)
     state, scope = exchange.state, exchange.scope
-    model = exchange.model = state.router.resolve(*exchange.names)
     call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
+    key = call.parameters.get("routing_key")
+    if key is not None and not isinstance(key, str):
+        raise errors.InvalidInput("parameters.routing_key must be a string")
+    model = exchange.model = state.router.resolve(*exchange.names, key or _routing_key(scope))
     exchange.rows = _rows(call.tensors)
     timeout_s = v2.requested_timeout_s(call)
     budget = exchange.budget
@@ -127,7 +135,7 @@ async def _infer_v2(exchange: Exchange) -> Answer:
 async def _predict_v1(exchange: Exchange) -> Answer:
     body = await _read(exchange)
     state = exchange.state
-    model = exchange.model = state.router.resolve(*exchange.names)
+    model = exchange.model = state.router.resolve(*exchange.names, _routing_key(exchange.scope))
     tensors = v1.decode_predict_request(model, body)
     exchange.rows = _rows(tensors)
     prediction = await state.router.predict(model, tensors)

@@ -20,6 +20,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
     errors.MethodNotAllowed: 405,
+    errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.PredictionFailed: 500,

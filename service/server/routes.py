@@ -1,15 +1,13 @@
 """Control-plane routes: health, metadata, statistics, the repository extension, V1 status and
 metrics."""
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.errors import InvalidInput, ModelNotFound, ModelNotReady
-from service.observability.metrics import record_model
+from service.errors import ModelNotReady
 from service.observability.statistics import model_statistics
 from service.protocols.schemas import (
     ErrorResponse,
@@ -25,7 +23,7 @@ from service.protocols.schemas import (
     VersionStatus,
 )
 from service.server.state import ServiceState
-from service.store.registry import ModelVersion, reload_model
+from service.store.registry import ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 PLATFORMS = {"sklearn": "sklearn", "onnx": "onnxruntime_onnx"}
@@ -192,7 +190,16 @@ def repository_index(
     registry = state.registry
     for name, entry in sorted(registry.models.items()):
         for number in sorted(entry.versions):
-            entries.append(RepositoryEntry(name=name, version=str(number), state="READY"))
+            stale = entry.stale.get(number)
+            reason = (
+                f"serving its previous artifact; the new one did not load: "
+                f"{stale.reason}: {stale.message}"
+                if stale is not None
+                else ""
+            )
+            entries.append(
+                RepositoryEntry(name=name, version=str(number), state="READY", reason=reason)
+            )
         for number, failure in sorted(entry.failures.items()):
             entries.append(
                 RepositoryEntry(
@@ -205,35 +212,6 @@ def repository_index(
     for name in sorted(registry.unloaded):
         entries.append(RepositoryEntry(name=name, state="UNAVAILABLE", reason="unloaded"))
     return [e for e in entries if e.state == "READY"] if only_ready else entries
-
-
-@router.post("/v2/repository/models/{name}/load", dependencies=[Admin], tags=["repository"])
-async def repository_load(state: State, name: str) -> dict[str, str]:
-    async with state.repository_lock:
-        old = state.registry.models.get(name)
-        registry = await asyncio.to_thread(
-            reload_model, state.registry, state.settings.model_repository, name, state.options
-        )
-        entry = registry.model(name)
-        record_model(state.metrics, entry, previous=old)
-        if not entry.versions:
-            reasons = "; ".join(f"version {v}: {f.reason}" for v, f in entry.failures.items())
-            raise InvalidInput(
-                f"model {name!r} has no version that loads ({reasons or 'no versions'})"
-            )
-        state.router.registry = registry
-    return {}
-
-
-@router.post("/v2/repository/models/{name}/unload", dependencies=[Admin], tags=["repository"])
-async def repository_unload(state: State, name: str) -> dict[str, str]:
-    async with state.repository_lock:
-        entry = state.registry.models.get(name)
-        if entry is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        state.router.registry = state.registry.without(name)
-        record_model(state.metrics, None, previous=entry)
-    return {}
 
 
 @router.get("/v1/models/{name}", response_model=ModelStatus, dependencies=[ApiKey], tags=["v1"])

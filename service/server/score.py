@@ -176,7 +176,8 @@ async def _next(queue: "asyncio.Queue[Chunk | BaseException | None]") -> Chunk |
 async def serve_score(exchange: Exchange) -> None:
     """The `:score` handler of the request boundary: always a streamed answer."""
     state = exchange.state
-    model = exchange.model = state.router.resolve(*exchange.names)
+    key = header(exchange.scope, b"x-routing-key")
+    model = exchange.model = state.router.resolve(*exchange.names, key)
     job = _job(state, model, exchange.scope)
     queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
     reader = asyncio.create_task(_read_ahead(job, exchange.receive, queue))

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,12 +16,17 @@ from service.store.labels import ClassLabels
 from service.store.metadata import ArtifactMetadata
 from service.store.repository import (
     Fingerprint,
+    ModelConfig,
     ModelSource,
+    ShadowConfig,
+    Stamp,
+    fingerprint,
     parse_version,
     read_verified,
     scan_model,
     scan_repository,
 )
+from service.store.routing import pick_version, split_point
 from service.store.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,8 @@ class ModelVersion:
     max_batch_rows: int
     max_delay_ms: float
     warnings: list[str] = field(default_factory=list)
+    # The version folder as loaded: a reload keeps this object (and its batcher) while it holds.
+    fingerprint: Fingerprint = ()
 
     @property
     def signature(self) -> Signature:
@@ -86,10 +94,25 @@ class ModelEntry:
     config_error: str | None = None
     # What the model folder looked like when loaded; polling reloads when it changes.
     fingerprint: Fingerprint = ()
+    # Version -> weight of unversioned requests (only loaded versions); empty: the default.
+    traffic: Mapping[int, float] = field(default_factory=dict)
+    shadow: ShadowConfig | None = None
+    config: ModelConfig = field(default_factory=ModelConfig)
+    # Which state of model.toml this entry applies; the routing sync reloads when it changes.
+    stamp: Stamp | None = None
+    # Versions still served from their previous artifact because the new one did not load.
+    stale: Mapping[int, VersionFailure] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.default_version is not None
+
+    def pick(self, routing_key: str | None) -> int | None:
+        """The version an unversioned request goes to: the traffic split, else the default."""
+        if not self.traffic:
+            return self.default_version
+        point = random.random() if routing_key is None else split_point(routing_key)
+        return pick_version(self.traffic, point)
 
 
 @dataclass(frozen=True)
@@ -108,15 +131,22 @@ class Registry:
             raise ModelNotFound(f"model {name!r} is not in the repository")
         return entry
 
-    def resolve(self, name: str, version: str | None = None) -> ModelVersion:
-        """The version a request names: a number, an alias, or (none) the default."""
+    def resolve(
+        self, name: str, version: str | None = None, routing_key: str | None = None
+    ) -> ModelVersion:
+        """The version a request names: a number, an alias, or (none) the split or default.
+
+        Explicit versions and aliases bypass a traffic split; a routing key always lands on
+        the same version of a split.
+        """
         entry = self.model(name)
         if version is None or version == "":
-            if entry.default_version is None:
+            picked = entry.pick(routing_key)
+            if picked is None:
                 raise ModelNotReady(
                     f"model {name!r} has no version that loaded; see the server log"
                 )
-            return entry.versions[entry.default_version]
+            return entry.versions[picked]
         number = parse_version(version)
         if number is None:
             number = entry.aliases.get(version)
@@ -148,16 +178,31 @@ def smoke_inputs(signature: Signature) -> Arrays:
     return arrays
 
 
+def warm_up(runtime: Runtime) -> None:
+    """Predictions before the version takes traffic: one row three times, then a batch.
+
+    The first calls of a session allocate and pick kernels; a request should not pay for them.
+    """
+    signature = runtime.signature
+    single = smoke_inputs(signature)
+    for _ in range(3):
+        runtime.predict(single)
+    if all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs):
+        runtime.predict({name: np.repeat(array, 64, axis=0) for name, array in single.items()})
+
+
 def load_version(
     name: str, version: int, folder: Path, options: LoadOptions, batching: tuple[int, float]
 ) -> ModelVersion:
     started = time.perf_counter()
+    # Taken first, so a file changed during the load makes the next scan load it again.
+    before = fingerprint(folder)
     artifact = read_verified(folder, options.allow_unverified_pickle)
     metadata = artifact.metadata
     module = runtime_module(artifact.path)
     runtime = module.load(artifact.data, metadata, options.runtime)
     try:
-        runtime.predict(smoke_inputs(runtime.signature))
+        warm_up(runtime)
     except Exception as exc:  # any failure here means the version cannot serve
         raise ModelLoadError(f"smoke prediction failed: {exc}", reason="smoke_failed") from exc
     warnings: list[str] = []
@@ -178,10 +223,64 @@ def load_version(
         max_batch_rows=batching[0],
         max_delay_ms=batching[1],
         warnings=warnings,
+        fingerprint=before,
     )
 
 
-def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
+def _load_logged(
+    source: ModelSource, number: int, options: LoadOptions, batching: tuple[int, float]
+) -> ModelVersion | VersionFailure:
+    """One version loaded, or why not; the loader boundary: nothing here stops the server."""
+    try:
+        loaded = load_version(source.name, number, source.versions[number], options, batching)
+    except ModelLoadError as exc:
+        logger.error(
+            "model %s version %s not loaded (%s): %s",
+            source.name,
+            number,
+            exc.reason,
+            exc.message,
+            extra={"model": source.name, "version": number, "reason": exc.reason},
+        )
+        return VersionFailure(number, exc.reason, exc.message)
+    except Exception as exc:  # a broken artifact must not stop the server
+        logger.exception(
+            "model %s version %s not loaded",
+            source.name,
+            number,
+            extra={"model": source.name, "version": number, "reason": "corrupt_artifact"},
+        )
+        return VersionFailure(number, "corrupt_artifact", f"{type(exc).__name__}: {exc}")
+    logger.info(
+        "model loaded",
+        extra={
+            "model": source.name,
+            "version": number,
+            "format": loaded.format,
+            "sha256": loaded.sha256[:12],
+            "load_ms": round(loaded.load_seconds * 1000, 1),
+        },
+    )
+    return loaded
+
+
+def _unchanged(old: ModelVersion | None, folder: Path, batching: tuple[int, float]) -> bool:
+    return (
+        old is not None
+        and (old.max_batch_rows, old.max_delay_ms) == batching
+        and old.fingerprint == fingerprint(folder)
+    )
+
+
+def load_model(
+    source: ModelSource, options: LoadOptions, previous: ModelEntry | None = None
+) -> ModelEntry:
+    """The model as its folder says, keeping every version of `previous` that did not change.
+
+    A kept version is the same object, so its batcher and the requests queued in it carry on.
+    A changed version whose new artifact fails to load keeps serving the old one (reported as
+    stale), so a bad or half-copied file never takes a serving version down.
+    """
     cfg = source.config.batching
     batching = (
         options.batching_max_rows if cfg.max_batch_rows is None else cfg.max_batch_rows,
@@ -189,41 +288,23 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
     )
     versions: dict[int, ModelVersion] = {}
     failures: dict[int, VersionFailure] = {}
+    stale: dict[int, VersionFailure] = {}
     for number, folder in sorted(source.versions.items()):
-        try:
-            versions[number] = load_version(source.name, number, folder, options, batching)
-        except ModelLoadError as exc:
-            failures[number] = VersionFailure(number, exc.reason, exc.message)
-            logger.error(
-                "model %s version %s not loaded (%s): %s",
-                source.name,
-                number,
-                exc.reason,
-                exc.message,
-                extra={"model": source.name, "version": number, "reason": exc.reason},
+        old = previous.versions.get(number) if previous is not None else None
+        if old is not None and _unchanged(old, folder, batching):
+            versions[number] = old
+            continue
+        result = _load_logged(source, number, options, batching)
+        if isinstance(result, ModelVersion):
+            versions[number] = result
+        elif old is not None:
+            logger.warning(
+                "model %s version %s keeps serving its previous artifact", source.name, number
             )
-        except Exception as exc:  # the loader boundary: a broken artifact must not stop the server
-            failures[number] = VersionFailure(
-                number, "corrupt_artifact", f"{type(exc).__name__}: {exc}"
-            )
-            logger.exception(
-                "model %s version %s not loaded",
-                source.name,
-                number,
-                extra={"model": source.name, "version": number, "reason": "corrupt_artifact"},
-            )
+            versions[number] = old
+            stale[number] = result
         else:
-            loaded = versions[number]
-            logger.info(
-                "model loaded",
-                extra={
-                    "model": source.name,
-                    "version": number,
-                    "format": loaded.format,
-                    "sha256": loaded.sha256[:12],
-                    "load_ms": round(loaded.load_seconds * 1000, 1),
-                },
-            )
+            failures[number] = result
     default = source.config.default_version
     if default not in versions:
         if default is not None:
@@ -234,15 +315,36 @@ def load_model(source: ModelSource, options: LoadOptions) -> ModelEntry:
             )
         default = max(versions) if versions else None
     aliases = {a: v for a, v in source.config.aliases.items() if v in source.versions}
+    traffic = {v: w for v, w in source.config.traffic.items() if v in versions and w > 0}
+    if source.config.traffic and not traffic:
+        logger.warning("model %s: no version of the traffic split is loaded", source.name)
     return ModelEntry(
-        source.name, versions, failures, default, aliases, source.config_error, source.fingerprint
+        source.name,
+        versions,
+        failures,
+        default,
+        aliases,
+        source.config_error,
+        source.fingerprint,
+        traffic=traffic,
+        shadow=source.config.shadow,
+        config=source.config,
+        stamp=source.stamp,
+        stale=stale,
     )
 
 
 def load_registry(root: Path, options: LoadOptions) -> Registry:
     sources = scan_repository(root, options.model_name)
-    return Registry({name: load_model(src, options) for name, src in sources.items()})
+    unloaded = frozenset(name for name, src in sources.items() if src.config.unloaded)
+    models = {n: load_model(src, options) for n, src in sources.items() if n not in unloaded}
+    return Registry(models, unloaded)
 
 
 def reload_model(registry: Registry, root: Path, name: str, options: LoadOptions) -> Registry:
-    return registry.with_entry(load_model(scan_model(root, name, options.model_name), options))
+    """The registry with `name` as its folder says now (unloaded if model.toml says so)."""
+    source = scan_model(root, name, options.model_name)
+    if source.config.unloaded:
+        models = {k: v for k, v in registry.models.items() if k != name}
+        return Registry(models, registry.unloaded | {name})
+    return registry.with_entry(load_model(source, options, registry.models.get(name)))

@@ -58,15 +58,38 @@ class BatchingConfig(BaseModel):
     max_delay_ms: float | None = Field(None, ge=0)
 
 
+class ShadowConfig(BaseModel):
+    """Mirror a fraction of one version's traffic to another, off the response path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: int = Field(ge=1)
+    target: int = Field(ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _two_versions(self) -> "ShadowConfig":
+        if self.source == self.target:
+            raise ValueError("shadow source and target must be different versions")
+        return self
+
+
 class ModelConfig(BaseModel):
-    """The optional model.toml of a model."""
+    """The optional model.toml of a model: the desired state every worker and replica applies."""
 
     model_config = ConfigDict(extra="forbid")
 
     default_version: int | None = Field(None, ge=1)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     aliases: dict[str, int] = Field(default_factory=dict)
+    # Version -> weight of the unversioned requests it answers; empty: the default answers all.
+    traffic: dict[int, float] = Field(default_factory=dict)
+    shadow: ShadowConfig | None = None
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    # Unloaded through the repository API: known, not served until loaded again.
+    unloaded: bool = False
+    # Bumped by every change made through the API, so that each change is one new state.
+    revision: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _aliases_are_not_numbers(self) -> "ModelConfig":
@@ -75,15 +98,37 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"alias {alias!r} must be a name, not a number")
         return self
 
+    @model_validator(mode="after")
+    def _traffic_is_a_split(self) -> "ModelConfig":
+        if any(weight < 0 for weight in self.traffic.values()):
+            raise ValueError("traffic weights must not be negative")
+        if self.traffic and sum(self.traffic.values()) <= 0:
+            raise ValueError("traffic weights must add up to more than 0")
+        if any(version < 1 for version in self.traffic):
+            raise ValueError("traffic keys are version numbers")
+        return self
+
 
 Fingerprint = tuple[tuple[str, int, int], ...]
+Stamp = tuple[int, int, int]
+CONFIG_NAME = "model.toml"
+
+
+def config_stamp(folder: Path) -> Stamp | None:
+    """What identifies one state of model.toml: a rename gives the file a new inode."""
+    try:
+        stat = (folder / CONFIG_NAME).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def fingerprint(folder: Path) -> Fingerprint:
     """Path, size and modification time of every file below a model folder."""
     entries = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
+        # Dot files are temporary (model.toml is written to one, then renamed).
+        if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
             stat = path.stat()
             entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
     return tuple(entries)
@@ -99,6 +144,7 @@ class ModelSource:
     config_error: str | None = None
     ignored: list[str] = field(default_factory=list)
     fingerprint: Fingerprint = ()
+    stamp: Stamp | None = None
 
 
 def scan_repository(root: Path, model_name: str | None = None) -> dict[str, ModelSource]:
@@ -155,14 +201,16 @@ def scan_single_model(root: Path, name: str) -> ModelSource:
             "keep one layout",
             reason="ambiguous_layout",
         )
-    config, error = read_model_config(root / "model.toml")
-    return ModelSource(name, config, {_declared_version(root): root}, error, [], before)
+    stamp = config_stamp(root)
+    config, error = read_model_config(root / CONFIG_NAME)
+    return ModelSource(name, config, {_declared_version(root): root}, error, [], before, stamp)
 
 
 def scan_model_folder(folder: Path, name: str) -> ModelSource:
     # Taken before reading anything, so a change made during the load is seen by the next poll.
     before = fingerprint(folder)
-    config, error = read_model_config(folder / "model.toml")
+    stamp = config_stamp(folder)
+    config, error = read_model_config(folder / CONFIG_NAME)
     found: dict[int, Path] = {}
     ignored: list[str] = []
     for entry in folder.iterdir():
@@ -178,7 +226,8 @@ def scan_model_folder(folder: Path, name: str) -> ModelSource:
             "model %s: ignoring folder %r (versions are positive integers)", name, folder_name
         )
     selected = config.version_policy.select(sorted(found))
-    return ModelSource(name, config, {v: found[v] for v in selected}, error, ignored, before)
+    versions = {v: found[v] for v in selected}
+    return ModelSource(name, config, versions, error, ignored, before, stamp)
 
 
 def _holds_artifact(folder: Path) -> bool:

@@ -1,0 +1,127 @@
+"""Changing what serves, at run time: load, unload and routing, written to model.toml.
+
+Each change is written to the model's model.toml first (durable, atomic, one revision more),
+then applied by this worker before the answer; every other worker and replica applies it from
+the file within MODELSERVE_ROUTING_SYNC_S. The answer says which revision holds the change and
+how long the others may take.
+"""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.errors import InvalidInput, ModelNotFound
+from service.protocols.schemas import Routing, RoutingChange
+from service.server.polling import reload_models, worker_statuses
+from service.server.routes import Admin, State
+from service.server.state import ServiceState
+from service.store.repository import CONFIG_NAME, model_dir, read_model_config
+from service.store.routing import change_config, routing_document, set_routing, set_unloaded
+
+router = APIRouter(tags=["repository"], dependencies=[Admin])
+
+
+def _folder(state: ServiceState, name: str) -> Path:
+    root = state.settings.model_repository
+    if state.options.model_name is not None:
+        if name != state.options.model_name:
+            raise ModelNotFound(f"model {name!r} is not served here")
+        return root
+    folder = model_dir(root, name)
+    if not folder.is_dir():
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+    return folder
+
+
+def _answer(state: ServiceState, name: str, folder: Path, extra_s: float = 0.0) -> RoutingChange:
+    config, _ = read_model_config(folder / CONFIG_NAME)
+    return RoutingChange(
+        model=name,
+        revision=config.revision,
+        propagation_s=state.settings.routing_sync_s + extra_s,
+        routing=Routing.model_validate(routing_document(config)),
+    )
+
+
+def _versions_named(routing: Routing) -> dict[str, list[int]]:
+    named: dict[str, list[int]] = {}
+    if routing.default_version is not None:
+        named["default_version"] = [routing.default_version]
+    if routing.aliases:
+        named["aliases"] = sorted(set(routing.aliases.values()))
+    if routing.traffic:
+        try:
+            named["traffic"] = sorted(int(v) for v in routing.traffic)
+        except ValueError:
+            raise InvalidInput("traffic keys must be version numbers") from None
+    if routing.shadow is not None:
+        named["shadow"] = [routing.shadow.source, routing.shadow.target]
+    return named
+
+
+def _check_versions(state: ServiceState, name: str, routing: Routing) -> None:
+    """Routing may only point at versions that serve: a typo must not take traffic down."""
+    entry = state.registry.model(name)
+    for key, versions in _versions_named(routing).items():
+        missing = [v for v in versions if v not in entry.versions]
+        if missing:
+            serving = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
+            raise InvalidInput(
+                f"{key} names version {missing[0]} of model {name!r}, which does not serve "
+                f"(serving: {serving}); load it first"
+            )
+
+
+@router.get("/v2/repository/models/{name}/routing", response_model=Routing)
+def get_routing(state: State, name: str) -> Routing:
+    folder = _folder(state, name)
+    config, _ = read_model_config(folder / CONFIG_NAME)
+    workers = []
+    for status in worker_statuses(state):
+        models: dict[str, Any] = status.get("models", {})  # type: ignore[assignment]  # JSON
+        workers.append({"pid": status["pid"], **models.get(name, {"unloaded": True})})
+    return Routing.model_validate({**routing_document(config), "workers": workers})
+
+
+@router.put("/v2/repository/models/{name}/routing", response_model=RoutingChange)
+async def put_routing(state: State, name: str, routing: Routing) -> RoutingChange:
+    folder = _folder(state, name)
+    _check_versions(state, name, routing)
+    changes = routing.model_dump(
+        include=routing.model_fields_set - {"revision", "unloaded", "workers"}, mode="json"
+    )
+    async with state.repository_lock:
+        await asyncio.to_thread(
+            change_config, folder, lambda doc: set_routing(doc, changes), routing.revision
+        )
+        await reload_models(state, [name], "routing changed through the API")
+    return _answer(state, name, folder)
+
+
+@router.post("/v2/repository/models/{name}/load", response_model=RoutingChange)
+async def repository_load(state: State, name: str) -> RoutingChange:
+    folder = _folder(state, name)
+    async with state.repository_lock:
+        await asyncio.to_thread(change_config, folder, set_unloaded(False))
+        await reload_models(state, [name], "loaded through the API")
+        entry = state.registry.model(name)
+        if not entry.versions:
+            reasons = "; ".join(f"version {v}: {f.reason}" for v, f in entry.failures.items())
+            raise InvalidInput(
+                f"model {name!r} has no version that loads ({reasons or 'no versions'})"
+            )
+    load_s = max((v.load_seconds for v in entry.versions.values()), default=0.0)
+    return _answer(state, name, folder, load_s)
+
+
+@router.post("/v2/repository/models/{name}/unload", response_model=RoutingChange)
+async def repository_unload(state: State, name: str) -> RoutingChange:
+    folder = _folder(state, name)
+    async with state.repository_lock:
+        if name not in state.registry.models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        await asyncio.to_thread(change_config, folder, set_unloaded(True))
+        await reload_models(state, [name], "unloaded through the API")
+    return _answer(state, name, folder)
