@@ -1,4 +1,4 @@
-"""modelserve serve | score | validate | package: the command line."""
+"""modelserve serve | score | validate | package | route: the command line."""
 
 import argparse
 import logging
@@ -160,6 +160,41 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route(args: argparse.Namespace) -> int:
+    import json
+
+    from service.control import ControlError, RoutingFlags, parse_pairs, route
+
+    try:
+        aliases = {k: int(v) for k, v in parse_pairs(",".join(args.alias)).items()}
+        traffic = None
+        if args.no_traffic:
+            traffic = {}
+        elif args.traffic is not None:
+            traffic = {int(k): float(v) for k, v in parse_pairs(args.traffic).items()}
+        shadow = None
+        if args.shadow is not None:
+            parts = args.shadow.split(":")
+            if len(parts) not in (2, 3):
+                raise ControlError("--shadow takes SOURCE:TARGET or SOURCE:TARGET:FRACTION")
+            fraction = float(parts[2]) if len(parts) == 3 else 1.0
+            shadow = (int(parts[0]), int(parts[1]), fraction)
+        flags = RoutingFlags(
+            args.default, aliases, args.remove_alias, traffic, shadow, args.no_shadow
+        )
+        action = "load" if args.load else "unload" if args.unload else None
+        token = args.token or os.environ.get("MODELSERVE_ADMIN_TOKEN")
+        answer = route(args.url, args.model, token, flags, action)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ControlError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("must be a positive whole number")
@@ -255,6 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
         "versions (clients of the default version or an alias will see the change)",
     )
     package.set_defaults(run=_package)
+
+    route = commands.add_parser(
+        "route",
+        help="show or change a model's routing on a running server",
+        description="Without options, print the model's routing (default version, aliases, "
+        "traffic split, shadow, and what each worker serves). With options, change it: the "
+        "change is written to the model's model.toml and reaches every worker and replica "
+        "within MODELSERVE_ROUTING_SYNC_S. Needs the admin token.",
+    )
+    route.add_argument("model", metavar="MODEL")
+    route.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    route.add_argument("--token", help="admin token (default: MODELSERVE_ADMIN_TOKEN)")
+    route.add_argument("--default", type=_positive, metavar="V", help="set the default version")
+    route.add_argument(
+        "--alias", action="append", default=[], metavar="NAME=V", help="point an alias at V"
+    )
+    route.add_argument(
+        "--remove-alias", action="append", default=[], metavar="NAME", help="remove an alias"
+    )
+    split = route.add_mutually_exclusive_group()
+    split.add_argument(
+        "--traffic",
+        metavar="V=W,…",
+        help="split unversioned requests by weight, e.g. 2=90,3=10",
+    )
+    split.add_argument("--no-traffic", action="store_true", help="remove the split")
+    shadow = route.add_mutually_exclusive_group()
+    shadow.add_argument(
+        "--shadow",
+        metavar="SOURCE:TARGET[:FRACTION]",
+        help="mirror a fraction (default 1) of SOURCE's requests to TARGET and compare",
+    )
+    shadow.add_argument("--no-shadow", action="store_true", help="stop mirroring")
+    load = route.add_mutually_exclusive_group()
+    load.add_argument("--load", action="store_true", help="load the model (new versions too)")
+    load.add_argument("--unload", action="store_true", help="unload the model")
+    route.set_defaults(run=_route)
     return parser
 
 
