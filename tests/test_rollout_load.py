@@ -241,6 +241,11 @@ def test_routing_changes_under_load_fail_no_request(
     assert shadow_failed == 0
     # About half of version 2's requests are mirrored (compared or dropped).
     assert 0.35 * answered_by_2 <= compared + dropped <= 0.65 * answered_by_2 + 50
+    stats = httpx.get(f"{server.url}/v2/models/iris/versions/2/stats").json()
+    [shadow] = stats["model_stats"][0]["shadow"]
+    assert shadow["shadow_version"] == "3"
+    assert shadow["compared"] >= compared  # read later: as many or more
+    assert shadow["label_agreement"] == 1.0  # version 3 is a copy of 1, the same model as 2
     diabetes = {"instances": [[0.0] * 10]}
     for _ in range(4):  # new connections: both workers serve the reloaded model
         assert httpx.post(f"{server.url}/v1/models/diabetes:predict", json=diabetes).is_success

@@ -10,7 +10,8 @@ How the metrics map onto Triton's fields:
 - compute_infer, execution_count: per model call (a call may serve several requests);
 - inference_count: rows inferred; last_inference: end of the last model call, in ms;
 - compute_input, compute_output, batch_stats: not measured apart (batch sizes are in the
-  `modelserve_batch_rows` histogram).
+  `modelserve_batch_rows` histogram);
+- shadow (modelserve's own key): per shadow version, the `modelserve_shadow_*` metrics.
 """
 
 from collections import defaultdict
@@ -22,6 +23,7 @@ from service.protocols.schemas import (
     InferenceStatistics,
     InferStatistics,
     ModelStatistics,
+    ShadowStatistics,
     StatisticDuration,
 )
 
@@ -39,17 +41,36 @@ _SAMPLES = frozenset(
         "modelserve_last_inference_timestamp_seconds",
     }
 )
+_SHADOW_SAMPLES = frozenset(
+    {
+        "modelserve_shadow_requests_total",
+        "modelserve_shadow_rows_total",
+        "modelserve_shadow_difference_sum",
+        "modelserve_shadow_difference_count",
+        "modelserve_shadow_duration_seconds_sum",
+    }
+)
 # (sample name, model, version) -> the value summed over every other label.
 Totals = dict[tuple[str, str, str], float]
+# (model, version, shadow version) -> (sample name and its outcome or labels label) -> value.
+ShadowTotals = dict[tuple[str, str, str], dict[str, float]]
 
 
-def read_totals(registry: CollectorRegistry) -> Totals:
+def read_totals(registry: CollectorRegistry) -> tuple[Totals, ShadowTotals]:
     totals: defaultdict[tuple[str, str, str], float] = defaultdict(float)
+    shadows: defaultdict[tuple[str, str, str], defaultdict[str, float]] = defaultdict(
+        lambda: defaultdict(float)
+    )
     for metric in registry.collect():
         if not metric.name.startswith("modelserve_"):
             continue
         for sample in metric.samples:
             name, labels = sample.name, sample.labels
+            if name in _SHADOW_SAMPLES:
+                pair = (labels["model"], labels["version"], labels["shadow_version"])
+                which = labels.get("outcome") or labels.get("labels") or ""
+                shadows[pair][f"{name}:{which}"] += sample.value
+                continue
             if name not in _SAMPLES or "model" not in labels or "version" not in labels:
                 continue
             if name == "modelserve_requests_total":
@@ -57,10 +78,32 @@ def read_totals(registry: CollectorRegistry) -> Totals:
                     continue  # successes are counted, with their time, by the histogram
                 name = _FAILED
             totals[(name, labels["model"], labels["version"])] += sample.value
-    return totals
+    return totals, {pair: dict(values) for pair, values in shadows.items()}
 
 
-def version_statistics(totals: Totals, name: str, version: str) -> ModelStatistics:
+def _shadow_statistics(shadow_version: str, values: dict[str, float]) -> ShadowStatistics:
+    def value(key: str) -> float:
+        return values.get(key, 0.0)
+
+    same = value("modelserve_shadow_rows_total:same")
+    rows = same + value("modelserve_shadow_rows_total:different")
+    differences = value("modelserve_shadow_difference_count:")
+    return ShadowStatistics(
+        shadow_version=shadow_version,
+        compared=round(value("modelserve_shadow_requests_total:compared")),
+        dropped=round(value("modelserve_shadow_requests_total:dropped")),
+        failed=round(value("modelserve_shadow_requests_total:failed")),
+        label_agreement=same / rows if rows else None,
+        mean_largest_difference=(
+            value("modelserve_shadow_difference_sum:") / differences if differences else None
+        ),
+        shadow_ns=round(value("modelserve_shadow_duration_seconds_sum:") * 1e9),
+    )
+
+
+def version_statistics(
+    totals: Totals, shadows: ShadowTotals, name: str, version: str
+) -> ModelStatistics:
     def total(sample: str) -> float:
         return totals.get((sample, name, version), 0.0)
 
@@ -83,6 +126,11 @@ def version_statistics(totals: Totals, name: str, version: str) -> ModelStatisti
             compute_infer=duration("modelserve_compute_duration_seconds"),
             compute_output=StatisticDuration(),
         ),
+        shadow=[
+            _shadow_statistics(shadow_version, values)
+            for (model, primary, shadow_version), values in sorted(shadows.items())
+            if (model, primary) == (name, version)
+        ],
     )
 
 
@@ -90,7 +138,9 @@ def model_statistics(
     registry: CollectorRegistry, versions: Iterable[tuple[str, int]]
 ) -> InferenceStatistics:
     """Statistics of the given (model, version) pairs, in that order."""
-    totals = read_totals(registry)
+    totals, shadows = read_totals(registry)
     return InferenceStatistics(
-        model_stats=[version_statistics(totals, name, str(number)) for name, number in versions]
+        model_stats=[
+            version_statistics(totals, shadows, name, str(number)) for name, number in versions
+        ]
     )

@@ -173,6 +173,20 @@ class InferBatchStatistics(BaseModel):
     compute_output: StatisticDuration
 
 
+class ShadowStatistics(BaseModel):
+    """What mirroring this version's requests to a shadow version showed (modelserve's own)."""
+
+    shadow_version: str
+    compared: int
+    dropped: int
+    failed: int
+    # Share of rows whose labels agree (classifiers; None for regressors or before any row).
+    label_agreement: float | None = None
+    # Mean over compared requests of each request's largest difference (see the metrics).
+    mean_largest_difference: float | None = None
+    shadow_ns: int = 0
+
+
 class ModelStatistics(BaseModel):
     name: str
     version: str
@@ -182,6 +196,7 @@ class ModelStatistics(BaseModel):
     inference_stats: InferStatistics
     batch_stats: list[InferBatchStatistics] = Field(default_factory=list)
     memory_usage: list[dict[str, Any]] = Field(default_factory=list)
+    shadow: list[ShadowStatistics] = Field(default_factory=list)
 
 
 class InferenceStatistics(BaseModel):

@@ -105,11 +105,14 @@ async def _read(exchange: Exchange) -> bytes:
 async def _infer_v2(exchange: Exchange) -> Answer:
     body = await _read(exchange)
     state, scope = exchange.state, exchange.scope
+    model = exchange.model = state.router.resolve(*exchange.names, _routing_key(scope))
     call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
     key = call.parameters.get("routing_key")
-    if key is not None and not isinstance(key, str):
-        raise errors.InvalidInput("parameters.routing_key must be a string")
-    model = exchange.model = state.router.resolve(*exchange.names, key or _routing_key(scope))
+    if key is not None:
+        if not isinstance(key, str):
+            raise errors.InvalidInput("parameters.routing_key must be a string")
+        # Resolved again only when the key is in the body: a split is by key.
+        model = exchange.model = state.router.resolve(*exchange.names, key)
     exchange.rows = _rows(call.tensors)
     timeout_s = v2.requested_timeout_s(call)
     budget = exchange.budget
