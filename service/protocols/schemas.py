@@ -107,7 +107,18 @@ class VersionStatus(BaseModel):
 
 
 class ModelStatus(BaseModel):
+    """V1 model status: KServe's `name` and `ready` beside TF Serving's version statuses."""
+
+    name: str
+    ready: bool
     model_version_status: list[VersionStatus]
+
+
+class ModelStatusError(ModelStatus):
+    """The status of a model or version that is not ready, with the error that says why."""
+
+    error: str
+    type: str
 
 
 class StatisticDuration(BaseModel):
