@@ -76,6 +76,13 @@ def test_v1_model_status(client: httpx.Client, path: str) -> None:
     jsonschema.validate(client.get(path).json(), served(client, "ModelStatus"))
 
 
+def test_v1_liveness(client: httpx.Client) -> None:
+    """KServe's model server answers its V1 liveness at the root path with this body."""
+    answer = client.get("/").json()
+    assert answer == {"status": "alive"}
+    jsonschema.validate(answer, served(client, "ServerStatus"))
+
+
 def test_v1_status_of_a_model_that_is_not_ready(damaged_server: RunningServer) -> None:
     with httpx.Client(base_url=damaged_server.url) as client:
         response = client.get("/v1/models/diabetes")

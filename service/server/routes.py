@@ -23,6 +23,7 @@ from service.protocols.schemas import (
     RepositoryEntry,
     RepositoryIndexRequest,
     ServerMetadata,
+    ServerStatus,
     VersionStatus,
 )
 from service.server.http import status_of
@@ -69,6 +70,12 @@ NOT_READY_STATUS: dict[int | str, dict[str, Any]] = {
     503: {"model": ModelStatusError, "description": "Not ready: the status and the reason"}
 }
 router = APIRouter(responses=ERRORS)
+
+
+@router.get("/", response_model=ServerStatus, tags=["health"])
+def root_live() -> ServerStatus:
+    """Liveness where KServe's V1 protocol and its client (`is_server_live`) look for it."""
+    return ServerStatus(status="alive")
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["v2"])
