@@ -26,5 +26,12 @@ digest=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c constraints.txt -e "$target"
+  if [ -n "$extra" ]; then
+    # KServe's SDK for the client compatibility tests, without its own requirements: they pin
+    # pandas, protobuf, psutil and python-dateutil below ours (for its model server, which the
+    # tests do not run). What `import kserve` needs is in the dev extra.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+      -c constraints.txt kserve
+  fi
   echo "$digest" > "$stamp"
 fi

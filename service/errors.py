@@ -2,6 +2,7 @@
 
     ServiceError
     ├── ModelNotFound        unknown model, version or alias
+    ├── RouteNotFound        a path that no endpoint serves
     ├── ModelNotReady        known version that did not load or was unloaded
     ├── InvalidInput         malformed or invalid request data
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
@@ -28,6 +29,10 @@ class ServiceError(Exception):
 
 
 class ModelNotFound(ServiceError):
+    pass
+
+
+class RouteNotFound(ServiceError):
     pass
 
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests import serving
+from tests.damage import tamper
 from tests.models_for_faults import add_fault_models
 from tests.prometheus import Prometheus, run_prometheus
 from tests.serving import RunningServer, run_server, wait_for
@@ -88,6 +89,20 @@ def server(
         tmp_path_factory.mktemp("logs"),
         env={"MODELSERVE_ADMIN_TOKEN": "test-admin-token"},
     ) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def damaged_server(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The example models with broken versions: iris version 1 (alias `stable`) was tampered
+    with, so iris serves version 2 only; both diabetes versions were, so diabetes is not ready."""
+    root = tmp_path_factory.mktemp("damaged") / "models"
+    shutil.copytree(trained_repository, root)
+    for version_dir in (root / "iris" / "1", root / "diabetes" / "1", root / "diabetes" / "2"):
+        tamper(version_dir)
+    with run_server(root, tmp_path_factory.mktemp("damaged-logs")) as running:
         yield running
 
 

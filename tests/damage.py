@@ -14,6 +14,12 @@ def rewrite_sha256(version_dir: Path) -> None:
     metadata_path.write_text(json.dumps(metadata))
 
 
+def tamper(version_dir: Path) -> None:
+    """Change the artifact after packaging, so its sha256 no longer matches (hash_mismatch)."""
+    artifact = next(version_dir.glob("model.*"))
+    artifact.write_bytes(artifact.read_bytes() + b"tampered")
+
+
 def truncate(artifact: Path, keep: float = 0.5) -> None:
     data = artifact.read_bytes()
     artifact.write_bytes(data[: int(len(data) * keep)])

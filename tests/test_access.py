@@ -94,7 +94,9 @@ def test_the_control_plane_logs_and_answers_with_request_ids(
         missing = http.get("/no/such/route", headers={"X-Request-ID": "route-1"})
         probe = http.get("/v2/health/ready", headers={"X-Request-ID": "probe-1"})
         scrape = http.get("/metrics", headers={"X-Request-ID": "scrape-1"})
-    assert [r.status_code for r in (metadata, missing, probe, scrape)] == [200, 404, 200, 200]
+        root = http.get("/", headers={"X-Request-ID": "root-1"})  # KServe V1 liveness
+    statuses = [r.status_code for r in (metadata, missing, probe, scrape, root)]
+    assert statuses == [200, 404, 200, 200, 200]
     for response, given in ((metadata, "meta-1"), (missing, "route-1"), (probe, "probe-1")):
         assert response.headers["x-request-id"] == given
     entry = _line(workers_server, "meta-1")
@@ -109,6 +111,7 @@ def test_the_control_plane_logs_and_answers_with_request_ids(
     logged = {e["request_id"] for e in access_lines(workers_server.output())}
     assert "probe-1" not in logged
     assert "scrape-1" not in logged
+    assert "root-1" not in logged
 
 
 def test_model_loads_are_logged_with_format_and_time(workers_server: RunningServer) -> None:

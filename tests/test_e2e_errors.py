@@ -89,14 +89,38 @@ def test_malformed_bodies(
     assert phrase in response.json()["error"]
 
 
-def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
-    missing = client.get("/v2/nothing/here")
-    assert missing.status_code == 404
-    assert missing.json()["error"] == "Not Found"
-    wrong_method = client.get("/v2/models/iris/infer")
-    assert wrong_method.status_code == 405
-    assert wrong_method.headers["allow"] == "POST"
-    assert wrong_method.json()["error"] == "GET is not allowed here; send POST"
+# Errors the framework raises rather than our code: (method, path, body, status, type, phrase).
+FRAMEWORK_ERRORS: list[tuple[str, str, bytes | None, int, str, str]] = [
+    ("GET", "/v2/nothing/here", None, 404, "RouteNotFound", "no endpoint at /v2/nothing/here"),
+    ("GET", "/v3/models/iris", None, 404, "RouteNotFound", "/docs"),
+    ("POST", "/v2/models/iris/generate", b"{}", 404, "RouteNotFound", "/v2/models/iris/generate"),
+    ("POST", "/v2/health/live", None, 405, "MethodNotAllowed", "POST is not allowed"),
+    ("DELETE", "/v1/models/iris", None, 405, "MethodNotAllowed", "it answers GET"),
+    ("GET", "/v2/models/iris/infer", None, 405, "MethodNotAllowed", "send POST"),
+    ("POST", "/v2/repository/index", b"{not json", 400, "InvalidInput", "JSON"),
+    ("POST", "/v2/repository/index", b'{"ready": "maybe"}', 400, "InvalidInput", "ready"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "kind", "phrase"), FRAMEWORK_ERRORS)
+def test_framework_errors_have_the_error_shape(
+    client: httpx.Client,
+    method: str,
+    path: str,
+    body: bytes | None,
+    status: int,
+    kind: str,
+    phrase: str,
+) -> None:
+    headers = {"Authorization": "Bearer test-admin-token", "Content-Type": "application/json"}
+    response = client.request(method, path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()
+    assert error["type"] == kind
+    assert phrase in error["error"]
+    if status == 405:
+        assert response.headers["allow"] in error["error"]
 
 
 def test_what_the_fast_path_passes_on_is_served_by_the_framework(client: httpx.Client) -> None:

@@ -8,6 +8,7 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 from tests.reference import fitted_example
+from tests.serving import RunningServer
 
 IRIS = load_iris()
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -54,8 +55,44 @@ def test_regressor_predictions_are_the_models_own(
 
 
 def test_model_status(client: httpx.Client) -> None:
-    status = client.get("/v1/models/iris").json()["model_version_status"]
+    """KServe's V1 readiness (`name`, `ready`) and TF Serving's version statuses, in one body."""
+    response = client.get("/v1/models/iris")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["name"], body["ready"]) == ("iris", True)
+    status = body["model_version_status"]
     assert [(s["version"], s["state"]) for s in status] == [("1", "AVAILABLE"), ("2", "AVAILABLE")]
-    one = client.get("/v1/models/iris/versions/1").json()["model_version_status"]
-    assert [s["version"] for s in one] == ["1"]
+    for path in ("/v1/models/iris/versions/1", "/v1/models/iris/versions/stable"):
+        one = client.get(path).json()
+        assert (one["name"], one["ready"]) == ("iris", True)
+        assert [s["version"] for s in one["model_version_status"]] == ["1"]
     assert client.get("/v1/models/nope").status_code == 404
+    assert client.get("/v1/models/iris/versions/9").status_code == 404
+
+
+def test_status_of_a_model_that_is_not_ready(damaged_server: RunningServer) -> None:
+    """503 (as KServe answers), with the statuses that say why and the error shape's keys."""
+    response = httpx.get(f"{damaged_server.url}/v1/models/diabetes")
+    assert response.status_code == 503
+    body = response.json()
+    assert (body["name"], body["ready"], body["type"]) == ("diabetes", False, "ModelNotReady")
+    assert "diabetes" in body["error"]
+    status = body["model_version_status"]
+    assert [(s["version"], s["state"]) for s in status] == [("1", "END"), ("2", "END")]
+    assert all("hash_mismatch" in s["status"]["error_message"] for s in status)
+
+
+def test_status_of_a_version_that_is_not_ready(damaged_server: RunningServer) -> None:
+    whole = httpx.get(f"{damaged_server.url}/v1/models/iris")
+    assert whole.status_code == 200  # version 2, the default, serves
+    assert whole.json()["ready"] is True
+    states = [(s["version"], s["state"]) for s in whole.json()["model_version_status"]]
+    assert states == [("1", "END"), ("2", "AVAILABLE")]
+    for path in ("/v1/models/iris/versions/1", "/v1/models/iris/versions/stable"):
+        response = httpx.get(f"{damaged_server.url}{path}")
+        assert response.status_code == 503
+        body = response.json()
+        assert (body["name"], body["ready"]) == ("iris", False)
+        assert "version 1" in body["error"]
+        assert "hash_mismatch" in body["error"]
+        assert [s["version"] for s in body["model_version_status"]] == ["1"]

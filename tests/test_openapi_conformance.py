@@ -8,6 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.serving import RunningServer
+
 SPEC = yaml.safe_load((Path(__file__).parent / "specs" / "open_inference_rest.yaml").read_text())
 
 
@@ -64,3 +66,39 @@ def test_the_scoring_endpoint_is_documented_with_its_file_formats(client: httpx.
         assert set(operation["requestBody"]["content"]) == formats
         assert set(operation["responses"]["200"]["content"]) == formats
         assert {p["name"] for p in operation["parameters"]} >= {"name", "on_error", "chunk_rows"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v2/nothing/here"), ("POST", "/v2/health/ready")]
+)
+def test_framework_errors_are_error_objects(client: httpx.Client, method: str, path: str) -> None:
+    validate(client.request(method, path).json(), "inference_error_response")
+
+
+def served(client: httpx.Client, schema_name: str) -> dict[str, Any]:
+    """A schema of the service's own OpenAPI document, which clients generate code from."""
+    components = client.get("/openapi.json").json()["components"]
+    return {"$ref": f"#/components/schemas/{schema_name}", "components": components}
+
+
+@pytest.mark.parametrize("path", ["/v1/models/iris", "/v1/models/iris/versions/production"])
+def test_v1_model_status(client: httpx.Client, path: str) -> None:
+    jsonschema.validate(client.get(path).json(), served(client, "ModelStatus"))
+
+
+def test_v1_liveness(client: httpx.Client) -> None:
+    """KServe's model server answers its V1 liveness at the root path with this body."""
+    answer = client.get("/").json()
+    assert answer == {"status": "alive"}
+    jsonschema.validate(answer, served(client, "ServerStatus"))
+
+
+def test_v1_status_of_a_model_that_is_not_ready(damaged_server: RunningServer) -> None:
+    with httpx.Client(base_url=damaged_server.url) as client:
+        response = client.get("/v1/models/diabetes")
+        assert response.status_code == 503
+        jsonschema.validate(response.json(), served(client, "ModelStatusError"))
+        validate(response.json(), "metadata_model_error_response")
+        documented = client.get("/openapi.json").json()["paths"]["/v1/models/{name}"]["get"]
+        schema = documented["responses"]["503"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ModelStatusError"}

@@ -154,3 +154,21 @@ def test_nan_outputs_become_null_not_bare_tokens(iris: ModelVersion) -> None:
     assert b"NaN" not in body
     assert b"Infinity" not in body
     assert orjson.loads(body)["outputs"][1]["data"] == [None, None, 0.5]
+
+
+ROW_REQUEST = {
+    "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
+}
+
+
+@pytest.mark.parametrize("model_name", ["iris", "another_model"])
+def test_model_name_from_kserve_clients_is_ignored(model_name: str) -> None:
+    """KServe's InferenceRESTClient puts `model_name` in the body; the path names the model."""
+    call = decode_infer_request(orjson.dumps({"model_name": model_name, **ROW_REQUEST}), None)
+    np.testing.assert_array_equal(call.tensors["input"], [[1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("key", ["model_version", "output", "paramters", "from_grpc"])
+def test_other_unknown_fields_are_refused(key: str) -> None:
+    with pytest.raises(InvalidInput, match=f"unknown field '{key}'; allowed: id, inputs, outputs"):
+        decode_infer_request(orjson.dumps({key: 1, **ROW_REQUEST}), None)

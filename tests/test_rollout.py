@@ -107,7 +107,13 @@ def test_a_routing_key_sticks_to_one_version_of_a_split(routed: RunningServer) -
     for user in ("alice", "bob", "carol", "dave"):
         by_body = {**V2_ROW, "parameters": {"routing_key": user}}
         header = {"X-Routing-Key": user}
-        assert len(_versions(routed, 10, json=by_body) | _versions(routed, 10, json=V2_ROW, headers=header)) == 1
+        assert (
+            len(
+                _versions(routed, 10, json=by_body)
+                | _versions(routed, 10, json=V2_ROW, headers=header)
+            )
+            == 1
+        )
     # Explicit versions and aliases bypass the split.
     for version, expected in (("1", "1"), ("stable", "1"), ("production", "2")):
         url = f"{routed.url}/v1/models/iris/versions/{version}:predict"
@@ -132,8 +138,10 @@ def test_replicas_sharing_a_repository_follow_each_other(
             _routing_url(first), json={"aliases": {"production": 3}}, headers=ADMIN
         ).json()
         wait_for(
-            lambda: httpx.get(_routing_url(second), headers=ADMIN).json()["workers"][0]["revision"]
-            == answer["revision"],
+            lambda: (
+                httpx.get(_routing_url(second), headers=ADMIN).json()["workers"][0]["revision"]
+                == answer["revision"]
+            ),
             what="the other replica to apply the change",
         )
         assert time.monotonic() - started < 5
@@ -155,7 +163,11 @@ def test_replicas_sharing_a_repository_follow_each_other(
 def _route(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "service", "route", "iris", "--url", server.url, *args]
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=60, env={"MODELSERVE_ADMIN_TOKEN": TOKEN, "PATH": ""}
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"MODELSERVE_ADMIN_TOKEN": TOKEN, "PATH": ""},
     )
 
 

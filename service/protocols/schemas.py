@@ -1,6 +1,6 @@
 """V2 and V1 messages as pydantic models: the control-plane responses and the OpenAPI document."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,6 +107,9 @@ class RequestOutput(BaseModel):
 
 class InferRequest(BaseModel):
     id: str | None = None
+    model_name: str | None = Field(
+        None, description="Ignored: the path names the model. KServe's client sends it."
+    )
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
@@ -147,7 +150,24 @@ class VersionStatus(BaseModel):
 
 
 class ModelStatus(BaseModel):
+    """V1 model status: KServe's `name` and `ready` beside TF Serving's version statuses."""
+
+    name: str
+    ready: bool
     model_version_status: list[VersionStatus]
+
+
+class ModelStatusError(ModelStatus):
+    """The status of a model or version that is not ready, with the error that says why."""
+
+    error: str
+    type: str
+
+
+class ServerStatus(BaseModel):
+    """KServe V1 liveness, at the root path."""
+
+    status: Literal["alive"]
 
 
 class StatisticDuration(BaseModel):

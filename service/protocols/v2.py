@@ -16,6 +16,10 @@ from service.store.tensors import DATATYPES, datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+# KServe's client (InferenceRESTClient with an InferRequest) adds `model_name` to the body. The
+# path names the model, so it is ignored, as KServe's own server does; a body forwarded to
+# several models (an inference graph) may name another one. tritonclient adds nothing.
+_IGNORED_REQUEST_KEYS = frozenset({"model_name"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
 
@@ -88,9 +92,13 @@ def _dict(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _check_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+def _check_keys(
+    obj: dict[str, Any], allowed: frozenset[str], where: str, ignored: frozenset[str] = frozenset()
+) -> None:
+    """Refuses unknown keys: a misspelt `outputs` or `parameters` would otherwise be dropped in
+    silence, and the client answered with what it did not ask for."""
     for key in obj:
-        if key not in allowed:
+        if key not in allowed and key not in ignored:
             raise InvalidInput(
                 f"{where}: unknown field {key!r}; allowed: {', '.join(sorted(allowed))}"
             )
@@ -202,7 +210,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferCall:
             )
         json_part, binary = view[:split], view[split:]
     request = _dict(loads(json_part), "the request body")
-    _check_keys(request, _REQUEST_KEYS, "request")
+    _check_keys(request, _REQUEST_KEYS, "request", _IGNORED_REQUEST_KEYS)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")

@@ -26,7 +26,7 @@ logger = logging.getLogger("service.access")
 
 REQUEST_ID = b"x-request-id"
 # Probes and scrapes come every few seconds; at debug level they do not bury the requests.
-_QUIET_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+_QUIET_PATHS = frozenset({"/", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _printable(value: bytes) -> bool:

@@ -27,7 +27,13 @@ from service.observability.metrics import create_metrics, record_model
 from service.prediction.router import Router
 from service.server.access import AccessLogMiddleware
 from service.server.fastpath import InferenceMiddleware
-from service.server.http import BodyLimit, error_body, error_headers, status_of
+from service.server.http import (
+    BodyLimit,
+    error_body,
+    error_headers,
+    framework_error,
+    status_of,
+)
 from service.server.openapi import add_inference_paths
 from service.server.polling import follow_routing, poll_repository, write_status
 from service.server.rollout import router as rollout
@@ -59,11 +65,21 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> Response:
+    """The framework's own errors, in the shape of every other error."""
     assert isinstance(exc, HTTPException)
-    return JSONResponse(
-        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-    )
+    status, path = exc.status_code, request.url.path
+    headers = dict(exc.headers or {})
+    if status == 404:
+        message = f"no endpoint at {path}; the API is described at /docs"
+    elif status == 405:
+        allowed = headers.get("Allow", "another method")
+        message = f"{request.method} is not allowed on {path}; it answers {allowed}"
+    else:
+        message = str(exc.detail)
+    headers["content-type"] = "application/json"
+    error = framework_error(status, message)
+    return Response(error_body(error), status_code=status, headers=headers)
 
 
 def create_app(settings: Settings) -> InferenceMiddleware:

@@ -19,6 +19,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
+    errors.RouteNotFound: 404,
     errors.MethodNotAllowed: 405,
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
@@ -29,6 +30,23 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,
 }
+
+
+# What the framework's own errors (a path no route serves, a method a route does not take, a
+# body it cannot parse) are in the tree, so they answer with a `type` like every other error.
+_FRAMEWORK_ERRORS: dict[int, type[errors.ServiceError]] = {
+    400: errors.InvalidInput,
+    401: errors.Unauthorized,
+    403: errors.Forbidden,
+    404: errors.RouteNotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.PayloadTooLarge,
+    415: errors.UnsupportedMediaType,
+}
+
+
+def framework_error(status: int, message: str) -> errors.ServiceError:
+    return _FRAMEWORK_ERRORS.get(status, errors.ServiceError)(message)
 
 
 def status_of(exc: errors.ServiceError) -> int:

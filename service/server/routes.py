@@ -16,14 +16,18 @@ from service.protocols.schemas import (
     ModelMetadata,
     ModelReadiness,
     ModelStatus,
+    ModelStatusError,
     Readiness,
     RepositoryEntry,
     RepositoryIndexRequest,
     ServerMetadata,
+    ServerStatus,
     VersionStatus,
 )
+from service.server.http import status_of
 from service.server.state import ServiceState
-from service.store.registry import ModelVersion
+from service.store.registry import ModelEntry, ModelVersion
+from service.store.repository import parse_version
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 PLATFORMS = {"sklearn": "sklearn", "onnx": "onnxruntime_onnx"}
@@ -60,7 +64,16 @@ ApiKey = Depends(require_api_key)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 503)
 }
+NOT_READY_STATUS: dict[int | str, dict[str, Any]] = {
+    503: {"model": ModelStatusError, "description": "Not ready: the status and the reason"}
+}
 router = APIRouter(responses=ERRORS)
+
+
+@router.get("/", response_model=ServerStatus, tags=["health"])
+def root_live() -> ServerStatus:
+    """Liveness where KServe's V1 protocol and its client (`is_server_live`) look for it."""
+    return ServerStatus(status="alive")
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["v2"])
@@ -214,22 +227,51 @@ def repository_index(
     return [e for e in entries if e.state == "READY"] if only_ready else entries
 
 
-@router.get("/v1/models/{name}", response_model=ModelStatus, dependencies=[ApiKey], tags=["v1"])
 @router.get(
-    "/v1/models/{name}/versions/{version}",
+    "/v1/models/{name}",
     response_model=ModelStatus,
+    responses=NOT_READY_STATUS,
     dependencies=[ApiKey],
     tags=["v1"],
 )
-def v1_model_status(state: State, name: str, version: str | None = None) -> ModelStatus:
-    entry = state.registry.model(name)
-    if version is not None:
-        model = state.registry.resolve(name, version)
-        numbers = [model.version]
-    else:
-        numbers = sorted([*entry.versions, *entry.failures])
-    if not numbers:
-        raise ModelNotReady(f"model {name!r} has no versions")
+@router.get(
+    "/v1/models/{name}/versions/{version}",
+    response_model=ModelStatus,
+    responses=NOT_READY_STATUS,
+    dependencies=[ApiKey],
+    tags=["v1"],
+)
+def v1_model_status(state: State, name: str, version: str | None = None) -> Response:
+    """KServe V1 readiness (`name`, `ready`) and TF Serving's version statuses in one body:
+    200 when the model (or the version) serves, else 503 with the error that says why."""
+    registry = state.registry
+    try:
+        registry.resolve(name, version)  # unknown models and versions answer 404 here
+        problem: ModelNotReady | None = None
+    except ModelNotReady as exc:
+        problem = exc
+    entry = registry.models.get(name)
+    statuses = [] if entry is None else _version_statuses(entry, _numbers(entry, version))
+    status = ModelStatus(name=name, ready=problem is None, model_version_status=statuses)
+    if problem is None:
+        return Response(status.model_dump_json(), media_type="application/json")
+    body = ModelStatusError(
+        error=problem.message, type=type(problem).__name__, **status.model_dump()
+    )
+    return Response(
+        body.model_dump_json(), status_code=status_of(problem), media_type="application/json"
+    )
+
+
+def _numbers(entry: ModelEntry, version: str | None) -> list[int]:
+    if version is None:
+        return sorted([*entry.versions, *entry.failures])
+    number = parse_version(version)
+    number = entry.aliases.get(version) if number is None else number
+    return [] if number is None else [number]
+
+
+def _version_statuses(entry: ModelEntry, numbers: list[int]) -> list[VersionStatus]:
     statuses = []
     for number in numbers:
         failure = entry.failures.get(number)
@@ -239,11 +281,11 @@ def v1_model_status(state: State, name: str, version: str | None = None) -> Mode
                 state="END" if failure else "AVAILABLE",
                 status={
                     "error_code": "UNAVAILABLE" if failure else "OK",
-                    "error_message": failure.message if failure else "",
+                    "error_message": f"{failure.reason}: {failure.message}" if failure else "",
                 },
             )
         )
-    return ModelStatus(model_version_status=statuses)
+    return statuses
 
 
 @router.get(
