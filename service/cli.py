@@ -176,7 +176,7 @@ def _route(args: argparse.Namespace) -> int:
         if args.shadow is not None:
             parts = args.shadow.split(":")
             if len(parts) not in (2, 3):
-                raise ControlError("--shadow takes SOURCE:TARGET or SOURCE:TARGET:FRACTION")
+                raise ValueError("--shadow takes SOURCE:TARGET or SOURCE:TARGET:FRACTION")
             fraction = float(parts[2]) if len(parts) == 3 else 1.0
             shadow = (int(parts[0]), int(parts[1]), fraction)
         flags = RoutingFlags(
@@ -185,8 +185,8 @@ def _route(args: argparse.Namespace) -> int:
         action = "load" if args.load else "unload" if args.unload else None
         token = args.token or os.environ.get("MODELSERVE_ADMIN_TOKEN")
         answer = route(args.url, args.model, token, flags, action)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a flag's value that does not parse: a usage error
+        print(f"error: {exc} (see `modelserve route --help`)", file=sys.stderr)
         return 2
     except ControlError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -43,7 +43,7 @@ def parse_pairs(text: str, separator: str = "=") -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, found, value = item.partition(separator)
         if not found or not key or not value:
-            raise ControlError(f"{item!r} is not KEY{separator}VALUE")
+            raise ValueError(f"{item!r} is not KEY{separator}VALUE")
         pairs[key] = value
     return pairs
 

@@ -129,6 +129,8 @@ def test_replicas_sharing_a_repository_follow_each_other(
 ) -> None:
     """Two servers (not workers of one) on one folder, as replicas on a shared volume."""
     root = _iris_repository(trained_repository, tmp_path / "models")
+    for logs in ("a", "b"):
+        (tmp_path / logs).mkdir()
     with (
         run_server(root, tmp_path / "a", env=ENV) as first,
         run_server(root, tmp_path / "b", env=ENV) as second,
