@@ -127,8 +127,11 @@ def test_the_model_repository_is_a_volume(kustomization: Path) -> None:
     server = container(spec, "modelserve")
     repository = env_of(server)["MODELSERVE_MODEL_REPOSITORY"]
     mount = next(m for m in server["volumeMounts"] if m["mountPath"] == repository)
-    assert mount["readOnly"] is True
     volumes = {v["name"]: v for v in spec["volumes"]}
+    # A pod's own copy is read-only; a shared claim is written by the routing API, which every
+    # replica then applies, so it is mounted read-write from a ReadWriteMany claim.
+    shared = "persistentVolumeClaim" in volumes[mount["name"]]
+    assert mount["readOnly"] is not shared
     for volume in volumes.values():
         assert len(volume) == 2, f"volume {volume['name']} needs exactly one source"
     source = volumes[mount["name"]]
@@ -143,7 +146,8 @@ def test_the_model_repository_is_a_volume(kustomization: Path) -> None:
     else:
         claim = source["persistentVolumeClaim"]["claimName"]
         claims = [r for r in render(kustomization) if r["kind"] == "PersistentVolumeClaim"]
-        assert claim in {c["metadata"]["name"] for c in claims}
+        [found] = [c for c in claims if c["metadata"]["name"] == claim]
+        assert found["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS[:2], ids=lambda p: p.name)

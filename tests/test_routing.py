@@ -1,13 +1,14 @@
 """Routing in model.toml: written whole and safely, picked per request, applied by reloads that
 keep serving."""
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, Forbidden, InvalidInput
 from service.store.registry import LoadOptions, load_model, load_registry, reload_model
 from service.store.repository import read_model_config, scan_model
 from service.store.routing import (
@@ -66,6 +67,15 @@ def test_an_invalid_routing_is_never_written(
     before = (iris / "model.toml").read_text()
     with pytest.raises(InvalidInput, match=message):
         change_config(iris, lambda doc: set_routing(doc, routing))
+    assert (iris / "model.toml").read_text() == before
+
+
+def test_a_repository_that_cannot_be_written_refuses_the_change_saying_why(iris: Path) -> None:
+    # Where the temporary file would go, a folder: the write fails as on a read-only volume.
+    (iris / f".model.toml.{os.getpid()}.tmp").mkdir()
+    before = (iris / "model.toml").read_text()
+    with pytest.raises(Forbidden, match="mount it read-write"):
+        change_config(iris, lambda doc: set_routing(doc, {"default_version": 1}))
     assert (iris / "model.toml").read_text() == before
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import tomlkit
 from pydantic import ValidationError
 
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, Forbidden, InvalidInput
 from service.store.repository import CONFIG_NAME, ModelConfig
 
 # What GET .../routing shows and PUT .../routing accepts (besides `revision`).
@@ -88,7 +88,13 @@ def change_config(
             config = ModelConfig.model_validate(tomllib.loads(text))
         except (ValidationError, tomllib.TOMLDecodeError) as exc:
             raise InvalidInput(f"the routing is not valid: {_first_error(exc)}") from None
-        _write(folder, text)
+        try:
+            _write(folder, text)
+        except OSError as exc:
+            raise Forbidden(
+                f"{path} cannot be written ({exc.strerror}): routing changes are written to the "
+                "repository, so mount it read-write (a ReadWriteMany volume for replicas)"
+            ) from None
     return config
 
 
