@@ -6,10 +6,12 @@
     ├── InvalidInput         malformed or invalid request data
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
     ├── PayloadTooLarge      body or batch above the configured limits
+    │   └── HeadersTooLarge  a request head above the configured limit
     ├── Unauthorized         missing credentials
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Overloaded           queue full; retry later
     ├── DeadlineExceeded     the request's deadline passed
+    ├── HeadersTimeout       a request head not received in time
     ├── PredictionFailed     the model raised while predicting
     └── ModelLoadError       an artifact that cannot be served
 
@@ -49,6 +51,10 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class HeadersTooLarge(PayloadTooLarge):
+    pass
+
+
 class Unauthorized(ServiceError):
     pass
 
@@ -64,6 +70,10 @@ class Overloaded(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
+    pass
+
+
+class HeadersTimeout(ServiceError):
     pass
 
 

@@ -16,11 +16,13 @@ Send = Callable[[Message], Awaitable[None]]
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 400,
     errors.Unauthorized: 401,
+    errors.HeadersTimeout: 408,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
     errors.MethodNotAllowed: 405,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
+    errors.HeadersTooLarge: 431,
     errors.PredictionFailed: 500,
     errors.ModelLoadError: 500,
     errors.ModelNotReady: 503,
