@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.observability.exposition import worker_metrics
+    from service.server.connection import HeadLimits, http_protocol
 
     with worker_metrics(settings.workers):
         uvicorn.run(
@@ -49,8 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
             workers=settings.workers,
             # Named rather than "auto": a missing uvicorn[standard] then fails loudly instead of
             # silently falling back to the slower asyncio loop and pure-Python HTTP parser.
+            # The HTTP protocol is uvicorn's httptools one, with bounded request heads.
             loop="uvloop",
-            http="httptools",
+            http=http_protocol(HeadLimits(settings.max_header_bytes, settings.header_timeout_s)),
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=settings.graceful_shutdown_s,

@@ -8,10 +8,12 @@
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
     ├── MethodNotAllowed     a method the path does not serve
     ├── PayloadTooLarge      body or batch above the configured limits
+    │   └── HeadersTooLarge  a request head above the configured limit
     ├── Unauthorized         missing credentials
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Overloaded           queue full; retry later
     ├── DeadlineExceeded     the request's deadline passed
+    ├── HeadersTimeout       a request head not received in time
     ├── PredictionFailed     the model raised while predicting
     └── ModelLoadError       an artifact that cannot be served
 
@@ -55,6 +57,10 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class HeadersTooLarge(PayloadTooLarge):
+    pass
+
+
 class Unauthorized(ServiceError):
     pass
 
@@ -70,6 +76,10 @@ class Overloaded(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
+    pass
+
+
+class HeadersTimeout(ServiceError):
     pass
 
 
