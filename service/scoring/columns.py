@@ -105,15 +105,21 @@ def _bad_cells(column: pa.Array, kind: pa.DataType, offset: int = 0) -> list[int
 
 def _cast(column: pa.Array, kind: pa.DataType) -> tuple[pa.Array, list[tuple[int, object]]]:
     """The column in `kind`, with the cells that do not fit it (left empty) and their values."""
-    if pa.types.is_string(column.type) and not pa.types.is_string(kind):
-        # Text for a typed column: surrounding spaces are not part of the value, and an
-        # empty cell is a missing value, not a bad one.
-        column = pc.utf8_trim_whitespace(column)
-        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
     try:
         return pc.cast(column, kind), []
     except _CAST_FAILED:
-        bad = _bad_cells(column, kind)
+        pass
+    if pa.types.is_string(column.type):
+        # Text for a typed column: surrounding spaces are not part of the value, and an
+        # empty cell is a missing value, not a bad one. (Arrow refuses both, so a column
+        # that cast at once has neither.)
+        column = pc.utf8_trim_whitespace(column)
+        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+        try:
+            return pc.cast(column, kind), []
+        except _CAST_FAILED:
+            pass
+    bad = _bad_cells(column, kind)
     flags = np.zeros(len(column), dtype=np.bool_)
     flags[bad] = True
     emptied = pc.if_else(pa.array(flags), pa.scalar(None, column.type), column)
