@@ -54,3 +54,9 @@ def test_a_declared_key_that_a_chunk_lacks_is_an_empty_column() -> None:
     chunk = apply_column_types(Chunk(pa.table({"x": [1.5]})), {"id": pa.string()})
     assert chunk.table.schema.field("id").type == pa.string()
     assert chunk.table["id"].to_pylist() == [None]
+
+
+def test_a_type_arrow_cannot_cast_to_empties_the_column_with_row_errors() -> None:
+    chunk = apply_column_types(Chunk(pa.table({"d": [True, None]})), {"d": pa.date32()})
+    assert chunk.table["d"].to_pylist() == [None, None]
+    assert chunk.errors == [RowError(0, "d", "not a valid date32: 'True'")]  # null is missing

@@ -109,11 +109,9 @@ def parse_csv_header(line: bytes) -> list[str]:
 
 def decode_csv(block: bytes, columns: list[str]) -> Chunk:
     """A block of CSV lines, every cell as text, as written."""
+    # One Arrow block for the whole of ours: a row may be as long as the row limit allows.
     options = pa_csv.ReadOptions(
-        # One Arrow block for the whole of ours: a row may be as long as the row limit allows.
-        column_names=columns,
-        use_threads=False,
-        block_size=max(len(block), 1),
+        column_names=columns, use_threads=False, block_size=max(len(block), 1)
     )
     try:
         table = pa_csv.read_csv(

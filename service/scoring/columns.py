@@ -39,6 +39,7 @@ TYPE_NAMES = (
     "timestamp[ns]",
 )
 _CAST_FAILED = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+_NAMES = {pa.type_for_alias(name): name for name in TYPE_NAMES}  # as the caller writes them
 
 
 def parse_column_types(text: str) -> ColumnTypes:
@@ -86,7 +87,7 @@ def _describe(value: object, kind: pa.DataType) -> str:
     text = str(value)[:40]
     if pa.types.is_floating(kind):
         return f"not a number: {text!r}"
-    return f"not a valid {kind}: {text!r}"
+    return f"not a valid {_NAMES.get(kind, kind)}: {text!r}"
 
 
 def _bad_cells(column: pa.Array, kind: pa.DataType, offset: int = 0) -> list[int]:
@@ -95,7 +96,7 @@ def _bad_cells(column: pa.Array, kind: pa.DataType, offset: int = 0) -> list[int
         pc.cast(column, kind)
     except _CAST_FAILED:
         if len(column) == 1:
-            return [offset]
+            return [] if column.null_count else [offset]
         half = len(column) // 2
         return _bad_cells(column.slice(0, half), kind, offset) + _bad_cells(
             column.slice(half), kind, offset + half
@@ -122,8 +123,12 @@ def _cast(column: pa.Array, kind: pa.DataType) -> tuple[pa.Array, list[tuple[int
     bad = _bad_cells(column, kind)
     flags = np.zeros(len(column), dtype=np.bool_)
     flags[bad] = True
+    values = [(row, column[row].as_py()) for row in bad]
     emptied = pc.if_else(pa.array(flags), pa.scalar(None, column.type), column)
-    return pc.cast(emptied, kind), [(row, column[row].as_py()) for row in bad]
+    try:
+        return pc.cast(emptied, kind), values
+    except _CAST_FAILED:  # Arrow has no such cast at all (bool to date32): no value fits
+        return pa.nulls(len(column), kind), values
 
 
 def apply_column_types(chunk: Chunk, types: ColumnTypes) -> Chunk:
