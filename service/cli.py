@@ -8,10 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from service.config import Settings
 from service.observability.logs import configure_logging
+
+if TYPE_CHECKING:  # pyarrow is imported only by the commands that score
+    from service.scoring.columns import ColumnTypes
 
 logger = logging.getLogger(__name__)
 # A repository holding this file is the bundled example one: its artifacts are built, not shipped.
@@ -147,6 +150,8 @@ def _score(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         workers=args.workers or len(os.sched_getaffinity(0)),
         on_error=args.on_error,
+        column_types=args.column_types or {},
+        max_row_bytes=settings.max_row_bytes,
     )
     bar = ProgressBar(args.input.stat().st_size, sys.stderr)
     try:
@@ -160,6 +165,16 @@ def _score(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(f"scored {rows:,} rows into {args.output}", file=sys.stderr)
     return 0
+
+
+def _column_types(text: str) -> "ColumnTypes":
+    from service.errors import InvalidInput
+    from service.scoring.columns import parse_column_types
+
+    try:
+        return parse_column_types(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _positive(text: str) -> int:
@@ -205,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--chunk-rows", type=_positive, default=65536, help="rows per model call")
     score.add_argument("--workers", type=_positive, help="processes (default: one per core)")
     score.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    score.add_argument(
+        "--column-types",
+        type=_column_types,
+        metavar="NAME:TYPE,...",
+        help="types of columns in the output, e.g. id:int64,day:date32 (default: CSV cells stay "
+        "text, features are numbers)",
+    )
     score.set_defaults(run=_score)
 
     package = commands.add_parser(

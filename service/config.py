@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(
         1_000_000, ge=1, description="Most rows accepted in one inference request."
     )
+    max_row_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Longest row of a CSV or NDJSON file to score, in bytes (400 above).",
+    )
     request_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -1,8 +1,10 @@
 """HTTP/1.1 over a plain socket, for requests httpx will not send (lying lengths, dot paths)."""
 
+import select
 import selectors
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -167,3 +169,52 @@ class _Flood:
     def outcome(self) -> Flooded:
         answer = parse_response(self.received) if self.received else None
         return Flooded(self.sent, answer, self.closed)
+
+
+def frame_chunks(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """Body pieces in Transfer-Encoding: chunked framing, as they are made."""
+    for piece in pieces:
+        if piece:
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def send_until_answered(
+    url: str, head: bytes, chunks: Iterable[bytes], timeout: float = 15.0
+) -> tuple[RawResponse | None, int]:
+    """Send a request head and body pieces, stopping as soon as the server answers.
+
+    Returns the answer (None if the server closed without one) and the body bytes sent.
+    """
+    parts = urlsplit(url)
+    sent = 0
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # an answer (or the end of the connection) arrived: stop sending
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < _length(received):
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            received += data
+    return (parse_response(received) if received else None), sent
+
+
+def _length(received: bytes) -> int:
+    """The size of a whole answer with a Content-Length, once its head has arrived."""
+    head, _, _ = received.partition(b"\r\n\r\n")
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            return len(head) + 4 + int(value)
+    return len(received) + 1  # no length: read until the server closes
