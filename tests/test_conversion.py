@@ -26,6 +26,7 @@ from tests.serving import run_server
 from training.examples import EXAMPLES
 
 LOADERS = {e.name: e.load for e in EXAMPLES}
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def modelserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -79,6 +80,9 @@ def test_converts_an_example_with_parity(repository: Path, name: str) -> None:
     result = convert(repository, f"{name}:1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"converted {name}:1 to {name}:3 ")
+    if name == "breast_cancer":  # the README shows this conversion's output
+        shown = result.stdout.replace(str(repository), "models")
+        assert shown in README, shown
 
     source = json.loads((repository / name / "1" / "metadata.json").read_text())
     folder = repository / name / "3"
