@@ -219,8 +219,10 @@ def test_refuses_labels_that_flip_on_the_decision_boundary(
 
 
 def test_refuses_probabilities_beyond_the_tolerance(repository: Path) -> None:
+    result = convert(repository, "iris:1", "--tolerance", "0")
+    assert result.stderr.splitlines()[0] in README  # the README shows this refusal
     rows_shown = assert_refused(
-        convert(repository, "iris:1", "--tolerance", "0"),
+        result,
         "rows of the reference sample of iris:1",
         "probabilities differ by up to",
         "above the tolerance of 0",
