@@ -1,4 +1,4 @@
-"""modelserve serve | score | validate | package: the command line."""
+"""modelserve serve | score | validate | package | convert: the command line."""
 
 import argparse
 import logging
@@ -69,6 +69,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from service.store.registry import load_registry
+    from service.store.samples import sample_problem
 
     settings = Settings() if args.model_name is None else Settings(model_name=args.model_name)
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
@@ -79,6 +80,10 @@ def _validate(args: argparse.Namespace) -> int:
         for number, model in sorted(entry.versions.items()):
             notes = f" ({'; '.join(model.warnings)})" if model.warnings else ""
             print(f"ok    {name}:{number} {model.format} sha256={model.sha256[:12]}{notes}")
+            problem = model.metadata and sample_problem(model.artifact.parent, model.metadata)
+            if problem:
+                problems += 1
+                print(f"FAIL  {name}:{number} reference sample: {problem}")
         for number, failure in sorted(entry.failures.items()):
             problems += 1
             print(f"FAIL  {name}:{number} {failure.reason}: {failure.message}")
@@ -122,6 +127,65 @@ def _fail(message: str) -> int:
     """One `error:` line, whatever the message held (an exporter's error may span lines)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from service.errors import ServiceError
+    from service.store.conversion import convert_version
+
+    root = args.model_repository or Settings().model_repository
+    name, _, version = args.model.partition(":")
+    if not version:
+        print(
+            "error: name the version to convert: MODEL:VERSION (a number or alias)", file=sys.stderr
+        )
+        return 2
+    try:
+        conversion = convert_version(
+            root,
+            name,
+            version,
+            sample_file=args.sample,
+            new_version=args.version,
+            tolerance=args.tolerance,
+        )
+    except ServiceError as exc:
+        print(f"error: {' '.join(exc.message.split())}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    parity = conversion.parity
+    if conversion.folder is None:
+        print(f"error: {conversion.refusal()}", file=sys.stderr)
+        print("first disagreeing rows (scikit-learn → ONNX):", file=sys.stderr)
+        for row in parity.first:
+            print(f"  row {row.row}: {row.source} → {row.converted}", file=sys.stderr)
+        return 1
+    figures = parity.figures
+    if figures.max_relative_prediction_difference is not None:
+        agreement = f"max relative difference {figures.max_relative_prediction_difference:.3g}"
+    else:
+        agreement = "labels identical"
+        if figures.max_abs_probability_difference is not None:
+            agreement += (
+                f", max probability difference {figures.max_abs_probability_difference:.3g}"
+            )
+    print(
+        f"converted {conversion.source} to {conversion.target} ({conversion.folder}): "
+        f"{figures.rows} rows of {figures.sample}, {agreement} (tolerance {figures.tolerance:g})"
+    )
+    return 0
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number, 0 or more")
+    return value
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -279,6 +343,46 @@ def build_parser() -> argparse.ArgumentParser:
         "versions (clients of the default version or an alias will see the change)",
     )
     package.set_defaults(run=_package)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a scikit-learn version to a new ONNX version, checked for parity",
+        description="Convert a scikit-learn (joblib/pickle) version to ONNX with skl2onnx and "
+        "add it as a new version, with the same features, classes and canonical tensors. The "
+        "ONNX version must answer a reference sample as the source does (every label "
+        "identical; probabilities, or regressors' predictions relatively, within --tolerance); "
+        "otherwise nothing is written and the first disagreeing rows are shown.",
+    )
+    convert.add_argument(
+        "model", metavar="MODEL:VERSION", help="the version to convert: a number or an alias"
+    )
+    convert.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+    convert.add_argument(
+        "--version",
+        type=_positive,
+        metavar="NEW",
+        help="the new version's number (default: the next free one)",
+    )
+    convert.add_argument(
+        "--sample",
+        type=Path,
+        metavar="FILE",
+        help="a CSV or Parquet file with the feature columns to check parity on (default: "
+        "the reference sample stored with the version by training)",
+    )
+    convert.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        metavar="T",
+        help="largest accepted absolute probability difference, or relative prediction "
+        "difference for regressors (default: 1e-5)",
+    )
+    convert.set_defaults(run=_convert)
     return parser
 
 
