@@ -1,4 +1,4 @@
-"""modelserve serve | score | validate | package | route: the command line."""
+"""modelserve serve | score | validate | package | convert | route: the command line."""
 
 import argparse
 import logging
@@ -8,10 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from service.config import Settings
 from service.observability.logs import configure_logging
+
+if TYPE_CHECKING:  # pyarrow is imported only by the commands that score
+    from service.scoring.columns import ColumnTypes
 
 logger = logging.getLogger(__name__)
 # A repository holding this file is the bundled example one: its artifacts are built, not shipped.
@@ -39,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.observability.exposition import worker_metrics
+    from service.server.connection import HeadLimits, http_protocol
 
     with worker_metrics(settings.workers):
         uvicorn.run(
@@ -49,8 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
             workers=settings.workers,
             # Named rather than "auto": a missing uvicorn[standard] then fails loudly instead of
             # silently falling back to the slower asyncio loop and pure-Python HTTP parser.
+            # The HTTP protocol is uvicorn's httptools one, with bounded request heads.
             loop="uvloop",
-            http="httptools",
+            http=http_protocol(HeadLimits(settings.max_header_bytes, settings.header_timeout_s)),
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=settings.graceful_shutdown_s,
@@ -64,6 +69,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from service.store.registry import load_registry
+    from service.store.samples import sample_problem
 
     settings = Settings() if args.model_name is None else Settings(model_name=args.model_name)
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
@@ -74,6 +80,10 @@ def _validate(args: argparse.Namespace) -> int:
         for number, model in sorted(entry.versions.items()):
             notes = f" ({'; '.join(model.warnings)})" if model.warnings else ""
             print(f"ok    {name}:{number} {model.format} sha256={model.sha256[:12]}{notes}")
+            problem = model.metadata and sample_problem(model.artifact.parent, model.metadata)
+            if problem:
+                problems += 1
+                print(f"FAIL  {name}:{number} reference sample: {problem}")
         for number, failure in sorted(entry.failures.items()):
             problems += 1
             print(f"FAIL  {name}:{number} {failure.reason}: {failure.message}")
@@ -119,6 +129,65 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from service.errors import ServiceError
+    from service.store.conversion import convert_version
+
+    root = args.model_repository or Settings().model_repository
+    name, _, version = args.model.partition(":")
+    if not version:
+        print(
+            "error: name the version to convert: MODEL:VERSION (a number or alias)", file=sys.stderr
+        )
+        return 2
+    try:
+        conversion = convert_version(
+            root,
+            name,
+            version,
+            sample_file=args.sample,
+            new_version=args.version,
+            tolerance=args.tolerance,
+        )
+    except ServiceError as exc:
+        print(f"error: {' '.join(exc.message.split())}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    parity = conversion.parity
+    if conversion.folder is None:
+        print(f"error: {conversion.refusal()}", file=sys.stderr)
+        print("first disagreeing rows (scikit-learn → ONNX):", file=sys.stderr)
+        for row in parity.first:
+            print(f"  row {row.row}: {row.source} → {row.converted}", file=sys.stderr)
+        return 1
+    figures = parity.figures
+    if figures.max_relative_prediction_difference is not None:
+        agreement = f"max relative difference {figures.max_relative_prediction_difference:.3g}"
+    else:
+        agreement = "labels identical"
+        if figures.max_abs_probability_difference is not None:
+            agreement += (
+                f", max probability difference {figures.max_abs_probability_difference:.3g}"
+            )
+    print(
+        f"converted {conversion.source} to {conversion.target} ({conversion.folder}): "
+        f"{figures.rows} rows of {figures.sample}, {agreement} (tolerance {figures.tolerance:g})"
+    )
+    return 0
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number, 0 or more")
+    return value
+
+
 def _score(args: argparse.Namespace) -> int:
     from service.errors import ServiceError
     from service.protocols.files import format_of_path
@@ -145,6 +214,8 @@ def _score(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         workers=args.workers or len(os.sched_getaffinity(0)),
         on_error=args.on_error,
+        column_types=args.column_types or {},
+        max_row_bytes=settings.max_row_bytes,
     )
     bar = ProgressBar(args.input.stat().st_size, sys.stderr)
     try:
@@ -195,6 +266,16 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _column_types(text: str) -> "ColumnTypes":
+    from service.errors import InvalidInput
+    from service.scoring.columns import parse_column_types
+
+    try:
+        return parse_column_types(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("must be a positive whole number")
@@ -238,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--chunk-rows", type=_positive, default=65536, help="rows per model call")
     score.add_argument("--workers", type=_positive, help="processes (default: one per core)")
     score.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    score.add_argument(
+        "--column-types",
+        type=_column_types,
+        metavar="NAME:TYPE,...",
+        help="types of columns in the output, e.g. id:int64,day:date32 (default: CSV cells stay "
+        "text, features are numbers)",
+    )
     score.set_defaults(run=_score)
 
     package = commands.add_parser(
@@ -327,6 +415,46 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--load", action="store_true", help="load the model (new versions too)")
     load.add_argument("--unload", action="store_true", help="unload the model")
     route.set_defaults(run=_route)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a scikit-learn version to a new ONNX version, checked for parity",
+        description="Convert a scikit-learn (joblib/pickle) version to ONNX with skl2onnx and "
+        "add it as a new version, with the same features, classes and canonical tensors. The "
+        "ONNX version must answer a reference sample as the source does (every label "
+        "identical; probabilities, or regressors' predictions relatively, within --tolerance); "
+        "otherwise nothing is written and the first disagreeing rows are shown.",
+    )
+    convert.add_argument(
+        "model", metavar="MODEL:VERSION", help="the version to convert: a number or an alias"
+    )
+    convert.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+    convert.add_argument(
+        "--version",
+        type=_positive,
+        metavar="NEW",
+        help="the new version's number (default: the next free one)",
+    )
+    convert.add_argument(
+        "--sample",
+        type=Path,
+        metavar="FILE",
+        help="a CSV or Parquet file with the feature columns to check parity on (default: "
+        "the reference sample stored with the version by training)",
+    )
+    convert.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        metavar="T",
+        help="largest accepted absolute probability difference, or relative prediction "
+        "difference for regressors (default: 1e-5)",
+    )
+    convert.set_defaults(run=_convert)
     return parser
 
 

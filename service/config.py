@@ -45,8 +45,25 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
     )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request head (request line and header fields) accepted, in bytes; "
+        "past it: 431 and the connection closes.",
+    )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send a request head, from connecting or from the "
+        "previous answer; past them: 408 and the connection closes.",
+    )
     max_batch_rows: int = Field(
         1_000_000, ge=1, description="Most rows accepted in one inference request."
+    )
+    max_row_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Longest row of a CSV or NDJSON file to score, in bytes (400 above).",
     )
     request_timeout_s: float = Field(
         60.0,

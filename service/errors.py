@@ -8,11 +8,13 @@
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
     ├── MethodNotAllowed     a method the path does not serve
     ├── PayloadTooLarge      body or batch above the configured limits
+    │   └── HeadersTooLarge  a request head above the configured limit
     ├── Unauthorized         missing credentials
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Conflict             a change based on a state that has moved on
     ├── Overloaded           queue full; retry later
     ├── DeadlineExceeded     the request's deadline passed
+    ├── HeadersTimeout       a request head not received in time
     ├── PredictionFailed     the model raised while predicting
     └── ModelLoadError       an artifact that cannot be served
 
@@ -56,6 +58,10 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class HeadersTooLarge(PayloadTooLarge):
+    pass
+
+
 class Unauthorized(ServiceError):
     pass
 
@@ -75,6 +81,10 @@ class Overloaded(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
+    pass
+
+
+class HeadersTimeout(ServiceError):
     pass
 
 

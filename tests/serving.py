@@ -119,3 +119,17 @@ def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def memory(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process in bytes, from /proc: VmRSS (now) or VmHWM (the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Starts VmHWM afresh from the current resident size."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

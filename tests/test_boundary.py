@@ -5,6 +5,8 @@ and the access line are written once; these tests prove each route goes through 
 on a real server over real HTTP.
 """
 
+import gzip
+import re
 import signal
 import socket
 import time
@@ -18,6 +20,7 @@ import pytest
 from tests.scrape import access_lines, scrape, total
 from tests.serving import RunningServer, run_server, wait_for
 
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 KEY = "boundary-key"
 AUTH = {"X-API-Key": KEY}
 IRIS_CSV = b"sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,1.4,0.2\n"
@@ -182,13 +185,23 @@ def _open_request(server: RunningServer, route: Route) -> socket.socket:
 
 
 def _status_line(sock: socket.socket) -> bytes:
+    """The whole answer: its head, then as many body bytes as its Content-Length says."""
     data = b""
-    while b"\r\n\r\n" not in data:
+    while b"\r\n\r\n" not in data or len(data) < _answer_length(data):
         chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
     return data
+
+
+def _answer_length(data: bytes) -> int:
+    head, _, _ = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value)
+    return len(data)
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=IDS)
@@ -231,3 +244,34 @@ def test_draining_refuses_every_route(
             assert refused.headers["retry-after"] == "1"
             assert refused.headers["connection"] == "close"
             assert refused.headers["x-request-id"] == "d-1"
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=IDS)
+def test_compressed_bodies_are_refused_naming_the_coding(
+    guarded: RunningServer, route: Route
+) -> None:
+    headers = {**AUTH, "Content-Encoding": "gzip", "X-Request-ID": f"gzip-{route.protocol}"}
+    refused = _post(route, route.url(guarded), gzip.compress(route.good), **headers)
+    assert refused.status_code == 415, refused.text
+    assert refused.json()["type"] == "UnsupportedMediaType"
+    assert "Content-Encoding 'gzip' is not supported" in refused.json()["error"]
+    assert "uncompressed" in refused.json()["error"]
+    assert refused.headers["x-request-id"] == f"gzip-{route.protocol}"
+    plain = _post(route, route.url(guarded), route.good, **AUTH, **{"Content-Encoding": "identity"})
+    assert plain.status_code == 200
+
+
+def test_the_readme_lists_every_protocol_label(guarded: RunningServer) -> None:
+    for route in ROUTES:
+        assert _post(route, route.url(guarded), route.good, **AUTH).status_code == 200
+    seen = {
+        dict(labels)["protocol"]
+        for name, labels in scrape(guarded.url)
+        if name == "modelserve_requests_total"
+    }
+    row = next(
+        line for line in README.splitlines() if line.startswith("| `modelserve_requests_total`")
+    )
+    listed = set(re.findall(r"`(\w+)`", row.split("`protocol` is", 1)[1]))
+    assert seen == {route.protocol for route in ROUTES}
+    assert seen <= listed, f"README lists {sorted(listed)}"

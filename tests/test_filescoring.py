@@ -141,3 +141,66 @@ def test_a_terminal_gets_a_progress_bar(
     assert "rows/s" in text
     assert "ETA" in text
     assert f"scored {ROWS:,} rows" in text
+
+
+def _changing_ids(path: Path, switch: int) -> list[str]:
+    """ROWS iris rows whose ids are numbers up to row `switch`, then `A<n>`."""
+    data = np.resize(load_iris().data, (ROWS, 4)).tolist()
+    ids = [f"A{i}" if i >= switch else str(i) for i in range(ROWS)]
+    lines = ["id,sepal_length,sepal_width,petal_length,petal_width"]
+    lines += [f"{i},{r[0]},{r[1]},{r[2]},{r[3]}" for i, r in zip(ids, data, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return ids
+
+
+def test_csv_columns_keep_one_type_unless_declared(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.csv"
+    ids = _changing_ids(source, 25_000)
+    target = tmp_path / "out.parquet"
+    repository = ("--model-repository", trained_repository, "--chunk-rows", "4000")
+    done = run_score("iris", source, target, *repository, "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(target)
+    assert table["id"].to_pylist() == ids  # text, as written, in every chunk and part
+    assert table.schema.field("sepal_length").type == pa.float64()
+
+    declared = ("--column-types", "id:int64")
+    done = run_score("iris", source, target, *repository, *declared, "--workers", "2")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: row 25001, column 'id': not a valid int64: 'A25000'"
+    numbers = tmp_path / "numbers.csv"
+    _changing_ids(numbers, ROWS)
+    assert run_score("iris", numbers, target, *repository, *declared).returncode == 0
+    assert pq.read_table(target).schema.field("id").type == pa.int64()
+
+
+def test_column_types_that_do_not_parse_are_a_usage_error(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "out.parquet"
+    repository = ("--model-repository", trained_repository)
+    done = run_score("iris", iris_csv, target, *repository, "--column-types", "id=int64")
+    assert done.returncode == 2
+    assert "'id=int64' is not NAME:TYPE" in done.stderr
+    done = run_score("iris", iris_csv, target, *repository, "--column-types", "idd:int64")
+    assert done.returncode == 1
+    assert "column_types names 'idd', not a column of the input" in done.stderr
+
+
+def test_a_row_longer_than_the_limit_fails_naming_it(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "long.csv"
+    source.write_bytes(
+        b"id,sepal_length,sepal_width,petal_length,petal_width\n1,5.1,3.5,1.4,0.2\n"
+        + b"2" * 3_000_000
+        + b",5.1,3.5,1.4,0.2\n3,5.1,3.5,1.4,0.2\n"
+    )
+    repository = ("--model-repository", trained_repository)
+    done = run_score("iris", source, tmp_path / "out.csv", *repository, "--workers", "2")
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "error: row 2 is longer than 1048576 bytes, the limit of one row (MODELSERVE_MAX_ROW_BYTES)"
+    )

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from service.store.metadata import Task
 from service.store.packaging import package_artifact
+from service.store.samples import store_reference_sample
 
 logger = logging.getLogger(__name__)
 SEED = 0
@@ -120,6 +121,8 @@ def train_example(example: Example, root: Path) -> None:
                 training=training,
                 replace=True,
             )
+            # Rows a conversion of this version is checked on (`modelserve convert`).
+            store_reference_sample(root / example.name / str(version), X_train)
     logger.info("trained %s: %s", example.name, training["metrics"])
 
 

@@ -1,9 +1,10 @@
 """Batch files: CSV, NDJSON and Parquet decoded into Arrow tables chunk by chunk, and encoded back.
 
-Line formats arrive as a byte stream that `LineChunks` cuts into blocks of whole lines, so a
-file of any size is held one chunk at a time. CSV cells are kept as text, so pass-through
-columns come back exactly as they were sent (identifiers keep their leading zeros); only the
-feature columns are converted to numbers. Parquet keeps its column types.
+Line formats arrive as a byte stream that `LineChunks` (lines.py) cuts into blocks of whole
+lines, so a file of any size is held one chunk at a time. CSV cells are decoded as text, so
+pass-through columns come back exactly as they were sent (identifiers keep their leading zeros)
+and never change type between chunks; the scoring job gives columns their types. Parquet keeps
+its column types.
 """
 
 import csv
@@ -95,63 +96,28 @@ class Chunk:
     errors: list[RowError] = field(default_factory=list)
 
 
-class LineChunks:
-    """Cuts a byte stream into blocks of at most `rows` whole lines, after an optional header."""
-
-    def __init__(self, rows: int, header: bool = False) -> None:
-        self._rows = rows
-        self._buffer = bytearray()
-        self._lines = 0
-        self._wants_header = header
-        self.header: bytes | None = None
-
-    def _cut(self) -> int:
-        newlines = np.flatnonzero(np.frombuffer(self._buffer, dtype=np.uint8) == 10)
-        return int(newlines[self._rows - 1]) + 1
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        self._lines += data.count(b"\n")
-        if self._wants_header and self.header is None:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                return []
-            self.header = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            self._lines -= 1
-        blocks: list[bytes] = []
-        while self._lines >= self._rows:
-            cut = self._cut()
-            blocks.append(bytes(self._buffer[:cut]))
-            del self._buffer[:cut]
-            self._lines -= self._rows
-        return blocks
-
-    def finish(self) -> bytes:
-        """What is left: the last lines, without a newline at the end perhaps."""
-        rest = bytes(self._buffer)
-        self._buffer.clear()
-        if self._wants_header and self.header is None:
-            self.header, rest = rest, b""
-        return rest if rest.strip() else b""
-
-
 def parse_csv_header(line: bytes) -> list[str]:
-    text = line.decode("utf-8-sig").rstrip("\r\n")
+    try:
+        text = line.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InvalidInput("the CSV header is not UTF-8 text; send the file as UTF-8") from None
     header = next(csv.reader([text]), [])
     if not header or not any(name.strip() for name in header):
         raise InvalidInput("the CSV has no header row; its first line must name the columns")
     return header
 
 
-def decode_csv(block: bytes, columns: list[str], as_text: bool = True) -> Chunk:
-    """A block of CSV lines; `as_text` keeps every cell as written, else types are inferred."""
-    types = dict.fromkeys(columns, pa.string()) if as_text else None
+def decode_csv(block: bytes, columns: list[str]) -> Chunk:
+    """A block of CSV lines, every cell as text, as written."""
+    # One Arrow block for the whole of ours: a row may be as long as the row limit allows.
+    options = pa_csv.ReadOptions(
+        column_names=columns, use_threads=False, block_size=max(len(block), 1)
+    )
     try:
         table = pa_csv.read_csv(
             pa.py_buffer(block),
-            read_options=pa_csv.ReadOptions(column_names=columns, use_threads=False),
-            convert_options=pa_csv.ConvertOptions(column_types=types),
+            read_options=options,
+            convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string())),
         )
     except pa.ArrowInvalid as exc:
         raise InvalidInput(f"malformed CSV: {str(exc).splitlines()[0]}") from None
@@ -183,7 +149,8 @@ def _parse_lines(block: bytes) -> Chunk:
 def decode_ndjson(block: bytes) -> Chunk:
     try:
         table = pa_json.read_json(
-            io.BytesIO(block), read_options=pa_json.ReadOptions(use_threads=False)
+            io.BytesIO(block),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=max(len(block), 1)),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return _parse_lines(block)
@@ -216,12 +183,15 @@ class CsvEncoder:
         self._header = header
 
     def encode(self, table: pa.Table) -> bytes:
-        # Arrow's "needed" style quotes every string; most files need no quotes at all, and
-        # Arrow refuses the unquoted style when a value does need them.
+        # Arrow's unquoted style writes most files as they were read; it refuses a value that
+        # needs quotes, and Arrow's other styles quote every string of the chunk.
         try:
-            data = self._write(table, "none")
+            sink = pa.BufferOutputStream()
+            options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+            pa_csv.write_csv(table, sink, options)
+            data = bytes(sink.getvalue())
         except pa.ArrowInvalid:
-            data = self._write(table, "needed")
+            data = _quoted_csv(table)
         if self._header:  # written here: Arrow quotes every name of a header
             line = io.StringIO()
             csv.writer(line, lineterminator="\n").writerow(table.column_names)
@@ -229,14 +199,35 @@ class CsvEncoder:
             self._header = False
         return data
 
-    def _write(self, table: pa.Table, quoting: str) -> bytes:
-        sink = pa.BufferOutputStream()
-        options = pa_csv.WriteOptions(include_header=False, quoting_style=quoting)
-        pa_csv.write_csv(table, sink, options)
-        return bytes(sink.getvalue())
-
     def close(self) -> bytes:
         return b""
+
+
+_NEEDS_QUOTES = '[",\r\n]'
+
+
+def _quoted_csv(table: pa.Table) -> bytes:
+    """The rows as Arrow's unquoted style writes them, quoting only the cells that need it."""
+    cells = []
+    for column in table.columns:
+        text = pc.cast(column, pa.string())  # the text Arrow's writer gives each type
+        needs = pc.match_substring_regex(text, _NEEDS_QUOTES)
+        if pc.any(needs).as_py():
+            doubled = pc.replace_substring(text, '"', '""')
+            quoted = pc.binary_join_element_wise('"', doubled, '"', "")
+            text = pc.if_else(needs, quoted, text)
+        cells.append(text)
+    empty_nulls = pc.JoinOptions(null_handling="replace", null_replacement="")
+    lines = pc.binary_join_element_wise(*cells, ",", options=empty_nulls)
+    lines = pc.binary_join_element_wise(lines, "", "\n")  # each row, then a newline
+    if isinstance(lines, pa.ChunkedArray):
+        lines = lines.combine_chunks()
+    if not len(lines):
+        return b""
+    # The rows lie end to end in the array's data buffer: take them in one piece.
+    _, offsets, data = lines.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
+    return bytes(data[int(bounds[0]) : int(bounds[-1])])
 
 
 def _short_floats(table: pa.Table) -> pa.Table:
@@ -294,10 +285,8 @@ class ParquetEncoder:
         if table.schema != schema:
             try:
                 table = table.cast(schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-                raise InvalidInput(
-                    f"a column changed type between rows, which Parquet cannot hold: {exc}"
-                ) from None
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                raise InvalidInput(_schema_change(schema, table.schema)) from None
         self._writer.write_table(table)
         return self._sink.take()
 
@@ -305,6 +294,23 @@ class ParquetEncoder:
         if self._writer is not None:
             self._writer.close()
         return self._sink.take()
+
+
+def _schema_change(first: pa.Schema, later: pa.Schema) -> str:
+    """Why a later chunk does not fit the schema of the Parquet file being written."""
+    if first.names != later.names:
+        return (
+            f"the rows' columns changed from {', '.join(first.names)} to "
+            f"{', '.join(later.names)}, which one Parquet file cannot hold; give every row "
+            "the same keys"
+        )
+    changed = [f for f in first if f.type != later.field(f.name).type]
+    name = changed[0].name if changed else first.names[0]
+    return (
+        f"column {name!r} changed type from {first.field(name).type} to "
+        f"{later.field(name).type} between rows, which one Parquet file cannot hold; declare "
+        f"its type: column_types={name}:TYPE"
+    )
 
 
 def make_encoder(file_format: str, header: bool = True) -> Encoder:

@@ -1,4 +1,4 @@
-"""One chunk of a table through a model: features out, checked, predicted, prediction columns in.
+"""One chunk of a table through a model: typed, features out, checked, predicted, predictions in.
 
 The `:score` endpoint, offline file scoring and `service.scoring.score` all score a chunk here;
 they differ only in how the model is called (through the server's batcher, or directly).
@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from service.protocols.files import Chunk
+from service.scoring.columns import ColumnTypes, apply_column_types
 from service.scoring.tabular import check_rows, extract_features, scored_table
 from service.store.registry import ModelVersion
 from service.store.runtimes import Arrays, Prediction, Signature
@@ -31,9 +32,17 @@ def empty_outputs(signature: Signature) -> Arrays:
 
 
 def score_chunk(
-    model: ModelVersion, chunk: Chunk, first_row: int, on_error: str, predict: Predict
+    model: ModelVersion,
+    chunk: Chunk,
+    first_row: int,
+    on_error: str,
+    predict: Predict,
+    types: ColumnTypes | None = None,
 ) -> pa.Table:
-    """The chunk with its prediction columns (and `error` when skipping bad rows)."""
+    """The chunk with its prediction columns (and `error` when skipping bad rows), its
+    columns first cast to the job's `types`."""
+    if types:
+        chunk = apply_column_types(chunk, types)
     features = extract_features(model, chunk.table, chunk.errors)
     check_rows(features, first_row, on_error)
     if features.good.any():

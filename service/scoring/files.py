@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -21,7 +21,6 @@ from typing import Any
 from service.errors import InvalidInput, ServiceError
 from service.protocols.files import (
     Chunk,
-    LineChunks,
     decode_csv,
     decode_ndjson,
     make_encoder,
@@ -29,10 +28,13 @@ from service.protocols.files import (
     parquet_chunks,
     parse_csv_header,
 )
+from service.protocols.lines import LineChunks
 from service.scoring import ModelReference, cached_model
 from service.scoring.chunks import score_chunk
+from service.scoring.columns import ColumnTypes, check_declared, job_column_types
 from service.scoring.progress import ProgressBar
 from service.scoring.tabular import check_columns, feature_names
+from service.store.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 _READ_BYTES = 1 << 22
@@ -49,6 +51,12 @@ class ScoreFile:
     chunk_rows: int = 65536
     workers: int = 1
     on_error: str = "fail"
+    column_types: ColumnTypes = field(default_factory=dict)  # as declared by the caller
+    max_row_bytes: int = 1 << 20
+
+    def check_columns(self, model: ModelVersion, columns: list[str]) -> None:
+        check_columns(model, columns)
+        check_declared(self.column_types, columns)
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,20 @@ def _line_parts(job: ScoreFile, workers: int) -> list[Part]:
     columns: list[str] | None = None
     with job.source.open("rb") as source:
         if job.input_format == "csv":
-            columns = parse_csv_header(source.readline())
+            header = source.readline(job.max_row_bytes + 2)
+            if len(header.rstrip(b"\n")) > job.max_row_bytes:
+                raise InvalidInput(
+                    f"the header line is longer than {job.max_row_bytes} bytes, the limit of "
+                    "one row (MODELSERVE_MAX_ROW_BYTES)"
+                )
+            columns = parse_csv_header(header)
         start = source.tell()
         bounds = [start]
         for i in range(1, workers):
             source.seek(max(start + (size - start) * i // workers - 1, bounds[-1]))
-            source.readline()  # to the start of the next line
+            # To the start of the next line, in pieces: a line may be longer than memory.
+            while (piece := source.readline(_READ_BYTES)) and not piece.endswith(b"\n"):
+                pass
             bounds.append(max(source.tell(), bounds[-1]))
     bounds.append(size)
     spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a] or [(start, start)]
@@ -130,14 +146,13 @@ def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
                 yield chunk, 0
             yield Chunk(parquet.schema_arrow.empty_table()), 1
         return
-    as_text = job.output_format == "csv"
 
     def decode(block: bytes) -> Chunk:
         if part.columns is None:
             return decode_ndjson(block)
-        return decode_csv(block, part.columns, as_text)
+        return decode_csv(block, part.columns)
 
-    lines = LineChunks(job.chunk_rows)
+    lines = LineChunks(job.chunk_rows, job.max_row_bytes, first_row=part.first_row)
     with job.source.open("rb") as source:
         source.seek(part.start)
         remaining = part.stop - part.start
@@ -158,15 +173,18 @@ def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
     try:
         model = cached_model(job.reference)
         encoder = make_encoder(job.output_format, header=part.index == 0)
+        types = job_column_types(
+            feature_names(model), job.column_types, job.input_format, job.output_format
+        )
         rows = 0
         with path.open("wb") as out:
             for chunk, consumed in _chunks(job, part):
                 if chunk.table.num_rows:
                     if rows == 0:  # the CSV header was checked already; this finds NDJSON's
-                        check_columns(model, chunk.table.column_names)
+                        job.check_columns(model, chunk.table.column_names)
                     first_row = part.first_row + rows
                     table = score_chunk(
-                        model, chunk, first_row, job.on_error, model.runtime.predict
+                        model, chunk, first_row, job.on_error, model.runtime.predict, types
                     )
                     out.write(encoder.encode(table))
                 rows += chunk.table.num_rows
@@ -280,7 +298,7 @@ def score_file(job: ScoreFile, bar: ProgressBar) -> int:
     feature_names(model)
     parts = plan_parts(job)
     if parts[0].columns is not None:
-        check_columns(model, parts[0].columns)
+        job.check_columns(model, parts[0].columns)
     target = job.target.resolve()
     with tempfile.TemporaryDirectory(prefix=".score-", dir=target.parent) as tmp:
         folder = Path(tmp)

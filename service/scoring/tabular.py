@@ -109,7 +109,9 @@ def extract_features(
     allow_nan = model.metadata is not None and model.metadata.allow_nan
     rows = table.num_rows
     matrix = np.empty((rows, len(names)), dtype=spec.dtype)
-    first_error = {e.row: e for e in unreadable or []}
+    first_error: dict[int, RowError] = {}
+    for error in unreadable or []:
+        first_error.setdefault(error.row, error)
     present = set(table.column_names)
     for position, name in enumerate(names):
         if name in present:

@@ -1,9 +1,10 @@
 """The one request boundary of every inference-like route: what each request goes through once.
 
-Draining, credentials, the request id (honoured or generated, returned as `X-Request-ID`), the
-in-flight gauge, the deadline, the error tree mapped to status codes, metrics and the access
-line are done here and nowhere else. A route plugs in a handler that resolves its model, reads
-its body and either returns a whole answer or streams one through `Exchange.start`.
+Draining, credentials, the body's content coding, the request id (honoured or generated,
+returned as `X-Request-ID`), the in-flight gauge, the deadline, the error tree mapped to status
+codes, metrics and the access line are done here and nowhere else. A route plugs in a handler
+that resolves its model, reads its body and either returns a whole answer or streams one
+through `Exchange.start`.
 """
 
 import asyncio
@@ -91,6 +92,17 @@ def _check_admission(state: ServiceState, scope: Scope) -> None:
     if state.draining:
         raise errors.Overloaded("the server is shutting down; send the request to another instance")
     state.credentials.check_api_key(header(scope, b"authorization"), header(scope, b"x-api-key"))
+    _check_content_encoding(scope)
+
+
+def _check_content_encoding(scope: Scope) -> None:
+    """Bodies are read as sent: a compressed one would be taken for garbled data."""
+    coding = header(scope, b"content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        raise errors.UnsupportedMediaType(
+            f"Content-Encoding {coding.strip()!r} is not supported; send the body uncompressed, "
+            "without a Content-Encoding header"
+        )
 
 
 def _error_answer(exc: errors.ServiceError, request_id: str) -> Answer:

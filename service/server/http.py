@@ -17,6 +17,7 @@ Headers = list[tuple[bytes, bytes]]
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 400,
     errors.Unauthorized: 401,
+    errors.HeadersTimeout: 408,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
     errors.RouteNotFound: 404,
@@ -24,6 +25,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
+    errors.HeadersTooLarge: 431,
     errors.PredictionFailed: 500,
     errors.ModelLoadError: 500,
     errors.ModelNotReady: 503,

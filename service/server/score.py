@@ -23,7 +23,6 @@ from service.protocols.files import (
     CONTENT_TYPES,
     Chunk,
     Encoder,
-    LineChunks,
     decode_csv,
     decode_ndjson,
     format_of_accept,
@@ -33,7 +32,14 @@ from service.protocols.files import (
     parquet_chunks,
     parse_csv_header,
 )
+from service.protocols.lines import LineChunks
 from service.scoring.chunks import score_chunk
+from service.scoring.columns import (
+    ColumnTypes,
+    check_declared,
+    job_column_types,
+    parse_column_types,
+)
 from service.scoring.tabular import check_columns, feature_names
 from service.server.boundary import Exchange
 from service.server.http import Receive, Scope, Send, body_chunks, header, status_of
@@ -59,10 +65,18 @@ class ScoreJob:
     chunk_rows: int
     # Keeps state between chunks (CSV header written once, Parquet's writer).
     encoder: Encoder
+    # The declared column types, and with them those every chunk is cast to.
+    declared: ColumnTypes
+    types: ColumnTypes
+    max_row_bytes: int
+
+    def check_columns(self, columns: list[str]) -> None:
+        check_columns(self.model, columns)
+        check_declared(self.declared, columns)
 
 
 def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
-    feature_names(model)
+    features = feature_names(model)
     query = {k: v[-1] for k, v in parse_qs(scope["query_string"].decode("latin-1")).items()}
     on_error = query.get("on_error", "fail")
     if on_error not in ("fail", "skip"):
@@ -73,13 +87,24 @@ def _job(state: ServiceState, model: ModelVersion, scope: Scope) -> ScoreJob:
         raise errors.InvalidInput(f"chunk_rows must be a whole number from 1 to {limit}")
     input_format = format_of_media_type(header(scope, b"content-type"))
     output_format = format_of_accept(header(scope, b"accept"), input_format)
-    encoder = make_encoder(output_format)
-    return ScoreJob(model, input_format, output_format, on_error, int(rows_text), encoder)
+    declared = parse_column_types(query.get("column_types", ""))
+    types = job_column_types(features, declared, input_format, output_format)
+    return ScoreJob(
+        model,
+        input_format,
+        output_format,
+        on_error,
+        int(rows_text),
+        make_encoder(output_format),
+        declared,
+        types,
+        state.settings.max_row_bytes,
+    )
 
 
 async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
     csv = job.input_format == "csv"
-    lines = LineChunks(job.chunk_rows, header=csv)
+    lines = LineChunks(job.chunk_rows, job.max_row_bytes, header=csv)
     columns: list[str] | None = None
 
     async def decode(block: bytes) -> Chunk:
@@ -88,9 +113,8 @@ async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
             return await asyncio.to_thread(decode_ndjson, block)
         if columns is None:
             columns = parse_csv_header(lines.header or b"")
-            check_columns(job.model, columns)
-        as_text = job.output_format == "csv"
-        return await asyncio.to_thread(decode_csv, block, columns, as_text)
+            job.check_columns(columns)
+        return await asyncio.to_thread(decode_csv, block, columns)
 
     async for data in body_chunks(receive):
         for block in lines.feed(data):
@@ -98,7 +122,7 @@ async def _line_chunks(job: ScoreJob, receive: Receive) -> AsyncIterator[Chunk]:
     rest = lines.finish()
     if csv and columns is None:
         columns = parse_csv_header(lines.header or b"")
-        check_columns(job.model, columns)
+        job.check_columns(columns)
     if rest:
         yield await decode(rest)
 
@@ -150,13 +174,15 @@ async def _score_chunk(state: ServiceState, job: ScoreJob, chunk: Chunk, first_r
     """One chunk scored and encoded in a worker thread, its model call made on this loop."""
     model = job.model
     if first_row == 0:
-        check_columns(model, chunk.table.column_names)
+        job.check_columns(chunk.table.column_names)
     loop = asyncio.get_running_loop()
 
     def predict(inputs: Arrays) -> Prediction:
         return asyncio.run_coroutine_threadsafe(_predict(state, model, inputs), loop).result()
 
-    table = await asyncio.to_thread(score_chunk, model, chunk, first_row, job.on_error, predict)
+    table = await asyncio.to_thread(
+        score_chunk, model, chunk, first_row, job.on_error, predict, job.types
+    )
     return await asyncio.to_thread(job.encoder.encode, table)
 
 

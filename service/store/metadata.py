@@ -10,6 +10,35 @@ from service.store.tensors import TensorSpec
 Task = Literal["classification", "regression", "other"]
 
 
+class ReferenceSample(BaseModel):
+    """Rows of the training data kept beside the artifact (for conversion parity checks)."""
+
+    file: str
+    sha256: str
+    rows: int
+
+
+class Parity(BaseModel):
+    """How closely a converted version reproduced its source on a reference sample."""
+
+    rows: int
+    label_agreement: float | None = None  # classifiers: share of identical labels
+    max_abs_probability_difference: float | None = None
+    max_relative_prediction_difference: float | None = None  # regressors
+    tolerance: float
+    sample: str  # "reference_sample.parquet of version N", or the file given
+
+
+class ConvertedFrom(BaseModel):
+    """The version an artifact was converted from, with what converted it and how well."""
+
+    version: int
+    artifact: str
+    sha256: str
+    converter: dict[str, str]
+    parity: Parity
+
+
 class ArtifactMetadata(BaseModel):
     name: str
     version: int
@@ -25,6 +54,8 @@ class ArtifactMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     # Models such as HistGradientBoosting handle missing values; most do not.
     allow_nan: bool = False
+    reference_sample: ReferenceSample | None = None
+    converted_from: ConvertedFrom | None = None
 
     @classmethod
     def read(cls, path: Path) -> "ArtifactMetadata":

@@ -1,0 +1,172 @@
+"""Request heads are bounded in size and in time on a real server, over raw sockets."""
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import pytest
+
+from tests.rawhttp import RawResponse, exchange, flood_heads, parse_response, request_head
+from tests.serving import RunningServer, memory, reset_peak_memory, run_server
+
+MiB = 2**20
+LIMIT = 65536  # MODELSERVE_MAX_HEADER_BYTES by default
+LONG_KEY = "k" * 8192  # an 8 KB API key: sent as an 8 KB Authorization header
+HEADERS_TOO_LARGE = {
+    "error": f"request headers are over the limit of {LIMIT} bytes; "
+    "send fewer or shorter header fields",
+    "type": "HeadersTooLarge",
+}
+INFER = "/v2/models/iris/infer"
+ROW = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5, 3, 1, 0]}]}
+
+
+@pytest.fixture(scope="module")
+def server(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    env = {"MODELSERVE_API_KEYS": LONG_KEY, "MODELSERVE_HEADER_TIMEOUT_S": "1"}
+    with run_server(trained_repository, tmp_path_factory.mktemp("logs"), env=env) as running:
+        yield running
+
+
+def infer(server: RunningServer) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {LONG_KEY}"}
+    return httpx.post(f"{server.url}{INFER}", json=ROW, headers=headers)
+
+
+@pytest.mark.parametrize("one_line", [False, True], ids=["many lines", "one endless line"])
+def test_floods_of_header_bytes_are_refused_as_they_arrive(
+    server: RunningServer, one_line: bool
+) -> None:
+    pid = server.process.pid
+    assert infer(server).status_code == 200
+    before = memory(pid)
+    reset_peak_memory(pid)
+    floods = flood_heads(server.url, 100, budget=100 * MiB, seconds=5, one_line=one_line)
+    peak, after = memory(pid, "VmHWM"), memory(pid)
+    for flood in floods:
+        # Refused with an answer, or at least cut off, long before the client's 100 MB.
+        assert flood.closed
+        assert flood.answer is None or flood.answer.status in (400, 431)
+        assert flood.sent < 16 * MiB
+    answers = [flood.answer for flood in floods if flood.answer is not None]
+    assert answers, "no connection was answered"
+    assert answers[0].json() == HEADERS_TOO_LARGE
+    assert peak - before < 50 * MiB, f"peak {peak / MiB:.0f} MiB from {before / MiB:.0f} MiB"
+    assert after - before < 50 * MiB
+    assert infer(server).status_code == 200
+
+
+AUTHORIZATION = len(f"Authorization: Bearer {LONG_KEY}\r\n")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),  # the 8 KB Authorization header alone
+        ({f"X-Pad-{i}": "a" * 1000 for i in range(50)}, 200),
+        ({"X-Pad": "a" * (LIMIT - AUTHORIZATION - 400)}, 200),
+        ({f"X-Pad-{i}": "a" * 1000 for i in range(60)}, 431),
+        ({"X-Pad": "a" * LIMIT}, 431),
+    ],
+    ids=["8 KB", "58 KB in lines", "just under the limit", "68 KB in lines", "one line over"],
+)
+def test_heads_up_to_the_limit_are_served(
+    server: RunningServer, headers: dict[str, str], status: int
+) -> None:
+    body = orjson.dumps(ROW)
+    headers = {"Authorization": f"Bearer {LONG_KEY}", "Content-Type": "application/json", **headers}
+    answer = exchange(server.url, request_head("POST", INFER, headers, length=len(body)), (body,))
+    assert answer is not None
+    assert answer.status == status, answer.body
+    if status == 431:
+        assert answer.json() == HEADERS_TOO_LARGE
+
+
+def slow_head(url: str, *, answered_first: bool, send: bool) -> tuple[float, RawResponse | None]:
+    """Sends a request head one short header line at a time every 0.2 s (or nothing), until the
+    server answers or closes; returns how long that took and the answer."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        if answered_first:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            received = b""
+            while not received.endswith(b"}"):
+                received += sock.recv(65536)
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        if send:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        received = b""
+        while time.monotonic() - started < 10:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                if send:
+                    sock.sendall(b"X-Slow: a\r\n")
+                continue
+            received += data
+            if not data:
+                break
+    return time.monotonic() - started, parse_response(received) if received else None
+
+
+@pytest.mark.parametrize(
+    ("answered_first", "send"),
+    [(False, True), (True, True), (False, False)],
+    ids=["slow head", "slow head after an answer", "nothing sent"],
+)
+def test_heads_not_received_in_time_get_408(
+    server: RunningServer, answered_first: bool, send: bool
+) -> None:
+    took, answer = slow_head(server.url, answered_first=answered_first, send=send)
+    assert answer is not None
+    assert answer.status == 408
+    assert answer.json() == {
+        "error": "request headers were not received within 1 s",
+        "type": "HeadersTimeout",
+    }
+    assert 0.9 < took < 3
+    assert infer(server).status_code == 200
+
+
+def read_answers(sock: socket.socket) -> list[RawResponse]:
+    """The answers on a connection, in order, until the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = parse_response(head + b"\r\n\r\n").headers.get("content-length", "0")
+        answers.append(parse_response(head + b"\r\n\r\n" + rest[: int(length)]))
+        data = rest[int(length) :]
+    return answers
+
+
+@pytest.mark.parametrize(("early", "late", "status"), [(0, 0, 200), (60_000, 10_000, 431)])
+def test_pipelined_heads_are_measured_apart(
+    server: RunningServer, early: int, late: int, status: int
+) -> None:
+    # A request with a 200 KB body, then the next request's head: its start (with `early` bytes
+    # of a header) sent with the first request, and the rest (`late` more) once that is
+    # answered. The first request's bytes must not count towards the second head, and the
+    # second head's bytes that shared a read with the first request must.
+    body = b" " * 200_000 + orjson.dumps(ROW)
+    first = (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    second = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * early
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(first + second)
+        time.sleep(0.3)
+        sock.sendall(b"a" * late + b"\r\nConnection: close\r\n\r\n")
+        answers = read_answers(sock)
+    assert [answer.status for answer in answers] == [200, status]
