@@ -197,3 +197,47 @@ def test_the_route_command_shows_and_changes_the_routing(routed: RunningServer) 
     usage = _route(routed, "--traffic", "2")
     assert usage.returncode == 2
     assert "KEY=VALUE" in usage.stderr
+
+
+def _walkthrough() -> list[str]:
+    """The commands of the README's rollout walk, in order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Rolling out a new version", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_the_readmes_rollout_walk_runs_as_written(trained_repository: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(trained_repository / "breast_cancer", root / "breast_cancer")
+    commands = _walkthrough()
+    programs = [c.split()[0] for c in commands]
+    assert programs == [
+        "modelserve",
+        "curl",
+        "modelserve",
+        "curl",
+        "modelserve",
+        "modelserve",
+        "modelserve",
+    ]
+    bin_dir = Path(sys.executable).parent
+    with run_server(root, tmp_path, env=ENV) as server:
+        env = {
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "MODELSERVE_ADMIN_TOKEN": TOKEN,
+            "MODELSERVE_MODEL_REPOSITORY": str(root),
+        }
+        host = server.url.removeprefix("http://")
+        for command in commands:
+            line = command.replace("localhost:8000", host)
+            if line.startswith("modelserve route"):
+                line += f" --url {server.url}"
+            done = subprocess.run(
+                ["bash", "-c", line], capture_output=True, text=True, timeout=120, env=env
+            )
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+        routing = httpx.get(_routing_url(server, "breast_cancer"), headers=ADMIN).json()
+        assert (routing["default_version"], routing["aliases"]["production"]) == (1, 1)
+        assert (routing["traffic"], routing["shadow"]) == ({}, None)
+        assert sorted(routing["workers"][0]["serving"]) == [1, 2, 3]
