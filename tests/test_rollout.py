@@ -63,7 +63,7 @@ def test_a_routing_change_is_durable_and_answers_its_revision(routed: RunningSer
     assert answer.status_code == 200
     body = answer.json()
     assert body["revision"] == before["revision"] + 1
-    assert body["propagation_s"] == pytest.approx(0.2)
+    assert body["propagation_s"] == pytest.approx(2 * 0.2 + 0.5)
     assert body["routing"]["default_version"] == 3
     assert _versions(routed, 5, json=V2_ROW) == {"3"}
     # What GET answers goes back in a PUT unchanged (the per-worker key is ignored).

@@ -35,12 +35,20 @@ def _folder(state: ServiceState, name: str) -> Path:
     return folder
 
 
+def propagation_bound(sync_s: float) -> float:
+    """How long other workers may take: a sync round may have just begun when the change was
+    written (one interval), a round can wait behind a repository scan or a busy event loop (one
+    more), and applying takes a moment (half a second covers a routing change on a loaded
+    machine; new versions add their load time)."""
+    return 2 * sync_s + 0.5
+
+
 def _answer(state: ServiceState, name: str, folder: Path, extra_s: float = 0.0) -> RoutingChange:
     config, _ = read_model_config(folder / CONFIG_NAME)
     return RoutingChange(
         model=name,
         revision=config.revision,
-        propagation_s=state.settings.routing_sync_s + extra_s,
+        propagation_s=propagation_bound(state.settings.routing_sync_s) + extra_s,
         routing=Routing.model_validate(routing_document(config)),
     )
 
