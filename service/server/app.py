@@ -25,6 +25,7 @@ from service.observability.exposition import (
 )
 from service.observability.metrics import create_metrics, record_model
 from service.prediction.router import Router
+from service.protocols.v2 import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import (
@@ -75,6 +76,9 @@ def _http_error(request: Request, exc: Exception) -> Response:
     elif status == 405:
         allowed = headers.get("Allow", "another method")
         message = f"{request.method} is not allowed on {path}; it answers {allowed}"
+    elif isinstance(exc.__cause__, RecursionError):
+        # FastAPI's JSON parser gives up on deep nesting with "error parsing the body".
+        message = f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep"
     else:
         message = str(exc.detail)
     headers["content-type"] = "application/json"
