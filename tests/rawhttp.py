@@ -199,7 +199,7 @@ def send_until_answered(
                 break
             sent += len(chunk)
         received = b""
-        while b"\r\n\r\n" not in received or len(received) < _length(received):
+        while b"\r\n\r\n" not in received or len(received) < answer_length(received):
             try:
                 data = sock.recv(65536)
             except ConnectionResetError:
@@ -210,7 +210,7 @@ def send_until_answered(
     return (parse_response(received) if received else None), sent
 
 
-def _length(received: bytes) -> int:
+def answer_length(received: bytes) -> int:
     """The size of a whole answer with a Content-Length, once its head has arrived."""
     head, _, _ = received.partition(b"\r\n\r\n")
     for line in head.decode("latin-1").split("\r\n")[1:]:

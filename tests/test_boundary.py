@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.rawhttp import answer_length
 from tests.scrape import access_lines, scrape, total
 from tests.serving import RunningServer, run_server, wait_for
 
@@ -187,21 +188,12 @@ def _open_request(server: RunningServer, route: Route) -> socket.socket:
 def _status_line(sock: socket.socket) -> bytes:
     """The whole answer: its head, then as many body bytes as its Content-Length says."""
     data = b""
-    while b"\r\n\r\n" not in data or len(data) < _answer_length(data):
+    while b"\r\n\r\n" not in data or len(data) < answer_length(data):
         chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
     return data
-
-
-def _answer_length(data: bytes) -> int:
-    head, _, _ = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(head) + 4 + int(value)
-    return len(data)
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=IDS)
