@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.store.registry import LoadOptions
 from service.store.repository import is_model_name
 from service.store.runtimes import RuntimeOptions
+from service.store.signing import TrustedKeys
 
 
 class Settings(BaseSettings):
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
         3600.0,
         gt=0,
         description="Age in seconds after which cached keys are refreshed in the background.",
+    )
+    trusted_keys: str | None = Field(
+        None,
+        description="Comma-separated PEM files of the Ed25519 public keys whose version "
+        "signatures are trusted; a version with a bad or untrusted signature does not load.",
+    )
+    require_signatures: bool = Field(
+        False, description="Versions must be signed by a trusted key to load."
     )
     allow_unverified_pickle: bool = Field(
         False, description="Load pickles without a verified sha256 (unpickling runs code)."
@@ -160,6 +169,16 @@ class Settings(BaseSettings):
         return name
 
     @model_validator(mode="after")
+    def _signatures_have_keys(self) -> "Settings":
+        if self.require_signatures and not self.trusted_key_files():
+            raise ValueError("MODELSERVE_REQUIRE_SIGNATURES needs MODELSERVE_TRUSTED_KEYS")
+        return self
+
+    def trusted_key_files(self) -> list[Path]:
+        text = self.trusted_keys or ""
+        return [Path(part.strip()) for part in text.split(",") if part.strip()]
+
+    @model_validator(mode="after")
     def _tokens_are_bound(self) -> "Settings":
         if not self.tokens_enabled():
             return self
@@ -218,4 +237,7 @@ class Settings(BaseSettings):
             batching_max_rows=self.batching_max_rows,
             batching_max_delay_ms=self.batching_max_delay_ms,
             model_name=self.model_name,
+            trusted_keys=TrustedKeys.read(self.trusted_key_files(), self.require_signatures)
+            if self.trusted_key_files()
+            else None,
         )

@@ -22,6 +22,7 @@ from service.store.repository import (
     scan_repository,
 )
 from service.store.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
+from service.store.signing import TrustedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class LoadOptions:
     batching_max_delay_ms: float = 0.0
     # Set: the repository folder is this one model (the layout KServe mounts at /mnt/models).
     model_name: str | None = None
+    # Set: a version's signature is checked against these keys before it is unpickled.
+    trusted_keys: TrustedKeys | None = None
 
 
 @dataclass(eq=False)  # identity hashing: a reload makes new versions, with new batchers
@@ -152,7 +155,7 @@ def load_version(
     name: str, version: int, folder: Path, options: LoadOptions, batching: tuple[int, float]
 ) -> ModelVersion:
     started = time.perf_counter()
-    artifact = read_verified(folder, options.allow_unverified_pickle)
+    artifact = read_verified(folder, options.allow_unverified_pickle, options.trusted_keys)
     metadata = artifact.metadata
     module = runtime_module(artifact.path)
     runtime = module.load(artifact.data, metadata, options.runtime)
@@ -161,6 +164,8 @@ def load_version(
     except Exception as exc:  # any failure here means the version cannot serve
         raise ModelLoadError(f"smoke prediction failed: {exc}", reason="smoke_failed") from exc
     warnings: list[str] = []
+    if options.trusted_keys is not None and artifact.signer is None:
+        warnings.append("not signed")
     if metadata is None:
         warnings.append("no metadata.json: signature inferred from the artifact, sha256 unverified")
     elif (made := metadata.framework.get("scikit-learn")) and runtime.format == "sklearn":
