@@ -123,6 +123,29 @@ def _package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sign(args: argparse.Namespace) -> int:
+    from service.errors import ServiceError
+    from service.store.repository import model_dir, parse_version
+    from service.store.signing import sign_version
+
+    root = args.model_repository or Settings().model_repository
+    name, _, version = args.model.partition(":")
+    number = parse_version(version)
+    if number is None:
+        return _fail("name the version to sign by its number: MODEL:VERSION")
+    try:
+        folder = model_dir(root, name) / str(number)
+        if not (folder / "metadata.json").is_file():
+            return _fail(f"{folder} has no metadata.json to sign; run `modelserve package` first")
+        signer = sign_version(folder, args.key)
+    except ServiceError as exc:
+        return _fail(exc.message)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"signed {name}:{number} with key {signer} ({folder / 'signature.json'})")
+    return 0
+
+
 def _fail(message: str) -> int:
     """One `error:` line, whatever the message held (an exporter's error may span lines)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -455,6 +478,24 @@ def build_parser() -> argparse.ArgumentParser:
         "difference for regressors (default: 1e-5)",
     )
     convert.set_defaults(run=_convert)
+
+    sign = commands.add_parser(
+        "sign",
+        help="sign a version with an Ed25519 private key",
+        description="Sign a version's metadata.json (which carries its artifact's sha256) with "
+        "an Ed25519 private key (PEM, unencrypted; `openssl genpkey -algorithm ed25519`), "
+        "writing signature.json beside it. Servers with the public key in "
+        "MODELSERVE_TRUSTED_KEYS load the version only if the signature matches.",
+    )
+    sign.add_argument("model", metavar="MODEL:VERSION", help="the version to sign (a number)")
+    sign.add_argument("--key", type=Path, required=True, metavar="KEY.pem", help="private key")
+    sign.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+    sign.set_defaults(run=_sign)
     return parser
 
 

@@ -3,12 +3,13 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.store.registry import LoadOptions
 from service.store.repository import is_model_name
 from service.store.runtimes import RuntimeOptions
+from service.store.signing import TrustedKeys
 
 
 class Settings(BaseSettings):
@@ -30,6 +31,62 @@ class Settings(BaseSettings):
     )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys for inference; unset: inference is open."
+    )
+    oidc_issuer: str | None = Field(
+        None,
+        description="Issuer of the JWT bearer tokens accepted (their `iss`); its OIDC discovery "
+        "document names the JWKS URL unless MODELSERVE_OIDC_JWKS_URL is set.",
+    )
+    oidc_audience: str | None = Field(
+        None, description="Audience the tokens must name (`aud`); needed with tokens."
+    )
+    oidc_jwks_url: str | None = Field(
+        None, description="JWKS URL of the issuer's keys (else from its discovery document)."
+    )
+    jwt_public_key_file: Path | None = Field(
+        None,
+        description="Static token keys instead of the issuer's JWKS URL (air-gapped setups): a "
+        "PEM public key, or a JWKS JSON file.",
+    )
+    jwt_hmac_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret for HS256/HS384/HS512 tokens; unset: HMAC tokens are refused.",
+    )
+    jwt_algorithms: str = Field(
+        "RS256,ES256,EdDSA",
+        description="Comma-separated token algorithms accepted; `none` never is, HMAC only "
+        "with MODELSERVE_JWT_HMAC_SECRET.",
+    )
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on `exp`, `nbf` and `iat`, seconds."
+    )
+    jwt_scope_claim: str = Field(
+        "scope",
+        description="Claim holding a token's scopes: a space-separated string or a list.",
+    )
+    oidc_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=30,
+        description="Longest wait for the issuer's discovery document or JWKS, in seconds.",
+    )
+    oidc_refresh_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="Fewest seconds between JWKS fetches that unknown key ids trigger.",
+    )
+    oidc_cache_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Age in seconds after which cached keys are refreshed in the background.",
+    )
+    trusted_keys: str | None = Field(
+        None,
+        description="Comma-separated PEM files of the Ed25519 public keys whose version "
+        "signatures are trusted; a version with a bad or untrusted signature does not load.",
+    )
+    require_signatures: bool = Field(
+        False, description="Versions must be signed by a trusted key to load."
     )
     allow_unverified_pickle: bool = Field(
         False, description="Load pickles without a verified sha256 (unpickling runs code)."
@@ -123,6 +180,58 @@ class Settings(BaseSettings):
             raise ValueError(f"{name!r} is not a model name: use letters, digits, '_', '.', '-'")
         return name
 
+    @model_validator(mode="after")
+    def _signatures_have_keys(self) -> "Settings":
+        if self.require_signatures and not self.trusted_key_files():
+            raise ValueError("MODELSERVE_REQUIRE_SIGNATURES needs MODELSERVE_TRUSTED_KEYS")
+        return self
+
+    def trusted_key_files(self) -> list[Path]:
+        text = self.trusted_keys or ""
+        return [Path(part.strip()) for part in text.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _tokens_are_bound(self) -> "Settings":
+        if not self.tokens_enabled():
+            return self
+        # A token for another service of the same issuer must not open this one.
+        missing = [
+            name
+            for name, value in (
+                ("MODELSERVE_OIDC_ISSUER", self.oidc_issuer),
+                ("MODELSERVE_OIDC_AUDIENCE", self.oidc_audience),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"JWT bearer tokens need {' and '.join(missing)} set")
+        algorithms = self.jwt_algorithm_set()
+        if not algorithms or any(name.lower() == "none" for name in algorithms):
+            raise ValueError("MODELSERVE_JWT_ALGORITHMS must list signing algorithms, never 'none'")
+        if any(name.startswith("HS") for name in algorithms) and self.jwt_hmac_secret is None:
+            # Never HMAC with a public key: that key is public, so anyone could sign.
+            raise ValueError("HMAC algorithms (HS256…) need MODELSERVE_JWT_HMAC_SECRET")
+        if self.oidc_jwks_url is not None and self.jwt_public_key_file is not None:
+            raise ValueError(
+                "set MODELSERVE_OIDC_JWKS_URL or MODELSERVE_JWT_PUBLIC_KEY_FILE, not both"
+            )
+        return self
+
+    def tokens_enabled(self) -> bool:
+        """Whether JWT bearer tokens are accepted: some source of keys is configured."""
+        return any(
+            value is not None
+            for value in (
+                self.oidc_issuer,
+                self.oidc_jwks_url,
+                self.jwt_public_key_file,
+                self.jwt_hmac_secret,
+            )
+        )
+
+    def jwt_algorithm_set(self) -> frozenset[str]:
+        return frozenset(a.strip() for a in self.jwt_algorithms.split(",") if a.strip())
+
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:
             return []
@@ -140,4 +249,7 @@ class Settings(BaseSettings):
             batching_max_rows=self.batching_max_rows,
             batching_max_delay_ms=self.batching_max_delay_ms,
             model_name=self.model_name,
+            trusted_keys=TrustedKeys.read(self.trusted_key_files(), self.require_signatures)
+            if self.trusted_key_files()
+            else None,
         )

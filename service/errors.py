@@ -10,6 +10,7 @@
     ├── PayloadTooLarge      body or batch above the configured limits
     │   └── HeadersTooLarge  a request head above the configured limit
     ├── Unauthorized         missing credentials
+    │   └── InvalidToken     a bearer token that is malformed, untrusted or not valid now
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Conflict             a change based on a state that has moved on
     ├── Overloaded           queue full; retry later
@@ -63,11 +64,22 @@ class HeadersTooLarge(PayloadTooLarge):
 
 
 class Unauthorized(ServiceError):
-    pass
+    def __init__(self, message: str, challenge: str | None = None) -> None:
+        super().__init__(message)
+        # RFC 6750's error code for the client ("invalid_token"); None when nothing was sent.
+        self.challenge = challenge
+
+
+class InvalidToken(Unauthorized):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, challenge="invalid_token")
 
 
 class Forbidden(ServiceError):
-    pass
+    def __init__(self, message: str, scope: str | None = None) -> None:
+        super().__init__(message)
+        # The scope a valid token lacks, named to the client (RFC 6750 insufficient_scope).
+        self.scope = scope
 
 
 class Conflict(ServiceError):

@@ -112,6 +112,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             ),
         )
         app.state.service = state
+        # Built before the first request: a bad key file fails startup, not a request.
+        await state.credentials.prepare()
         registry = await asyncio.to_thread(
             load_registry, settings.model_repository, settings.load_options()
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from service import errors
 from service.server import access
+from service.server.auth import Identity
 from service.server.http import (
     Headers,
     Receive,
@@ -51,6 +52,7 @@ class Exchange:
     arrived: float
     budget: asyncio.Timeout | None = None
     model: ModelVersion | None = None
+    identity: Identity | None = None
     rows: int = 0
     # For a streamed answer: its status once sent, and the outcome the metrics record (an
     # error after the first bytes can only be reported at the end of the body).
@@ -88,10 +90,13 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[Answer | None]]
 
 
-def _check_admission(state: ServiceState, scope: Scope) -> None:
+async def _admit(exchange: Exchange) -> None:
+    state, scope = exchange.state, exchange.scope
     if state.draining:
         raise errors.Overloaded("the server is shutting down; send the request to another instance")
-    state.credentials.check_api_key(header(scope, b"authorization"), header(scope, b"x-api-key"))
+    exchange.identity = await state.credentials.check_inference(
+        header(scope, b"authorization"), header(scope, b"x-api-key"), exchange.names[0]
+    )
     _check_content_encoding(scope)
 
 
@@ -134,7 +139,7 @@ async def serve(
         # The deadline covers reading the body too, so a client that trickles its body in
         # cannot hold a request open for longer than any other.
         async with asyncio.timeout(state.settings.request_timeout_s) as exchange.budget:
-            _check_admission(state, scope)
+            await _admit(exchange)
             answer = await handler(exchange)
     except TimeoutError:
         late = errors.DeadlineExceeded(

@@ -17,6 +17,7 @@ Headers = list[tuple[bytes, bytes]]
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 400,
     errors.Unauthorized: 401,
+    errors.InvalidToken: 401,
     errors.HeadersTimeout: 408,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
@@ -70,10 +71,20 @@ def error_headers(exc: errors.ServiceError) -> Headers:
     if isinstance(exc, errors.Overloaded):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     if isinstance(exc, errors.Unauthorized):
-        headers.append((b"www-authenticate", b"Bearer"))
+        headers.append((b"www-authenticate", _challenge(exc.challenge, None)))
+    if isinstance(exc, errors.Forbidden) and exc.scope is not None:
+        headers.append((b"www-authenticate", _challenge("insufficient_scope", exc.scope)))
     if isinstance(exc, errors.MethodNotAllowed):
         headers.append((b"allow", b"POST"))
     return headers
+
+
+def _challenge(error: str | None, scope: str | None) -> bytes:
+    """An RFC 6750 `WWW-Authenticate` value: `Bearer` alone when no credentials were sent."""
+    attributes = [f'error="{error}"'] if error else []
+    if scope is not None:
+        attributes.append(f'scope="{scope}"')
+    return ("Bearer " + ", ".join(attributes)).strip().encode("latin-1", "replace")
 
 
 def header(scope: Scope, name: bytes) -> str | None:

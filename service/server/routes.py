@@ -24,6 +24,7 @@ from service.protocols.schemas import (
     ServerStatus,
     VersionStatus,
 )
+from service.server.auth import Identity
 from service.server.http import status_of
 from service.server.state import ServiceState
 from service.store.registry import ModelEntry, ModelVersion
@@ -41,20 +42,24 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def require_admin(request: Request, state: State) -> None:
-    state.credentials.check_admin(request.headers.get("authorization"))
+async def require_admin(request: Request, state: State) -> Identity:
+    """The admin token, or a token with the scope modelserve:admin."""
+    return await state.credentials.check_admin(request.headers.get("authorization"))
 
 
-def require_api_key(request: Request, state: State) -> None:
-    """Model endpoints are as open as inference: closed when MODELSERVE_API_KEYS is set."""
-    state.credentials.check_api_key(
-        request.headers.get("authorization"), request.headers.get("x-api-key")
+async def require_api_key(request: Request, state: State) -> Identity:
+    """Model endpoints are as open as inference, and need the same scope for the same model;
+    those of no one model (statistics of all) need the scope of every model."""
+    return await state.credentials.check_inference(
+        request.headers.get("authorization"),
+        request.headers.get("x-api-key"),
+        request.path_params.get("name"),
     )
 
 
-def require_metrics_access(request: Request, state: State) -> None:
+async def require_metrics_access(request: Request, state: State) -> None:
     if state.settings.protect_metrics:
-        state.credentials.check_any(
+        await state.credentials.check_any(
             request.headers.get("authorization"), request.headers.get("x-api-key")
         )
 

@@ -28,6 +28,7 @@ from service.store.repository import (
 )
 from service.store.routing import pick_version, split_point
 from service.store.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
+from service.store.signing import TrustedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class LoadOptions:
     batching_max_delay_ms: float = 0.0
     # Set: the repository folder is this one model (the layout KServe mounts at /mnt/models).
     model_name: str | None = None
+    # Set: a version's signature is checked against these keys before it is unpickled.
+    trusted_keys: TrustedKeys | None = None
 
 
 @dataclass(eq=False)  # identity hashing: a reload makes new versions, with new batchers
@@ -197,7 +200,7 @@ def load_version(
     started = time.perf_counter()
     # Taken first, so a file changed during the load makes the next scan load it again.
     before = fingerprint(folder)
-    artifact = read_verified(folder, options.allow_unverified_pickle)
+    artifact = read_verified(folder, options.allow_unverified_pickle, options.trusted_keys)
     metadata = artifact.metadata
     module = runtime_module(artifact.path)
     runtime = module.load(artifact.data, metadata, options.runtime)
@@ -206,6 +209,8 @@ def load_version(
     except Exception as exc:  # any failure here means the version cannot serve
         raise ModelLoadError(f"smoke prediction failed: {exc}", reason="smoke_failed") from exc
     warnings: list[str] = []
+    if options.trusted_keys is not None and artifact.signer is None:
+        warnings.append("not signed")
     if metadata is None:
         warnings.append("no metadata.json: signature inferred from the artifact, sha256 unverified")
     elif (made := metadata.framework.get("scikit-learn")) and runtime.format == "sklearn":

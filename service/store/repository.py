@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.errors import ModelLoadError, ModelNotFound
 from service.store.metadata import ArtifactMetadata
+from service.store.signing import TrustedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ class VerifiedArtifact:
     path: Path
     data: bytes
     metadata: ArtifactMetadata | None
+    signer: str | None = None  # the trusted key that signed metadata.json
 
 
 def find_artifact(version_dir: Path) -> Path:
@@ -281,12 +283,20 @@ def find_artifact(version_dir: Path) -> Path:
     return present[0]
 
 
-def read_verified(version_dir: Path, allow_unverified_pickle: bool) -> VerifiedArtifact:
-    """Read the artifact and check it against metadata.json before anything deserialises it."""
+def read_verified(
+    version_dir: Path, allow_unverified_pickle: bool, trusted: TrustedKeys | None = None
+) -> VerifiedArtifact:
+    """Read the artifact and check it against metadata.json (and metadata.json against its
+    signature, with trusted keys) before anything deserialises it."""
     artifact = find_artifact(version_dir)
     metadata_path = version_dir / "metadata.json"
     is_pickle = artifact.suffix in PICKLE_SUFFIXES
-    if not metadata_path.is_file():
+    try:
+        signed = metadata_path.read_bytes() if metadata_path.is_file() else None
+    except OSError as exc:
+        raise ModelLoadError(f"{metadata_path}: {exc}", reason="bad_metadata") from exc
+    signer = trusted.check(version_dir, signed) if trusted is not None else None
+    if signed is None:
         if is_pickle and not allow_unverified_pickle:
             raise ModelLoadError(
                 f"{artifact}: no metadata.json, so its sha256 cannot be verified and unpickling "
@@ -296,8 +306,8 @@ def read_verified(version_dir: Path, allow_unverified_pickle: bool) -> VerifiedA
             )
         return VerifiedArtifact(artifact, artifact.read_bytes(), None)
     try:
-        metadata = ArtifactMetadata.read(metadata_path)
-    except (ValidationError, OSError, UnicodeDecodeError) as exc:
+        metadata = ArtifactMetadata.model_validate_json(signed)
+    except ValidationError as exc:
         raise ModelLoadError(
             f"{metadata_path}: invalid metadata: {exc}", reason="bad_metadata"
         ) from exc
@@ -315,4 +325,4 @@ def read_verified(version_dir: Path, allow_unverified_pickle: bool) -> VerifiedA
             f"({metadata.sha256[:12]}…); the artifact was changed or corrupted; not loaded",
             reason="hash_mismatch",
         )
-    return VerifiedArtifact(artifact, data, metadata)
+    return VerifiedArtifact(artifact, data, metadata, signer)

@@ -1,0 +1,117 @@
+"""Signed model versions: an Ed25519 signature over a version's `metadata.json`, checked against
+trusted public keys before anything is unpickled.
+
+`metadata.json` carries the artifact's sha256, so the signature covers the artifact's bytes too:
+whoever can write the repository can replace the artifact *and* its sha256, but not sign them.
+The signature lives beside it in `signature.json`:
+
+    {"algorithm": "Ed25519", "key_id": "<16 hex digits>", "signature": "<base64>"}
+"""
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from service.errors import ModelLoadError
+
+SIGNATURE_FILE = "signature.json"
+# Bound to its purpose, so a signature over these bytes means nothing elsewhere.
+_CONTEXT = b"modelserve version signature v1\n"
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _read_key(path: Path, private: bool) -> Ed25519PublicKey | Ed25519PrivateKey:
+    data = path.read_bytes()
+    key = load_pem_private_key(data, password=None) if private else load_pem_public_key(data)
+    if not isinstance(key, Ed25519PrivateKey | Ed25519PublicKey):
+        kind = "private" if private else "public"
+        raise ValueError(
+            f"{path}: not an Ed25519 {kind} key; make one with "
+            "`openssl genpkey -algorithm ed25519 -out signing.pem`"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class TrustedKeys:
+    """The public keys whose signatures are trusted, and whether a version must be signed."""
+
+    keys: dict[str, Ed25519PublicKey]
+    required: bool = False
+
+    @classmethod
+    def read(cls, paths: list[Path], required: bool) -> "TrustedKeys":
+        keys: dict[str, Ed25519PublicKey] = {}
+        for path in paths:
+            key = _read_key(path, private=False)
+            assert isinstance(key, Ed25519PublicKey)
+            keys[key_id(key)] = key
+        return cls(keys, required)
+
+    def check(self, version_dir: Path, metadata: bytes | None) -> str | None:
+        """The signer's key id, or None for an unsigned version that may load; raises unless the
+        version is signed by a trusted key (or unsigned, when signatures are not required)."""
+        signature_path = version_dir / SIGNATURE_FILE
+        if metadata is None or not signature_path.is_file():
+            if self.required:
+                raise ModelLoadError(
+                    f"{version_dir}: not signed, and MODELSERVE_REQUIRE_SIGNATURES is true; sign "
+                    "it with `modelserve sign MODEL:VERSION --key KEY.pem` (metadata.json and "
+                    f"{SIGNATURE_FILE} are needed)",
+                    reason="unsigned",
+                )
+            return None
+        try:
+            document = json.loads(signature_path.read_bytes())
+            signer = str(document["key_id"])
+            signature = base64.b64decode(document["signature"], validate=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(
+                f"{signature_path}: not a signature file ({exc}); not loaded",
+                reason="bad_signature",
+            ) from None
+        key = self.keys.get(signer)
+        if key is None:
+            raise ModelLoadError(
+                f"{signature_path}: signed by key {signer}, which is not in "
+                "MODELSERVE_TRUSTED_KEYS; not loaded",
+                reason="untrusted_signer",
+            )
+        try:
+            key.verify(signature, _CONTEXT + metadata)
+        except InvalidSignature:
+            raise ModelLoadError(
+                f"{signature_path}: the signature by key {signer} does not match metadata.json "
+                "(the version was changed after it was signed); not loaded",
+                reason="bad_signature",
+            ) from None
+        return signer
+
+
+def sign_version(version_dir: Path, private_key_file: Path) -> str:
+    """Write `signature.json` for the version's `metadata.json`; returns the key id."""
+    key = _read_key(private_key_file, private=True)
+    assert isinstance(key, Ed25519PrivateKey)
+    metadata = (version_dir / "metadata.json").read_bytes()
+    document = {
+        "algorithm": "Ed25519",
+        "key_id": key_id(key.public_key()),
+        "signature": base64.b64encode(key.sign(_CONTEXT + metadata)).decode(),
+    }
+    (version_dir / SIGNATURE_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return document["key_id"]
