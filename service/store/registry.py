@@ -5,7 +5,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -200,7 +200,7 @@ def load_version(
     artifact = read_verified(folder, options.allow_unverified_pickle)
     metadata = artifact.metadata
     module = runtime_module(artifact.path)
-    runtime = module.load(artifact.data, metadata, options.runtime)
+    runtime = module.load(artifact.data, metadata, replace(options.runtime, model=(name, version)))
     try:
         warm_up(runtime)
     except Exception as exc:  # any failure here means the version cannot serve
