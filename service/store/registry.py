@@ -165,6 +165,11 @@ class Registry:
     def with_entry(self, entry: ModelEntry) -> "Registry":
         return Registry({**self.models, entry.name: entry}, self.unloaded - {entry.name})
 
+    def forget(self, name: str) -> "Registry":
+        """The registry without any trace of `name`, whose folder left the repository."""
+        models = {k: v for k, v in self.models.items() if k != name}
+        return Registry(models, self.unloaded - {name})
+
     def without(self, name: str) -> "Registry":
         self.model(name)
         models = {k: v for k, v in self.models.items() if k != name}
