@@ -27,6 +27,9 @@ from tests.conftest import ROOT
 from tests.models_for_faults import WarningClassifier
 from tests.serving import RunningServer, run_server
 
+# Servers and the command line run as processes of their own.
+pytestmark = pytest.mark.e2e
+
 IRIS = load_iris(as_frame=True)
 FRAME: pd.DataFrame = IRIS.data
 COLUMNS = [str(c) for c in FRAME.columns]
