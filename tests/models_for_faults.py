@@ -5,6 +5,7 @@ module: its process needs the repository root on sys.path (see `fault_env`).
 """
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,19 @@ class FailingClassifier(_Wrapped):
     def predict_proba(self, x: NDArray[np.float32]) -> NDArray[np.float64]:
         if (x == POISON).any():
             raise ValueError("this model cannot handle the value 13")
+        return super().predict_proba(x)
+
+
+class ModelWarning(UserWarning):
+    """What WarningClassifier warns."""
+
+
+class WarningClassifier(_Wrapped):
+    """Warns on every call, as a model with a deprecated or drifting part might; the text
+    changes with the number of rows."""
+
+    def predict_proba(self, x: NDArray[np.float32]) -> NDArray[np.float64]:
+        warnings.warn(f"{len(x)} rows scored by an uncalibrated model", ModelWarning, stacklevel=1)
         return super().predict_proba(x)
 
 

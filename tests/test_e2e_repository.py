@@ -20,6 +20,10 @@ def damaged(repository: Path, tmp_path: Path) -> Iterator[RunningServer]:
         artifact.write(b"tampered")
     truncate(repository / "breast_cancer" / "2" / "model.onnx")
     rewrite_sha256(repository / "breast_cancer" / "2")
+    # diabetes pins default_version = 1 in its model.toml; that version now cannot load.
+    (repository / "diabetes" / "1" / "metadata.json").unlink()
+    (repository / "empty").mkdir()
+    (repository / "empty" / "model.toml").write_text("[batching]\nmax_batch_rows = 8\n")
     with run_server(repository, tmp_path, env={"MODELSERVE_ADMIN_TOKEN": TOKEN}) as server:
         yield server
 
@@ -47,6 +51,63 @@ def test_broken_versions_are_reported_and_the_rest_serves(damaged: RunningServer
         ready_only = client.post("/v2/repository/index", headers=ADMIN, json={"ready": True})
         assert all(e["state"] == "READY" for e in ready_only.json())
     assert "hash_mismatch" in damaged.output()
+
+
+def diabetes_rows(n: int) -> dict[str, object]:
+    return {
+        "inputs": [{"name": "input", "shape": [n, 10], "datatype": "FP32", "data": [0.01] * 10 * n}]
+    }
+
+
+def test_a_pinned_default_that_did_not_load_is_not_replaced(damaged: RunningServer) -> None:
+    with httpx.Client(base_url=damaged.url) as client:
+        for refused in (
+            client.post("/v2/models/diabetes/infer", json=diabetes_rows(1)),
+            client.post("/v1/models/diabetes:predict", json={"instances": [[0.01] * 10]}),
+            client.get("/v2/models/diabetes/ready"),
+            client.get("/v2/models/diabetes"),
+        ):
+            assert refused.status_code == 503, refused.text
+            message = refused.json()["error"]
+            assert "default version 1" in message, message
+            assert "unverified_pickle" in message, message
+        # Explicit versions keep serving.
+        assert client.get("/v2/models/diabetes/versions/2/ready").status_code == 200
+        answer = client.post("/v2/models/diabetes/versions/2/infer", json=diabetes_rows(2))
+        assert (answer.status_code, answer.json()["model_version"]) == (200, "2")
+        index = client.post("/v2/repository/index", headers=ADMIN).json()
+        model = next(e for e in index if e["name"] == "diabetes" and e["version"] is None)
+        assert model["state"] == "UNAVAILABLE"
+        assert "default version 1" in model["reason"]
+
+
+def test_without_a_pin_the_highest_loaded_version_is_the_default(
+    repository: Path, tmp_path: Path
+) -> None:
+    (repository / "diabetes" / "1" / "metadata.json").unlink()
+    (repository / "iris" / "model.toml").unlink()
+    (repository / "diabetes" / "model.toml").unlink()
+    truncate(repository / "iris" / "2" / "model.onnx")
+    with (
+        run_server(repository, tmp_path) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        answer = client.post("/v2/models/diabetes/infer", json=diabetes_rows(1))
+        assert (answer.status_code, answer.json()["model_version"]) == (200, "2")
+        answer = client.post("/v1/models/iris:predict", json=ROW)
+        assert (answer.status_code, answer.json()["model_version"]) == (200, "1")
+
+
+def test_a_model_folder_without_versions_is_not_ready(damaged: RunningServer) -> None:
+    with httpx.Client(base_url=damaged.url) as client:
+        for refused in (client.get("/v2/models/empty/ready"), client.get("/v1/models/empty")):
+            assert refused.status_code == 503, refused.text
+            assert "no versions" in refused.json()["error"]
+        index = client.post("/v2/repository/index", headers=ADMIN).json()
+        assert [
+            (e["state"], e["reason"].split(" (")[0]) for e in index if e["name"] == "empty"
+        ] == [("UNAVAILABLE", "no versions")]
+        assert client.get("/v2/health/ready").status_code == 200  # the server serves the rest
 
 
 def test_unload_and_load(repository: Path, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """With MODELSERVE_REPOSITORY_POLL_S set, models that appear, change or vanish on disk follow."""
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from service.store.registry import LoadOptions, load_registry
 from tests.serving import run_server
 
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+TOKEN = "poll-admin"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
@@ -57,6 +60,31 @@ def test_polling_follows_the_repository(repository: Path, tmp_path: Path) -> Non
         assert client.post("/v1/models/iris:predict", json=ROW).json()["model_version"] == "2"
         shutil.rmtree(repository / "diabetes")
         assert eventually(lambda: client.get("/v2/models/diabetes").status_code == 404)
+
+
+def test_polling_logs_the_models_that_leave(repository: Path, tmp_path: Path) -> None:
+    env = {
+        "MODELSERVE_REPOSITORY_POLL_S": "0.3",
+        "MODELSERVE_LOG_FORMAT": "json",
+        "MODELSERVE_ADMIN_TOKEN": TOKEN,
+    }
+    with (
+        run_server(repository, tmp_path, env=env) as server,
+        httpx.Client(base_url=server.url, headers=ADMIN) as client,
+    ):
+        assert client.post("/v2/repository/models/breast_cancer/unload").status_code == 200
+        shutil.rmtree(repository / "diabetes")
+        shutil.rmtree(repository / "breast_cancer")  # unloaded first: known, but not served
+
+        def left() -> list[str | None]:
+            records = map(json.loads, server.output().splitlines())
+            return sorted(r.get("model") for r in records if "left the repository" in r["message"])
+
+        assert eventually(lambda: len(left()) >= 2), server.output()
+        assert left() == ["breast_cancer", "diabetes"]
+        # Forgotten, not "unloaded": there is nothing left to load.
+        assert client.get("/v2/models/breast_cancer").status_code == 404
+        assert client.get("/v2/models/diabetes").status_code == 404
 
 
 def test_polling_watches_a_single_model_folder(repository: Path) -> None:

@@ -88,6 +88,41 @@ def test_version_policy_and_default(repository: Path) -> None:
         registry.resolve("iris", "2")
 
 
+def test_a_pinned_default_that_did_not_load_is_not_replaced(repository: Path) -> None:
+    truncate(repository / "iris" / "2" / "model.onnx")  # iris pins default_version = 2
+    registry = load_registry(repository, LoadOptions())
+    assert not registry.model("iris").ready
+    with pytest.raises(ModelNotReady, match=r"default version 2 .*hash_mismatch"):
+        registry.resolve("iris")
+    assert registry.resolve("iris", "1").version == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ("default_version = 3\n", "there is no version folder 3"),
+        ("default_version = 2\n[version_policy]\nspecific = [1]\n", "leaves version 2 out"),
+    ],
+)
+def test_a_pinned_default_that_is_not_there_is_named(
+    repository: Path, config: str, why: str
+) -> None:
+    (repository / "iris" / "model.toml").write_text(config)
+    registry = load_registry(repository, LoadOptions())
+    with pytest.raises(ModelNotReady, match=why):
+        registry.resolve("iris")
+    assert registry.resolve("iris", "1").version == 1
+
+
+def test_a_model_without_versions_is_not_ready_for_that_reason(repository: Path) -> None:
+    (repository / "empty").mkdir()
+    (repository / "empty" / "model.toml").write_text("")
+    entry = load_registry(repository, LoadOptions()).model("empty")
+    assert not entry.ready
+    assert entry.unready is not None
+    assert entry.unready.startswith("no versions")
+
+
 def test_latest_policy(repository: Path) -> None:
     (repository / "iris" / "model.toml").write_text("[version_policy]\nlatest = 1\n")
     assert sorted(load_registry(repository, LoadOptions()).model("iris").versions) == [2]

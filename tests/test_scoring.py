@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
-from service.errors import InvalidInput, ModelLoadError, ModelNotFound
+from service.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from service.scoring import ModelReference, cached_model, load_model, score
 from service.scoring.chunks import empty_outputs
 from tests.reference import fitted_example
@@ -106,6 +106,13 @@ def test_versions_and_aliases_resolve_as_on_the_server(trained_repository: Path)
     assert load_model(ModelReference.parse(root, "iris:1")).version == 1
     with pytest.raises(ModelNotFound, match="no version '9'"):
         load_model(ModelReference.parse(root, "iris:9"))
+
+
+def test_a_pinned_default_that_cannot_load_is_not_replaced(repository: Path) -> None:
+    (repository / "iris" / "model.toml").write_text("default_version = 5\n")
+    with pytest.raises(ModelNotReady, match=r"default version 5 .*no version folder 5"):
+        load_model(ModelReference(str(repository), "iris"))
+    assert load_model(ModelReference(str(repository), "iris", 2)).version == 2
 
 
 def test_an_artifact_that_fails_its_hash_check_is_refused(repository: Path) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 
+from service.observability.warning_log import log_warnings
+
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 # uvicorn adds `color_message`, a copy of the message for terminals.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -99,3 +101,4 @@ def configure_logging(level: str, fmt: str, access_log: bool = True) -> None:
     root.setLevel(level.upper())
     # Off, the access logger stops at its level check: no record is built per request.
     logging.getLogger("service.access").setLevel(logging.NOTSET if access_log else logging.WARNING)
+    log_warnings()

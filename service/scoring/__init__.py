@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pyarrow as pa
 
 from service.config import Settings
-from service.errors import InvalidInput, ModelNotFound
+from service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from service.protocols.files import Chunk
 from service.scoring.chunks import score_chunk
 from service.scoring.tabular import check_columns
@@ -50,8 +50,14 @@ def load_model(reference: ModelReference, settings: Settings | None = None) -> M
     source = scan_model(Path(reference.repository), reference.name)
     version = reference.version
     if version is None:
-        default = source.config.default_version
-        number = default if default in source.versions else max(source.versions, default=None)
+        # As the server does: a pinned default_version is the default or nothing.
+        pinned = source.config.default_version
+        if pinned is not None and pinned not in source.versions:
+            raise ModelNotReady(
+                f"model {reference.name!r}: default version {pinned} (pinned by default_version "
+                f"in model.toml) cannot load: {source.absence(pinned)}"
+            )
+        number = pinned or max(source.versions, default=None)
     elif isinstance(version, int):
         number = version
     else:

@@ -56,7 +56,8 @@ def changed_models(
             name not in registry.models or registry.models[name].fingerprint != fingerprint(folder)
         )
     ]
-    to_drop = [name for name in registry.models if name not in on_disk]
+    # Unloaded models too: once their folder is gone there is nothing left to load.
+    to_drop = sorted(name for name in {*registry.models, *registry.unloaded} if name not in on_disk)
     return to_load, to_drop
 
 
@@ -95,9 +96,15 @@ async def reload_models(state: ServiceState, names: list[str], why: str) -> None
         entry = registry.models.get(name)
         record_model(state.metrics, entry, previous=previous)
         if entry is None:
-            logger.info("model %s unloaded (%s)", name, why)
+            logger.info("model %s unloaded (%s)", name, why, extra={"model": name})
         else:
-            logger.info("model %s applied (%s): revision %d", name, why, entry.config.revision)
+            logger.info(
+                "model %s applied (%s): revision %d",
+                name,
+                why,
+                entry.config.revision,
+                extra={"model": name},
+            )
     state.router.registry = registry
     write_status(state)
 
@@ -111,11 +118,12 @@ async def sync_repository(state: ServiceState) -> None:
         )
         registry = state.registry
         for name in to_drop:
-            logger.info("model %s left the repository; no longer served", name)
-            record_model(state.metrics, None, previous=registry.models[name])
-            registry = Registry(
-                {k: v for k, v in registry.models.items() if k != name}, registry.unloaded
+            logger.info(
+                "model %s left the repository; no longer served", name, extra={"model": name}
             )
+            if (previous := registry.models.get(name)) is not None:
+                record_model(state.metrics, None, previous=previous)
+            registry = registry.forget(name)
         state.router.registry = registry
         if to_load:
             await reload_models(state, to_load, "new or changed on disk")

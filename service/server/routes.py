@@ -207,6 +207,9 @@ def repository_index(
     entries: list[RepositoryEntry] = []
     registry = state.registry
     for name, entry in sorted(registry.models.items()):
+        if entry.unready is not None:
+            # The model as a whole: what unversioned requests get, and why.
+            entries.append(RepositoryEntry(name=name, state="UNAVAILABLE", reason=entry.unready))
         for number in sorted(entry.versions):
             stale = entry.stale.get(number)
             reason = (

@@ -5,7 +5,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -92,6 +92,7 @@ class ModelEntry:
     name: str
     versions: Mapping[int, ModelVersion]
     failures: Mapping[int, VersionFailure]
+    # The version unversioned requests get; None when no version can take them (see `unready`).
     default_version: int | None
     aliases: Mapping[str, int]
     config_error: str | None = None
@@ -105,6 +106,9 @@ class ModelEntry:
     stamp: Stamp | None = None
     # Versions still served from their previous artifact because the new one did not load.
     stale: Mapping[int, VersionFailure] = field(default_factory=dict)
+    # Why unversioned requests cannot be served: no versions, a pinned default_version that is
+    # not loaded, or no version that loaded.
+    unready: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -146,9 +150,7 @@ class Registry:
         if version is None or version == "":
             picked = entry.pick(routing_key)
             if picked is None:
-                raise ModelNotReady(
-                    f"model {name!r} has no version that loaded; see the server log"
-                )
+                raise ModelNotReady(f"model {name!r} is not ready: {entry.unready}")
             return entry.versions[picked]
         number = parse_version(version)
         if number is None:
@@ -165,6 +167,11 @@ class Registry:
 
     def with_entry(self, entry: ModelEntry) -> "Registry":
         return Registry({**self.models, entry.name: entry}, self.unloaded - {entry.name})
+
+    def forget(self, name: str) -> "Registry":
+        """The registry without any trace of `name`, whose folder left the repository."""
+        models = {k: v for k, v in self.models.items() if k != name}
+        return Registry(models, self.unloaded - {name})
 
     def without(self, name: str) -> "Registry":
         self.model(name)
@@ -203,7 +210,7 @@ def load_version(
     artifact = read_verified(folder, options.allow_unverified_pickle, options.trusted_keys)
     metadata = artifact.metadata
     module = runtime_module(artifact.path)
-    runtime = module.load(artifact.data, metadata, options.runtime)
+    runtime = module.load(artifact.data, metadata, replace(options.runtime, model=(name, version)))
     try:
         warm_up(runtime)
     except Exception as exc:  # any failure here means the version cannot serve
@@ -310,15 +317,11 @@ def load_model(
             stale[number] = result
         else:
             failures[number] = result
-    default = source.config.default_version
-    if default not in versions:
-        if default is not None:
-            logger.warning(
-                "model %s: default_version %s is not loaded; using the highest",
-                source.name,
-                default,
-            )
-        default = max(versions) if versions else None
+    default, unready = default_version(source, versions, failures)
+    if unready is not None:
+        logger.warning(
+            "model %s is not ready: %s", source.name, unready, extra={"model": source.name}
+        )
     aliases = {a: v for a, v in source.config.aliases.items() if v in source.versions}
     traffic = {v: w for v, w in source.config.traffic.items() if v in versions and w > 0}
     if source.config.traffic and not traffic:
@@ -336,6 +339,39 @@ def load_model(
         config=source.config,
         stamp=source.stamp,
         stale=stale,
+        unready=unready,
+    )
+
+
+def default_version(
+    source: ModelSource, versions: Mapping[int, object], failures: Mapping[int, VersionFailure]
+) -> tuple[int | None, str | None]:
+    """The version unversioned requests get, or None and why there is none.
+
+    A default_version pinned in model.toml is the default or nothing: falling back to another
+    version would switch clients to a model (and maybe a signature) they did not ask for.
+    Without a pin, the highest loaded version is the default.
+    """
+    pinned = source.config.default_version
+    if pinned is not None:
+        if pinned in versions:
+            return pinned, None
+        failure = failures.get(pinned)
+        why = f"{failure.reason}: {failure.message}" if failure else source.absence(pinned)
+        return None, (
+            f"default version {pinned} (pinned by default_version in model.toml) is not loaded "
+            f"({why}); request a version explicitly, or fix version {pinned} or the pin"
+        )
+    if versions:
+        return max(versions), None
+    if failures:
+        reasons = "; ".join(f"version {v}: {f.reason}" for v, f in sorted(failures.items()))
+        return None, f"no version loaded ({reasons})"
+    if source.unselected:
+        return None, "no versions (the version policy in model.toml selects none of its folders)"
+    return (
+        None,
+        "no versions (the model folder holds no version folder; add one with `modelserve package`)",
     )
 
 

@@ -146,6 +146,14 @@ class ModelSource:
     ignored: list[str] = field(default_factory=list)
     fingerprint: Fingerprint = ()
     stamp: Stamp | None = None
+    # Version folders that are there but that the version policy leaves out.
+    unselected: list[int] = field(default_factory=list)
+
+    def absence(self, version: int) -> str:
+        """Why `version` is not among the versions to load."""
+        if version in self.unselected:
+            return f"the version policy in model.toml leaves version {version} out"
+        return f"there is no version folder {version}"
 
 
 def scan_repository(root: Path, model_name: str | None = None) -> dict[str, ModelSource]:
@@ -227,8 +235,9 @@ def scan_model_folder(folder: Path, name: str) -> ModelSource:
             "model %s: ignoring folder %r (versions are positive integers)", name, folder_name
         )
     selected = config.version_policy.select(sorted(found))
+    unselected = sorted(set(found) - set(selected))
     versions = {v: found[v] for v in selected}
-    return ModelSource(name, config, versions, error, ignored, before, stamp)
+    return ModelSource(name, config, versions, error, ignored, before, stamp, unselected)
 
 
 def _holds_artifact(folder: Path) -> bool:

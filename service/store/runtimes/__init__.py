@@ -67,6 +67,8 @@ class RuntimeOptions:
     strict_versions: bool = False
     onnx_intra_op_threads: int = 1
     onnx_inter_op_threads: int = 1
+    # The model version being loaded: what its calls warn is reported under its name.
+    model: tuple[str, int] | None = None
 
 
 # Artifact suffix -> module; imported only when an artifact of that kind is loaded.

@@ -12,6 +12,7 @@ import sklearn
 from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
+from service.store.calls import calling
 from service.store.metadata import ArtifactMetadata
 from service.store.runtimes import (
     Arrays,
@@ -21,6 +22,7 @@ from service.store.runtimes import (
     Signature,
     signature_of,
 )
+from service.store.runtimes.feature_names import array_ready
 from service.store.runtimes.forest import tree_loop
 from service.store.tensors import TensorSpec, datatype_of
 
@@ -111,8 +113,11 @@ def describe(data: bytes) -> Signature:
 class SklearnRuntime:
     format = "sklearn"
 
-    def __init__(self, estimator: Any, signature: Signature) -> None:
+    def __init__(
+        self, estimator: Any, signature: Signature, model: tuple[str, int] | None = None
+    ) -> None:
         self._estimator = estimator
+        self._model = model
         self.signature = signature
         self._input = signature.inputs[0].name
         names = {o.name for o in signature.outputs}
@@ -130,15 +135,24 @@ class SklearnRuntime:
             and [type(c) for c in classes] == [type(c) for c in listed]
         )
         self._regression = signature.task == "regression"
-        self._predict = tree_loop(estimator, "predict") or estimator.predict
+        # A model fitted on a DataFrame, made ready for arrays (the runtime owns the estimator:
+        # the names it recorded may be removed).
+        called = array_ready(estimator)
+        self._predict = tree_loop(called, "predict") or called.predict
         self._predict_proba = (
-            (tree_loop(estimator, "predict_proba") or estimator.predict_proba)
+            (tree_loop(called, "predict_proba") or called.predict_proba)
             if self._want_proba
             else None
         )
 
     def predict(self, inputs: Arrays) -> Prediction:
-        features = inputs[self._input]
+        calling.model = self._model
+        try:
+            return self._predict_rows(inputs[self._input])
+        finally:
+            calling.model = None
+
+    def _predict_rows(self, features: NDArray[Any]) -> Prediction:
         if self._regression:
             values = np.asarray(self._predict(features))
             return Prediction(
@@ -176,4 +190,4 @@ def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions
             reason="unsupported_artifact",
         )
     signature = signature_of(metadata) if metadata else describe_estimator(estimator)
-    return SklearnRuntime(estimator, signature)
+    return SklearnRuntime(estimator, signature, options.model)
