@@ -141,7 +141,13 @@ def test_the_server_reports_the_refused_version_and_serves_the_other(
         assert refused[0]["reason"].startswith("unsigned: ")
         metrics = httpx.get(server.url + "/metrics").text
         assert 'modelserve_model_load_failures_total{model="iris",reason="unsigned"} 1.0' in metrics
-        served = httpx.post(server.url + INFER, content=infer_body(), headers=JSON)
+        # iris pins default_version = 2, which did not load: unversioned requests say so, and
+        # version 1 serves when asked for.
+        pinned = httpx.post(server.url + INFER, content=infer_body(), headers=JSON)
+        assert pinned.status_code == 503
+        assert "version 2" in pinned.json()["error"]
+        one = INFER.replace("/infer", "/versions/1/infer")
+        served = httpx.post(server.url + one, content=infer_body(), headers=JSON)
         assert served.status_code == 200
         assert served.json()["model_version"] == "1"
         assert "not loaded (unsigned)" in server.output()
