@@ -21,7 +21,7 @@ MODEL_ENDPOINTS = [
 ADMIN_ENDPOINTS = [
     ("/v2/repository/index", 200, None),
     ("/v2/repository/models/iris/load", 200, None),
-    ("/v2/repository/models/no-such-model/unload", 404, "'no-such-model' is not loaded"),
+    ("/v2/repository/models/no-such-model/unload", 404, "'no-such-model' is not in the repository"),
 ]
 
 
