@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +41,9 @@ from service.server.routes import router as routes
 from service.server.shutdown import install_drain_hook
 from service.server.state import ServiceState
 from service.store.registry import Registry, load_registry
+
+if TYPE_CHECKING:
+    from service.server.grpc_service import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,14 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             ),
         )
         app.state.service = state
+        grpc_server: GrpcServer | None = None
+        if settings.grpc_port:
+            # Imported only when chosen: the generated messages register the protocol's names
+            # in the process-wide protobuf pool, where a client's copy of them would clash.
+            from service.server.grpc_service import start_grpc_server
+
+            # Started before the models load, so probes hear "not ready" rather than nothing.
+            grpc_server = await start_grpc_server(state)
         registry = await asyncio.to_thread(
             load_registry, settings.model_repository, settings.load_options()
         )
@@ -118,7 +130,15 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         # (tens of thousands of new lists) triggers several.
         gc.freeze()
         state.ready = True
-        restore_signals = install_drain_hook(state.start_draining, settings.shutdown_delay_s)
+
+        def start_draining() -> None:
+            state.start_draining()
+            if grpc_server is not None:
+                grpc_server.drain()
+
+        if grpc_server is not None:
+            await grpc_server.set_serving(True)
+        restore_signals = install_drain_hook(start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         poller = None
         if settings.repository_poll_s > 0:
@@ -130,6 +150,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             state.ready = False
             if poller is not None:
                 poller.cancel()
+            if grpc_server is not None:
+                # HTTP has drained by now; calls still running get the same grace period.
+                await grpc_server.stop(settings.graceful_shutdown_s)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)
