@@ -4,7 +4,9 @@ Answers are compared with the same requests over REST; errors with their status 
 messages; after each bad request the server still answers.
 """
 
+import signal
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sklearn.datasets import load_iris
 
+from tests.conftest import API_KEY, FaultSetup, fault_env
 from tests.grpcclient import tritonclient_grpc
 from tests.scrape import access_lines, scrape, total
 from tests.serving import RunningServer, run_server, wait_for
@@ -324,3 +327,56 @@ def test_two_workers_share_the_port(workers_server: RunningServer) -> None:
         return {line["pid"] for line in lines if str(line["request_id"]).startswith("two-workers-")}
 
     wait_for(lambda: len(answered_by()) == 2, timeout=10, what="both workers answering gRPC")
+
+
+def test_grpc_deadline_ends_the_call_on_the_server(fault_server: RunningServer) -> None:
+    """The slow model takes 0.5 s; the client's 0.2 s gRPC deadline ends the call there too."""
+    client = triton.InferenceServerClient(fault_server.grpc_target)
+    try:
+        with pytest.raises(triton.InferenceServerException) as failure:
+            client.infer(
+                "slow",
+                [_input(ROWS)],
+                client_timeout=0.2,
+                headers={"x-api-key": API_KEY, "x-request-id": "grpc-deadline-1"},
+            )
+        assert failure.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    finally:
+        client.close()
+
+    def logged() -> str:
+        lines = fault_server.output().splitlines()
+        return next((line for line in lines if "grpc-deadline-1" in line), "")
+
+    wait_for(lambda: bool(logged()), timeout=5, what="the access line of the late call")
+    assert "status=504" in logged()
+    assert "error=DeadlineExceeded" in logged()
+
+
+def test_sigterm_drains_grpc(fault_setup: FaultSetup, tmp_path: Path) -> None:
+    env = fault_env(
+        fault_setup, MODELSERVE_SHUTDOWN_DELAY_S="1.5", MODELSERVE_GRACEFUL_SHUTDOWN_S="10"
+    )
+    with (
+        run_server(fault_setup.root, tmp_path, env=env) as server,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        client = triton.InferenceServerClient(server.grpc_target)
+        channel = grpc.insecure_channel(server.grpc_target)
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            accepted = pool.submit(client.infer, "slow", [_input(ROWS)])
+            wait_for(lambda: "slow" in httpx.get(f"{server.url}/metrics").text, what="in flight")
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: not client.is_server_ready(), timeout=1.0, what="not ready")
+            with pytest.raises(triton.InferenceServerException, match="shutting down") as refused:
+                client.infer("iris", [_input(ROWS)])
+            assert refused.value.status() == "StatusCode.UNAVAILABLE"
+            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert client.is_server_live()
+            assert accepted.result(timeout=10).as_numpy("label").tolist() == [0, 1, 2]
+        finally:
+            channel.close()
+            client.close()
+        assert server.process.wait(timeout=15) == 0

@@ -37,6 +37,9 @@ SERVICE = "inference.GRPCInferenceService"
 # gRPC carries a call as an HTTP/2 POST to /<service>/<method>: that is its access line's path.
 _INFER_PATH = f"/{SERVICE}/ModelInfer"
 _QUIET = frozenset({"ServerLive", "ServerReady"})
+# A client cancels when its deadline passes, which it counted from before sending: the server's
+# copy of the deadline then has a few milliseconds left. A cancel that close is the deadline.
+_DEADLINE_SLACK_S = 0.05
 T = TypeVar("T")
 Context = aio.ServicerContext[object, object]
 
@@ -173,9 +176,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 call.shorten_deadline(remaining)
             return await self._infer(call, request)
 
-        result = await boundary.run(
-            call, metadata.get("authorization"), metadata.get("x-api-key"), work
-        )
+        try:
+            result = await boundary.run(
+                call, metadata.get("authorization"), metadata.get("x-api-key"), work
+            )
+        except asyncio.CancelledError:
+            # gRPC cancels the call when its deadline passes or the client goes away; the
+            # call is still counted and logged, as one the server could not answer.
+            left = context.time_remaining()
+            late = remaining is not None and (left is None or left < _DEADLINE_SLACK_S)
+            call.outcome, call.error = (504, "DeadlineExceeded") if late else (499, "Cancelled")
+            boundary.record(call, time.perf_counter() - call.started)
+            raise
         seconds = time.perf_counter() - call.started
         if isinstance(result, errors.ServiceError):
             call.outcome = status_of(result)
