@@ -29,6 +29,7 @@ IRIS = load_iris()
 ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
 EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
 KEY = "grpc-key"
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 @pytest.fixture
@@ -380,3 +381,11 @@ def test_sigterm_drains_grpc(fault_setup: FaultSetup, tmp_path: Path) -> None:
             channel.close()
             client.close()
         assert server.process.wait(timeout=15) == 0
+
+
+def test_readme_example(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.split("## gRPC API", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = code.rsplit("# ", 1)[1].strip()
+    exec(code.replace("localhost:8001", server.grpc_target), {})
+    assert capsys.readouterr().out.strip() == shown
