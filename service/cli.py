@@ -23,7 +23,7 @@ EXAMPLES_MARKER = ".examples"
 
 def _serve(args: argparse.Namespace) -> int:
     # Flags become environment variables so that every worker process builds the same Settings.
-    for flag in ("model_repository", "model_name", "host", "port", "workers"):
+    for flag in ("model_repository", "model_name", "host", "port", "grpc_port", "workers"):
         value = getattr(args, flag)
         if value is not None:
             os.environ[f"MODELSERVE_{flag.upper()}"] = str(value)
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="serve the repository folder as this one model")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0: off)")
     serve.add_argument("--workers", type=int)
     serve.set_defaults(run=_serve)
 

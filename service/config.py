@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     workers: int = Field(1, ge=1, description="Server processes.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the gRPC service (Open Inference Protocol), on the same host "
+        "as HTTP; every worker serves it; 0: off.",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the repository endpoints; unset: they answer 403."
     )

@@ -35,6 +35,8 @@ class RunningServer:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    # host:port of its gRPC service ("" when the test turned gRPC off).
+    grpc_target: str = ""
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -85,7 +87,10 @@ def run_server(
         )
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    environment = {**os.environ, **(env or {})}
+    # Each server its own gRPC port: two on the default one would share it (SO_REUSEPORT).
+    environment = {**os.environ, "MODELSERVE_GRPC_PORT": str(free_port()), **(env or {})}
+    grpc_port = int(environment["MODELSERVE_GRPC_PORT"])
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else ""
     command = [
         sys.executable,
         "-m",
@@ -102,7 +107,7 @@ def run_server(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, path=wait_for)
-        yield RunningServer(url, process, log)
+        yield RunningServer(url, process, log, grpc_target)
     except BaseException:
         sys.stderr.write(log.read_text(errors="replace"))
         raise

@@ -161,6 +161,9 @@ def test_service_hpa_and_pdb_point_at_the_deployment(kustomization: Path) -> Non
     service = one(resources, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+    server = container(deployment["spec"]["template"]["spec"], "modelserve")
+    grpc_port = {p["name"]: p["containerPort"] for p in server["ports"]}["grpc"]
+    assert int(env_of(server)["MODELSERVE_GRPC_PORT"]) == grpc_port
     pdb = one(resources, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = one(resources, "HorizontalPodAutoscaler")
@@ -334,8 +337,9 @@ def test_the_serving_runtime_has_what_kserve_requires() -> None:
     }
     kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[-1], strict=True)
     assert {"sklearn", "onnx"} <= {f["name"] for f in spec["supportedModelFormats"]}
-    assert {"v1", "v2"} <= set(spec["protocolVersions"])
+    assert {"v1", "v2", "grpc-v2"} <= set(spec["protocolVersions"])
     server = container(spec, "kserve-container")
+    assert int(env_of(server)["MODELSERVE_GRPC_PORT"]) not in (0, 8080)
     assert [p["containerPort"] for p in server["ports"]] == [8080]
     args = server["args"]
     assert args[args.index("--model-repository") + 1] == "/mnt/models"

@@ -112,7 +112,7 @@ def _shape(value: Any, where: str) -> list[int]:
     return value
 
 
-def _decode_bytes_elements(raw: memoryview, count: int, where: str) -> NDArray[Any]:
+def decode_bytes_elements(raw: memoryview, count: int, where: str) -> NDArray[Any]:
     """BYTES tensors in binary form: each element is a 4-byte little-endian length, then bytes."""
     items: list[str] = []
     offset = 0
@@ -156,7 +156,7 @@ def _decode_input(
             raise InvalidInput(f"{where}: binary_data_size {size} runs past the end of the body")
         raw = binary[offset : offset + size]
         if datatype == "BYTES":
-            array = _decode_bytes_elements(raw, count, where)
+            array = decode_bytes_elements(raw, count, where)
         else:
             dtype = DATATYPES[datatype]
             if size != count * dtype.itemsize:
@@ -272,7 +272,7 @@ def _ascii_elements(array: NDArray[np.str_]) -> bytes | None:
     return table[keep].tobytes()
 
 
-def _binary(array: NDArray[Any]) -> bytes:
+def tensor_bytes(array: NDArray[Any]) -> bytes:
     if array.dtype.kind in "OUS":
         if array.dtype.kind == "U" and array.size:
             fast = _ascii_elements(array)
@@ -324,7 +324,7 @@ def encode_infer_response(
         }
         by_class = labels_by_class(model, array, label_index) if name == "label" else None
         if binary:
-            raw = by_class[0].bytes_elements(by_class[1]) if by_class else _binary(array)
+            raw = by_class[0].bytes_elements(by_class[1]) if by_class else tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif by_class:

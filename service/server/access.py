@@ -44,6 +44,13 @@ def request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def request_id_from(value: str | None) -> str:
+    """The same for an id given as text (gRPC metadata)."""
+    if value is not None and value.isascii() and _printable(value.encode()):
+        return value
+    return uuid.uuid4().hex
+
+
 def log_request(
     request: str,
     scope: Scope,

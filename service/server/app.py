@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +43,9 @@ from service.server.routes import router as routes
 from service.server.shutdown import install_drain_hook
 from service.server.state import ServiceState
 from service.store.registry import Registry, load_registry
+
+if TYPE_CHECKING:
+    from service.server.grpc_service import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +118,14 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         app.state.service = state
         # Built before the first request: a bad key file fails startup, not a request.
         await state.credentials.prepare()
+        grpc_server: GrpcServer | None = None
+        if settings.grpc_port:
+            # Imported only when chosen: the generated messages register the protocol's names
+            # in the process-wide protobuf pool, where a client's copy of them would clash.
+            from service.server.grpc_service import start_grpc_server
+
+            # Started before the models load, so probes hear "not ready" rather than nothing.
+            grpc_server = await start_grpc_server(state)
         registry = await asyncio.to_thread(
             load_registry, settings.model_repository, settings.load_options()
         )
@@ -126,7 +138,15 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         # (tens of thousands of new lists) triggers several.
         gc.freeze()
         state.ready = True
-        restore_signals = install_drain_hook(state.start_draining, settings.shutdown_delay_s)
+
+        def start_draining() -> None:
+            state.start_draining()
+            if grpc_server is not None:
+                grpc_server.drain()
+
+        if grpc_server is not None:
+            await grpc_server.set_serving(True)
+        restore_signals = install_drain_hook(start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         write_status(state)
         watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
@@ -139,6 +159,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             state.ready = False
             for watch in watches:
                 watch.cancel()
+            if grpc_server is not None:
+                # HTTP has drained by now; calls still running get the same grace period.
+                await grpc_server.stop(settings.graceful_shutdown_s)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)

@@ -4,7 +4,8 @@ Draining, credentials, the body's content coding, the request id (honoured or ge
 returned as `X-Request-ID`), the in-flight gauge, the deadline, the error tree mapped to status
 codes, metrics and the access line are done here and nowhere else. A route plugs in a handler
 that resolves its model, reads its body and either returns a whole answer or streams one
-through `Exchange.start`.
+through `Exchange.start`. `run` and `record` are the part that knows no HTTP: the gRPC service
+goes through them too.
 """
 
 import asyncio
@@ -12,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from service import errors
 from service.server import access
@@ -36,30 +38,50 @@ Answer = tuple[int, bytes, Headers]
 
 
 @dataclass(eq=False)
-class Exchange:
-    """One request inside the boundary: what the handler learns, the boundary reports."""
+class Call:
+    """One request inside the boundary, whatever carried it: what the handler learns, the
+    boundary reports."""
 
     state: ServiceState
-    scope: Scope
-    receive: Receive
-    send: Send
     protocol: str
-    # The model and version as the path names them; they label the access line until (and
+    # The model and version as the request names them; they label the access line until (and
     # unless) the model resolves.
     names: tuple[str, str | None]
     request_id: str
+    # For the access line: the HTTP method and path (a gRPC call's path is its method's name).
+    method: str
+    path: str
     # When the request arrived on the event loop's clock, for deadlines the client shortens.
     arrived: float
+    started: float = field(default_factory=time.perf_counter)
     budget: asyncio.Timeout | None = None
     model: ModelVersion | None = None
-    identity: Identity | None = None
     rows: int = 0
-    # For a streamed answer: its status once sent, and the outcome the metrics record (an
-    # error after the first bytes can only be reported at the end of the body).
-    started: bool = False
+    # The outcome the metrics record, as an HTTP status whatever the transport, so that one
+    # set of series and dashboards covers every front door.
     outcome: int = 200
     error: str | None = None
-    _id_header: Headers = field(default_factory=list)
+    # Who is calling, once the credentials are checked (for rate limits and audit lines).
+    identity: Identity | None = None
+
+    def shorten_deadline(self, seconds: float) -> None:
+        """Counted from when the request arrived; a client may shorten the server's deadline,
+        never extend it."""
+        budget = self.budget
+        if budget is not None and (deadline := budget.when()) is not None:
+            budget.reschedule(min(deadline, self.arrived + seconds))
+
+
+@dataclass(eq=False, kw_only=True)
+class Exchange(Call):
+    """A call over HTTP: the ASGI connection, and a streamed answer's progress."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    # For a streamed answer: sent its status already; an error after the first bytes can only
+    # be reported at the end of the body.
+    streaming: bool = False
 
     async def start(self, status: int, headers: Headers) -> None:
         """Begin a streamed answer; from here on only the handler can report an error.
@@ -69,7 +91,7 @@ class Exchange:
         """
         if self.budget is not None:
             self.budget.reschedule(None)
-        self.started = True
+        self.streaming = True
         self.outcome = status
         await self.send(
             {
@@ -88,16 +110,7 @@ class Exchange:
 
 # Returns the whole answer, or None after streaming it through `Exchange.start`.
 Handler = Callable[[Exchange], Awaitable[Answer | None]]
-
-
-async def _admit(exchange: Exchange) -> None:
-    state, scope = exchange.state, exchange.scope
-    if state.draining:
-        raise errors.Overloaded("the server is shutting down; send the request to another instance")
-    exchange.identity = await state.credentials.check_inference(
-        header(scope, b"authorization"), header(scope, b"x-api-key"), exchange.names[0]
-    )
-    _check_content_encoding(scope)
+T = TypeVar("T")
 
 
 def _check_content_encoding(scope: Scope) -> None:
@@ -108,6 +121,50 @@ def _check_content_encoding(scope: Scope) -> None:
             f"Content-Encoding {coding.strip()!r} is not supported; send the body uncompressed, "
             "without a Content-Encoding header"
         )
+
+
+async def run(
+    call: Call,
+    authorization: str | None,
+    api_key: str | None,
+    work: Callable[[], Awaitable[T]],
+) -> T | errors.ServiceError:
+    """Admit `call` and do its `work` under the deadline and the in-flight gauge.
+
+    The transport-independent core of the boundary: a failure comes back as an error of the
+    tree (recorded on `call`, logged once when it is the server's fault) for the transport to
+    answer with; `record` then counts and logs the call.
+    """
+    state = call.state
+    state.metrics.inflight.inc()
+    try:
+        # The deadline covers reading the body too, so a client that trickles its body in
+        # cannot hold a request open for longer than any other.
+        async with asyncio.timeout(state.settings.request_timeout_s) as call.budget:
+            if state.draining:
+                raise errors.Overloaded(
+                    "the server is shutting down; send the request to another instance"
+                )
+            call.identity = await state.credentials.check_inference(
+                authorization, api_key, call.names[0]
+            )
+            return await work()
+    except TimeoutError:
+        call.error = "DeadlineExceeded"
+        return errors.DeadlineExceeded(
+            f"the request's deadline passed after {time.perf_counter() - call.started:.3f} s"
+        )
+    except errors.ServiceError as exc:
+        call.error = type(exc).__name__
+        if status_of(exc) == 500:  # overload (503) and deadlines (504) are counted in metrics
+            logger.error("request %s failed: %s", call.request_id, exc.message)
+        return exc
+    except Exception:  # the boundary: a bug answers 500 without a traceback, and is logged
+        logger.exception("unexpected error serving %s (request %s)", call.path, call.request_id)
+        call.error = "InternalError"
+        return errors.ServiceError("internal error; see the server log")
+    finally:
+        state.metrics.inflight.dec()
 
 
 def _error_answer(exc: errors.ServiceError, request_id: str) -> Answer:
@@ -127,74 +184,61 @@ async def serve(
     handler: Handler,
 ) -> None:
     """Run `handler` inside the boundary, for the model and version the path `names`."""
-    started = time.perf_counter()
-    request_id = access.request_id(scope)
-    metrics = state.metrics
-    answer: Answer | None = None
     exchange = Exchange(
-        state, scope, receive, send, protocol, names, request_id, asyncio.get_running_loop().time()
+        state,
+        protocol,
+        names,
+        access.request_id(scope),
+        scope["method"],
+        scope["path"],
+        asyncio.get_running_loop().time(),
+        scope=scope,
+        receive=receive,
+        send=send,
     )
-    metrics.inflight.inc()
-    try:
-        # The deadline covers reading the body too, so a client that trickles its body in
-        # cannot hold a request open for longer than any other.
-        async with asyncio.timeout(state.settings.request_timeout_s) as exchange.budget:
-            await _admit(exchange)
-            answer = await handler(exchange)
-    except TimeoutError:
-        late = errors.DeadlineExceeded(
-            f"the request's deadline passed after {time.perf_counter() - started:.3f} s"
-        )
-        answer = _error_answer(late, request_id)
-        exchange.error = "DeadlineExceeded"
-    except errors.ServiceError as exc:
-        answer = _error_answer(exc, request_id)
-        exchange.error = type(exc).__name__
-        if answer[0] == 500:  # overload (503) and deadlines (504) are counted in metrics instead
-            logger.error("request %s failed: %s", request_id, exc.message)
-    except Exception:  # the HTTP boundary: a bug answers 500 without a traceback, and is logged
-        logger.exception("unexpected error serving %s (request %s)", scope["path"], request_id)
-        answer = _error_answer(
-            errors.ServiceError("internal error; see the server log"), request_id
-        )
-        exchange.error = "InternalError"
-    finally:
-        metrics.inflight.dec()
-        seconds = time.perf_counter() - started
-    if answer is not None and exchange.started:
+
+    async def work() -> Answer | None:
+        _check_content_encoding(scope)
+        return await handler(exchange)
+
+    result = await run(exchange, header(scope, b"authorization"), header(scope, b"x-api-key"), work)
+    seconds = time.perf_counter() - exchange.started
+    answer = _error_answer(result, exchange.request_id) if isinstance(result, Exception) else result
+    if answer is not None and exchange.streaming:
         # A streamed answer failed after its first bytes: too late for a status code.
-        logger.error("request %s failed after its answer started", request_id)
+        logger.error("request %s failed after its answer started", exchange.request_id)
         answer = None
         exchange.outcome = 500
     if answer is not None:
         status, payload, headers = answer
         await send_response(send, status, payload, [*headers, *exchange._closing_headers()])
         exchange.outcome = status
-    _record(exchange, seconds)
+    record(exchange, seconds)
 
 
-def _record(exchange: Exchange, seconds: float) -> None:
-    status, model, protocol = exchange.outcome, exchange.model, exchange.protocol
+def record(call: Call, seconds: float) -> None:
+    """Count `call` in the metrics by its outcome and write its access line."""
+    status, model, protocol = call.outcome, call.model, call.protocol
     # Only a resolved model labels a series: names and versions come from the repository,
     # never from the request, so unknown models add no series.
     version: str | None
     if model is not None:
         name, version = model.name, str(model.version)
-        metrics = exchange.state.metrics
+        metrics = call.state.metrics
         metrics.requests.labels(name, version, protocol, str(status)).inc()
         if status == 200:  # errors are counted by code; their time would blur the latency
             metrics.request_duration.labels(name, version, protocol).observe(seconds)
     else:
-        name, version = exchange.names
-    rows = exchange.rows if status == 200 else 0
+        name, version = call.names
+    rows = call.rows if status == 200 else 0
     access.log_request(
-        exchange.request_id,
-        exchange.scope,
+        call.request_id,
+        {"method": call.method, "path": call.path},
         status,
         seconds,
         name,
         version,
         protocol,
         rows,
-        exchange.error,
+        call.error,
     )

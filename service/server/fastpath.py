@@ -115,11 +115,8 @@ async def _infer_v2(exchange: Exchange) -> Answer:
         model = exchange.model = state.router.resolve(*exchange.names, key)
     exchange.rows = _rows(call.tensors)
     timeout_s = v2.requested_timeout_s(call)
-    budget = exchange.budget
-    if timeout_s is not None and budget is not None and (deadline := budget.when()) is not None:
-        # Counted from when the request arrived; a client may shorten the server's deadline,
-        # never extend it.
-        budget.reschedule(min(deadline, exchange.arrived + timeout_s))
+    if timeout_s is not None:
+        exchange.shorten_deadline(timeout_s)
     wanted = v2.select_outputs(model, call)
     prediction = await state.router.predict(model, call.tensors)
     payload, json_length = v2.encode_infer_response(model, call, prediction, wanted)

@@ -93,19 +93,13 @@ def live() -> Liveness:
 
 @router.get("/v2/health/ready", response_model=Readiness, tags=["health"])
 def ready(state: State, response: Response) -> Readiness:
-    # Ready once the repository is loaded; a model whose versions all failed is reported
-    # per model, so one broken artifact never takes the whole server out of rotation.
-    # Serving a single model (KServe), the server is only as ready as that model.
-    ready = state.ready
-    if ready and (name := state.settings.model_name) is not None:
-        entry = state.registry.models.get(name)
-        ready = entry is not None and entry.ready
+    ready = state.serving_ready()
     if not ready:
         response.status_code = 503
     return Readiness(ready=ready)
 
 
-def _metadata(model: ModelVersion, versions: list[int]) -> ModelMetadata:
+def describe_model(model: ModelVersion, versions: list[int]) -> ModelMetadata:
     signature = model.signature
     parameters: dict[str, object] = {
         "task": signature.task,
@@ -174,7 +168,7 @@ def statistics_of_version(state: State, name: str, version: str) -> InferenceSta
 def model_metadata(state: State, name: str, version: str | None = None) -> ModelMetadata:
     model = state.registry.resolve(name, version)
     entry = state.registry.model(name)
-    return _metadata(model, sorted(entry.versions) if version is None else [model.version])
+    return describe_model(model, sorted(entry.versions) if version is None else [model.version])
 
 
 @router.get(

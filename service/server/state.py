@@ -41,6 +41,15 @@ class ServiceState:
     def credentials(self) -> Credentials:
         return Credentials.from_settings(self.settings)
 
+    def serving_ready(self) -> bool:
+        """Ready once the repository is loaded; a model whose versions all failed is reported
+        per model, so one broken artifact never takes the whole server out of rotation.
+        Serving a single model (KServe), the server is only as ready as that model."""
+        if self.ready and (name := self.settings.model_name) is not None:
+            entry = self.registry.models.get(name)
+            return entry is not None and entry.ready
+        return self.ready
+
     def start_draining(self) -> None:
         if not self.draining:
             logger.info("shutting down: no new requests; finishing the accepted ones")

@@ -1,0 +1,289 @@
+"""The Open Inference Protocol's GRPCInferenceService, served beside HTTP in each worker process.
+
+A `grpc.aio` server on the worker's event loop, over the same state as the HTTP routes: the
+same router, batchers, signature checks and limits. `ModelInfer` goes through the request
+boundary's core (draining, credentials, request id, in-flight gauge, deadline, errors, metrics
+with protocol="grpc", access line), as REST inference does. The standard health service
+(`grpc.health.v1`, for Kubernetes gRPC probes) and server reflection are served too.
+
+Imported only when gRPC is on: the generated module registers the protocol's message names
+(`inference.*`) in the process-wide protobuf pool.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Never, TypeVar
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import __version__, errors
+from service.protocols import v2
+from service.protocols.grpc import infer
+from service.protocols.grpc import open_inference_grpc_pb2 as pb
+from service.protocols.grpc import open_inference_grpc_pb2_grpc as pb_grpc
+from service.server import access, boundary
+from service.server.grpc_status import grpc_code_of
+from service.server.http import status_of
+from service.server.routes import EXTENSIONS, describe_model
+from service.server.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+# gRPC carries a call as an HTTP/2 POST to /<service>/<method>: that is its access line's path.
+_INFER_PATH = f"/{SERVICE}/ModelInfer"
+_QUIET = frozenset({"ServerLive", "ServerReady"})
+# A client cancels when its deadline passes, which it counted from before sending: the server's
+# copy of the deadline then has a few milliseconds left. A cancel that close is the deadline.
+_DEADLINE_SLACK_S = 0.05
+T = TypeVar("T")
+Context = aio.ServicerContext[object, object]
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    return {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if isinstance(value, str)  # binary (-bin) entries carry nothing we read
+    }
+
+
+async def _abort(context: Context, exc: errors.ServiceError, request_id: str) -> Never:
+    message = exc.message
+    if status_of(exc) >= 500 and not isinstance(exc, errors.Overloaded | errors.ModelNotReady):
+        # As over HTTP: a server-side failure names the request, for the operator's log.
+        message = f"{message} (request {request_id})"
+    await context.abort(grpc_code_of(exc), message, ((access.REQUEST_ID.decode(), request_id),))
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    async def _control(
+        self,
+        context: Context,
+        method: str,
+        answer: Callable[[dict[str, str]], T],
+        model: str | None = None,
+    ) -> T:
+        """A control-plane call: errors mapped to codes, and its access line. A call about a
+        `model` needs the credentials inference on that model needs."""
+        started = time.perf_counter()
+        metadata = _metadata(context)
+        request_id = access.request_id_from(metadata.get("x-request-id"))
+        status, error = 200, None
+        try:
+            if model is not None:
+                await self.state.credentials.check_inference(
+                    metadata.get("authorization"), metadata.get("x-api-key"), model
+                )
+            return answer(metadata)
+        except errors.ServiceError as exc:
+            status, error = status_of(exc), type(exc).__name__
+            await _abort(context, exc, request_id)
+        finally:
+            access.log_request(
+                request_id,
+                {"method": "POST", "path": f"/{SERVICE}/{method}"},
+                status,
+                time.perf_counter() - started,
+                protocol="grpc",
+                error=error,
+                level=logging.DEBUG if method in _QUIET else logging.INFO,
+            )
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
+        return await self._control(
+            context, "ServerLive", lambda _: pb.ServerLiveResponse(live=True)
+        )
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        return await self._control(
+            context,
+            "ServerReady",
+            lambda _: pb.ServerReadyResponse(ready=self.state.serving_ready()),
+        )
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return await self._control(
+            context,
+            "ServerMetadata",
+            lambda _: pb.ServerMetadataResponse(
+                name="modelserve", version=__version__, extensions=EXTENSIONS
+            ),
+        )
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
+        def answer(metadata: dict[str, str]) -> pb.ModelReadyResponse:
+            try:
+                self.state.router.resolve(request.name, request.version or None)
+            except (errors.ModelNotFound, errors.ModelNotReady):
+                # The question has an answer, as tritonclient.http's is_model_ready gives it.
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+
+        return await self._control(context, "ModelReady", answer, request.name)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        def answer(metadata: dict[str, str]) -> pb.ModelMetadataResponse:
+            registry = self.state.registry
+            model = registry.resolve(request.name, request.version or None)
+            versions = sorted(registry.model(request.name).versions)
+            described = describe_model(model, versions if not request.version else [model.version])
+            response = pb.ModelMetadataResponse(
+                name=described.name, versions=described.versions, platform=described.platform
+            )
+            for spec in described.inputs:
+                response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+            for spec in described.outputs:
+                response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+            return response
+
+        return await self._control(context, "ModelMetadata", answer, request.name)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        metadata = _metadata(context)
+        call = boundary.Call(
+            self.state,
+            "grpc",
+            (request.model_name, request.model_version or None),
+            access.request_id_from(metadata.get("x-request-id")),
+            "POST",
+            _INFER_PATH,
+            asyncio.get_running_loop().time(),
+        )
+        # The client's gRPC deadline, as it stands when the call arrives.
+        remaining = context.time_remaining()
+
+        async def work() -> pb.ModelInferResponse:
+            if remaining is not None:
+                call.shorten_deadline(remaining)
+            return await self._infer(call, request, metadata.get("x-routing-key"))
+
+        try:
+            result = await boundary.run(
+                call, metadata.get("authorization"), metadata.get("x-api-key"), work
+            )
+        except asyncio.CancelledError:
+            # gRPC cancels the call when its deadline passes or the client goes away; the
+            # call is still counted and logged, as one the server could not answer.
+            left = context.time_remaining()
+            late = remaining is not None and (left is None or left < _DEADLINE_SLACK_S)
+            call.outcome, call.error = (504, "DeadlineExceeded") if late else (499, "Cancelled")
+            boundary.record(call, time.perf_counter() - call.started)
+            raise
+        seconds = time.perf_counter() - call.started
+        if isinstance(result, errors.ServiceError):
+            call.outcome = status_of(result)
+            boundary.record(call, seconds)
+            await _abort(context, result, call.request_id)
+        boundary.record(call, seconds)
+        context.set_trailing_metadata(((access.REQUEST_ID.decode(), call.request_id),))
+        return result
+
+    async def _infer(
+        self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
+    ) -> pb.ModelInferResponse:
+        router = self.state.router
+        model = call.model = router.resolve(*call.names, routing_key)
+        decoded = infer.decode_infer_request(request)
+        key = decoded.parameters.get("routing_key")
+        if key is not None:
+            if not isinstance(key, str):
+                raise errors.InvalidInput("parameters.routing_key must be a string")
+            # As over HTTP: the split is by key, so a key in the request decides.
+            model = call.model = router.resolve(*call.names, key)
+        first = next(iter(decoded.tensors.values()))
+        call.rows = first.shape[0] if first.ndim else 1
+        timeout_s = v2.requested_timeout_s(decoded)
+        if timeout_s is not None:
+            call.shorten_deadline(timeout_s)
+        wanted = v2.select_outputs(model, decoded)
+        prediction = await router.predict(model, decoded.tensors)
+        return infer.encode_infer_response(
+            model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
+        )
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GrpcServer:
+    """The running gRPC server of one worker, and its health service to flip on draining."""
+
+    def __init__(self, state: ServiceState) -> None:
+        settings = state.settings
+        self.server = aio.server(
+            options=[
+                # The request limit of HTTP bodies holds for messages (gRPC caps it at 2 GiB).
+                ("grpc.max_receive_message_length", min(settings.max_request_bytes, 2**31 - 1)),
+                ("grpc.max_send_message_length", -1),
+                # Every worker process binds the same port; the kernel spreads connections.
+                ("grpc.so_reuseport", 1),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self._draining: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.address = _address(settings.host, settings.grpc_port)
+        self.port = self.server.add_insecure_port(self.address)
+
+    async def start(self) -> None:
+        await self.server.start()
+        logger.info("gRPC listening on %s", self.address)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for service in ("", SERVICE):  # "" is the server as a whole, as probes ask by default
+            await self.health.set(service, status)
+
+    def drain(self) -> None:
+        """Health answers NOT_SERVING from now on; safe to call from a signal handler."""
+        self._loop.call_soon_threadsafe(self._start_draining)
+
+    def _start_draining(self) -> None:
+        self._draining = asyncio.create_task(self.set_serving(False))
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, give the running ones `grace_s` seconds, then cancel them."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(state: ServiceState) -> GrpcServer:
+    server = GrpcServer(state)
+    await server.set_serving(False)
+    await server.start()
+    return server

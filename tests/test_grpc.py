@@ -1,0 +1,391 @@
+"""The gRPC service (Open Inference Protocol) with the real tritonclient.grpc, against real servers.
+
+Answers are compared with the same requests over REST; errors with their status codes and
+messages; after each bad request the server still answers.
+"""
+
+import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sklearn.datasets import load_iris
+
+from tests.conftest import API_KEY, FaultSetup, fault_env
+from tests.grpcclient import tritonclient_grpc
+from tests.scrape import access_lines, scrape, total
+from tests.serving import RunningServer, run_server, wait_for
+
+triton = tritonclient_grpc()
+pb = triton.service_pb2
+IRIS = load_iris()
+ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
+EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
+KEY = "grpc-key"
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Any]:
+    connection = triton.InferenceServerClient(server.grpc_target)
+    yield connection
+    connection.close()
+
+
+def _input(rows: np.ndarray[Any, Any], name: str = "input", datatype: str = "FP32") -> Any:
+    tensor = triton.InferInput(name, list(rows.shape), datatype)
+    tensor.set_data_from_numpy(rows)
+    return tensor
+
+
+def _rest(server: RunningServer, version: str, rows: np.ndarray[Any, Any]) -> dict[str, Any]:
+    body = {
+        "inputs": [
+            {"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}
+        ]
+    }
+    response = httpx.post(f"{server.url}/v2/models/iris/versions/{version}/infer", json=body)
+    assert response.status_code == 200, response.text
+    return {o["name"]: o["data"] for o in response.json()["outputs"]}
+
+
+def _stub(server: RunningServer) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(server.grpc_target)
+    return channel, triton.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _contents_request(rows: np.ndarray[Any, Any], version: str = "") -> Any:
+    request = pb.ModelInferRequest(model_name="iris", model_version=version, id="typed-1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
+    tensor.contents.fp32_contents.extend(rows.reshape(-1).tolist())
+    return request
+
+
+def test_health_and_readiness(client: Any) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("iris")
+    assert client.is_model_ready("iris", "1")
+    assert client.is_model_ready("iris", "stable")
+    assert not client.is_model_ready("iris", "7")
+    assert not client.is_model_ready("no_such_model")
+
+
+def test_metadata_matches_rest(client: Any, server: RunningServer) -> None:
+    rest = httpx.get(f"{server.url}/v2/models/iris").json()
+    metadata = client.get_model_metadata("iris", as_json=True)
+    assert metadata["name"] == "iris"
+    assert metadata["versions"] == rest["versions"]
+    assert metadata["platform"] == rest["platform"]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "4"]}]
+    assert [o["name"] for o in metadata["outputs"]] == [o["name"] for o in rest["outputs"]]
+    assert client.get_model_metadata("iris", "1", as_json=True)["versions"] == ["1"]
+    server_metadata = client.get_server_metadata(as_json=True)
+    assert server_metadata["name"] == "modelserve"
+    assert server_metadata["extensions"] == httpx.get(f"{server.url}/v2").json()["extensions"]
+
+
+@pytest.mark.parametrize("version", ["1", "2", "stable", "production"])
+def test_infer_raw_equals_rest(client: Any, server: RunningServer, version: str) -> None:
+    result = client.infer("iris", [_input(ROWS)], model_version=version, request_id="raw-1")
+    rest = _rest(server, version, ROWS)
+    assert [v.decode() for v in result.as_numpy("label")] == EXPECTED == rest["label"]
+    np.testing.assert_array_equal(
+        result.as_numpy("probabilities"),
+        np.asarray(rest["probabilities"], dtype=np.float32).reshape(-1, 3),
+    )
+    response = result.get_response()
+    assert response.id == "raw-1"
+    assert response.model_version == {"stable": "1", "production": "2"}.get(version, version)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_infer_typed_contents_answers_typed(server: RunningServer, version: str) -> None:
+    channel, stub = _stub(server)
+    with channel:
+        response = stub.ModelInfer(_contents_request(ROWS, version))
+    rest = _rest(server, version, ROWS)
+    assert not response.raw_output_contents
+    outputs = {o.name: o for o in response.outputs}
+    assert [v.decode() for v in outputs["label"].contents.bytes_contents] == rest["label"]
+    np.testing.assert_array_equal(
+        np.asarray(outputs["probabilities"].contents.fp32_contents, dtype=np.float32),
+        np.asarray(rest["probabilities"], dtype=np.float32).reshape(-1),
+    )
+    assert list(outputs["probabilities"].shape) == [3, 3]
+    assert response.id == "typed-1"
+
+
+def test_outputs_selection(client: Any) -> None:
+    result = client.infer(
+        "iris", [_input(ROWS)], outputs=[triton.InferRequestedOutput("probabilities")]
+    )
+    assert [o.name for o in result.get_response().outputs] == ["probabilities"]
+    assert result.as_numpy("label") is None
+
+
+def _bad_raw(request: Any) -> None:
+    request.raw_input_contents.append(b"\0" * 12)  # shape [1, 4] of FP32 needs 16 bytes
+
+
+def _typed_fp16(request: Any) -> None:
+    request.inputs[0].datatype = "FP16"
+
+
+def _classification(request: Any) -> None:
+    output = request.outputs.add(name="label")
+    output.parameters["classification"].int64_param = 2
+
+
+def _mixed(request: Any) -> None:
+    request.raw_input_contents.append(np.zeros(4, dtype="<f4").tobytes())
+
+
+def _server_deadline(request: Any) -> None:
+    request.parameters["timeout"].int64_param = 1  # microseconds, as tritonclient sends it
+
+
+# What a request changes → the status code and a fragment of the message that names the cause.
+BAD_REQUESTS: list[tuple[str, Callable[[Any], None], Any, str]] = [
+    ("unknown model", lambda r: setattr(r, "model_name", "nope"), "NOT_FOUND", "'nope'"),
+    ("unknown version", lambda r: setattr(r, "model_version", "9"), "NOT_FOUND", "9"),
+    (
+        "unknown alias",
+        lambda r: setattr(r, "model_version", "canary"),
+        "NOT_FOUND",
+        "canary",
+    ),
+    (
+        "three features",
+        lambda r: r.inputs[0].shape.__setitem__(1, 3),
+        "INVALID_ARGUMENT",
+        "shape [1, 3] needs 3",
+    ),
+    ("unknown input", lambda r: setattr(r.inputs[0], "name", "x"), "INVALID_ARGUMENT", "'x'"),
+    ("no inputs", lambda r: r.ClearField("inputs"), "INVALID_ARGUMENT", "'inputs'"),
+    (
+        "unknown output",
+        lambda r: r.outputs.add(name="score"),
+        "INVALID_ARGUMENT",
+        "no output 'score'",
+    ),
+    ("FP16 as contents", _typed_fp16, "INVALID_ARGUMENT", "raw_input_contents"),
+    ("contents and raw", _mixed, "INVALID_ARGUMENT", "one or the other"),
+    ("classification", _classification, "INVALID_ARGUMENT", "classification"),
+    (
+        "NaN",
+        lambda r: r.inputs[0].contents.fp32_contents.__setitem__(0, float("nan")),
+        "INVALID_ARGUMENT",
+        "NaN",
+    ),
+    ("server deadline", _server_deadline, "DEADLINE_EXCEEDED", "deadline passed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_requests(
+    server: RunningServer, change: Callable[[Any], None], code: str, message: str
+) -> None:
+    request = _contents_request(ROWS[:1])
+    change(request)
+    channel, stub = _stub(server)
+    with channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.ModelInfer(request)
+        error: Any = failure.value
+        assert error.code() == getattr(grpc.StatusCode, code)
+        assert message in error.details()
+        # The server still answers.
+        assert stub.ModelInfer(_contents_request(ROWS[:1])).outputs
+
+
+def test_raw_size_mismatch_names_the_sizes(server: RunningServer) -> None:
+    request = pb.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    _bad_raw(request)
+    channel, stub = _stub(server)
+    with channel, pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(request)
+    error: Any = failure.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds 12 bytes" in error.details()
+    assert "needs 16" in error.details()
+
+
+def test_errors_raise_client_exceptions(client: Any) -> None:
+    with pytest.raises(triton.InferenceServerException, match="4 features") as failure:
+        client.infer("iris", [_input(np.zeros((1, 3), dtype=np.float32))])
+    assert failure.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(triton.InferenceServerException, match="not in the repository") as missing:
+        client.infer("nope", [_input(ROWS)])
+    assert missing.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_metrics_and_access_lines(client: Any, server: RunningServer) -> None:
+    before = total(scrape(server.url), "modelserve_requests_total", protocol="grpc", code="200")
+    client.infer("iris", [_input(ROWS)], model_version="1", headers={"x-request-id": "grpc-log-1"})
+    after = total(scrape(server.url), "modelserve_requests_total", protocol="grpc", code="200")
+    assert after == before + 1
+    wait_for(lambda: "grpc-log-1" in server.output(), timeout=5)
+    line = next(line for line in server.output().splitlines() if "grpc-log-1" in line)
+    assert "path=/inference.GRPCInferenceService/ModelInfer" in line
+    for field in ("protocol=grpc", "model=iris version=1", "rows=3"):
+        assert field in line
+
+
+def test_health_service_and_reflection(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' stub has no methods
+        for service in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        listed = next(iter(reflection.ServerReflectionInfo(iter([request]))))
+        names = {s.name for s in listed.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.fixture(scope="module")
+def guarded_server(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """API keys on, and a request limit a 10,000-row request is over."""
+    env = {"MODELSERVE_API_KEYS": KEY, "MODELSERVE_MAX_REQUEST_BYTES": "65536"}
+    with run_server(trained_repository, tmp_path_factory.mktemp("grpc-guarded"), env) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("headers", "code", "message"),
+    [
+        ({}, "UNAUTHENTICATED", "needs an API key"),
+        ({"authorization": "Bearer wrong"}, "PERMISSION_DENIED", "not valid"),
+        ({"x-api-key": "wrong"}, "PERMISSION_DENIED", "not valid"),
+        ({"authorization": f"Bearer {KEY}"}, None, ""),
+        ({"x-api-key": KEY}, None, ""),
+    ],
+)
+def test_api_keys(
+    guarded_server: RunningServer, headers: dict[str, str], code: str | None, message: str
+) -> None:
+    client = triton.InferenceServerClient(guarded_server.grpc_target)
+    try:
+        calls: list[Callable[[], Any]] = [
+            lambda: client.infer("iris", [_input(ROWS)], headers=headers),
+            lambda: client.get_model_metadata("iris", headers=headers),
+        ]
+        for call in calls:
+            if code is None:
+                assert call() is not None
+                continue
+            with pytest.raises(triton.InferenceServerException, match=message) as failure:
+                call()
+            assert failure.value.status() == f"StatusCode.{code}"
+        assert client.is_server_live()  # health needs no key, as over REST
+    finally:
+        client.close()
+
+
+def test_message_over_the_request_limit(guarded_server: RunningServer) -> None:
+    rows = np.tile(ROWS, (3334, 1))[:10_000]
+    client = triton.InferenceServerClient(guarded_server.grpc_target)
+    try:
+        with pytest.raises(triton.InferenceServerException) as failure:
+            client.infer("iris", [_input(rows)], headers={"x-api-key": KEY})
+        assert failure.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "65536" in failure.value.message()
+        assert client.is_server_live()
+    finally:
+        client.close()
+
+
+def test_two_workers_share_the_port(workers_server: RunningServer) -> None:
+    assert workers_server.output().count("gRPC listening on") == 2
+    for index in range(24):  # each a new connection, which the kernel gives to either worker
+        client = triton.InferenceServerClient(workers_server.grpc_target)
+        try:
+            result = client.infer(
+                "iris", [_input(ROWS)], headers={"x-request-id": f"two-workers-{index}"}
+            )
+            assert [v.decode() for v in result.as_numpy("label")] == EXPECTED
+        finally:
+            client.close()
+
+    def answered_by() -> set[object]:
+        lines = access_lines(workers_server.output())
+        return {line["pid"] for line in lines if str(line["request_id"]).startswith("two-workers-")}
+
+    wait_for(lambda: len(answered_by()) == 2, timeout=10, what="both workers answering gRPC")
+
+
+def test_grpc_deadline_ends_the_call_on_the_server(fault_server: RunningServer) -> None:
+    """The slow model takes 0.5 s; the client's 0.2 s gRPC deadline ends the call there too."""
+    client = triton.InferenceServerClient(fault_server.grpc_target)
+    try:
+        with pytest.raises(triton.InferenceServerException) as failure:
+            client.infer(
+                "slow",
+                [_input(ROWS)],
+                client_timeout=0.2,
+                headers={"x-api-key": API_KEY, "x-request-id": "grpc-deadline-1"},
+            )
+        assert failure.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    finally:
+        client.close()
+
+    def logged() -> str:
+        lines = fault_server.output().splitlines()
+        return next((line for line in lines if "grpc-deadline-1" in line), "")
+
+    wait_for(lambda: bool(logged()), timeout=5, what="the access line of the late call")
+    assert "status=504" in logged()
+    assert "error=DeadlineExceeded" in logged()
+
+
+def test_sigterm_drains_grpc(fault_setup: FaultSetup, tmp_path: Path) -> None:
+    env = fault_env(
+        fault_setup, MODELSERVE_SHUTDOWN_DELAY_S="1.5", MODELSERVE_GRACEFUL_SHUTDOWN_S="10"
+    )
+    with (
+        run_server(fault_setup.root, tmp_path, env=env) as server,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        client = triton.InferenceServerClient(server.grpc_target)
+        channel = grpc.insecure_channel(server.grpc_target)
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            accepted = pool.submit(client.infer, "slow", [_input(ROWS)])
+            wait_for(lambda: "slow" in httpx.get(f"{server.url}/metrics").text, what="in flight")
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: not client.is_server_ready(), timeout=1.0, what="not ready")
+            with pytest.raises(triton.InferenceServerException, match="shutting down") as refused:
+                client.infer("iris", [_input(ROWS)])
+            assert refused.value.status() == "StatusCode.UNAVAILABLE"
+            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert client.is_server_live()
+            assert accepted.result(timeout=10).as_numpy("label").tolist() == [0, 1, 2]
+        finally:
+            channel.close()
+            client.close()
+        assert server.process.wait(timeout=15) == 0
+
+
+def test_readme_example(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.split("## gRPC API", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = code.rsplit("# ", 1)[1].strip()
+    exec(code.replace("localhost:8001", server.grpc_target), {})
+    assert capsys.readouterr().out.strip() == shown
