@@ -10,6 +10,7 @@ GRPC_CODES: dict[type[errors.ServiceError], StatusCode] = {
     errors.Unauthorized: StatusCode.UNAUTHENTICATED,
     errors.Forbidden: StatusCode.PERMISSION_DENIED,
     errors.ModelNotFound: StatusCode.NOT_FOUND,
+    errors.Conflict: StatusCode.ABORTED,
     errors.RouteNotFound: StatusCode.UNIMPLEMENTED,
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
     errors.PayloadTooLarge: StatusCode.RESOURCE_EXHAUSTED,
