@@ -13,14 +13,19 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.errors import InvalidInput, ModelNotFound
-from service.protocols.schemas import Routing, RoutingChange
+from service.protocols.schemas import ErrorResponse, Routing, RoutingChange
 from service.server.polling import reload_models, worker_statuses
-from service.server.routes import Admin, State
+from service.server.routes import ERRORS, Admin, State
 from service.server.state import ServiceState
 from service.store.repository import CONFIG_NAME, model_dir, read_model_config
 from service.store.routing import change_config, routing_document, set_routing, set_unloaded
 
-router = APIRouter(tags=["repository"], dependencies=[Admin])
+# 409: a PUT whose revision is not the file's; 403 also for a repository that is read-only.
+router = APIRouter(
+    tags=["repository"],
+    dependencies=[Admin],
+    responses={**ERRORS, 409: {"model": ErrorResponse}},
+)
 
 
 def _folder(state: ServiceState, name: str) -> Path:
