@@ -129,6 +129,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Longest row of a CSV or NDJSON file to score, in bytes (400 above).",
     )
+    max_decoding_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="Memory that the inference requests being decoded at once may hold, per "
+        "worker, estimated as 4 bytes per byte of JSON body (2 for binary tensor bodies); past "
+        "it: 503 with Retry-After.",
+    )
     request_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -44,6 +44,34 @@ CASES: list[tuple[str, Any, int, str]] = [
         400,
         "shape",
     ),
+    # Strings for a numeric input are refused naming the datatype the input takes.
+    (
+        "/v2/models/iris/infer",
+        v2([["5.1", "3.5", "1.4", "0.2"]], datatype="BYTES"),
+        400,
+        "takes FP32",
+    ),
+    ("/v2/models/iris/infer", v2([["a", "b", "c", "d"]], datatype="BYTES"), 400, "takes FP32"),
+    ("/v2/models/iris/infer", v2([[True, False, True, False]], datatype="BOOL"), 400, "takes FP32"),
+    # A shape of another rank than the input's is refused, as Triton does.
+    ("/v2/models/iris/infer", v2(GOOD_ROW, [4]), 400, "expected shape [-1, 4], got [4]"),
+    ("/v2/models/iris/infer", v2([GOOD_ROW], [1, 1, 4]), 400, "expected shape [-1, 4]"),
+    # Booleans among numbers are not numbers.
+    ("/v2/models/iris/infer", v2([[True, 3.5, 1.4, 0.2]]), 400, "booleans"),
+    ("/v2/models/iris/infer", v2([True, 3.5, 1.4, 0.2]), 400, "booleans"),
+    ("/v2/models/iris/infer", v2([[5.1, 3.5, 1.4, False]], datatype="FP64"), 400, "booleans"),
+    ("/v1/models/iris:predict", {"instances": [[True, 3.5, 1.4, 0.2]]}, 400, "booleans"),
+    ("/v1/models/iris:predict", {"instances": [True, 3.5, 1.4, 0.2]}, 400, "booleans"),
+    (
+        "/v1/models/iris:predict",
+        {
+            "instances": [
+                {"sepal_length": True, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+            ]
+        },
+        400,
+        "booleans",
+    ),
     ("/v2/models/unknown/infer", v2([GOOD_ROW]), 404, "not in the repository"),
     ("/v2/models/iris/versions/9/infer", v2([GOOD_ROW]), 404, "no version 9"),
     ("/v2/models/iris/versions/01/infer", v2([GOOD_ROW]), 404, "no version '01'"),

@@ -40,6 +40,13 @@ def test_inputs_key_is_accepted(client: httpx.Client) -> None:
     assert response.json()["predictions"] == ["setosa"]
 
 
+def test_one_flat_row_is_one_row(client: httpx.Client) -> None:
+    """V1 has no declared shape: a flat list of one row's features is that row."""
+    response = client.post("/v1/models/iris:predict", json={"instances": IRIS.data[120].tolist()})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == ["virginica"]
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_regressor_predictions_are_the_models_own(
     client: httpx.Client, trained_repository: Path, version: str

@@ -171,7 +171,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ),
     ("too-many-rows", INFER, TOO_MANY_ROWS, JSON, 413, "1001 rows is more than the limit of 1000"),
     ("too-large-with-content-length", INFER, TOO_LARGE, JSON, 413, "over the limit of 1000000"),
-    ("100000-deep-nesting", INFER, DEEP, JSON, 400, "nested more than 1024 levels"),
+    ("100000-deep-nesting", INFER, DEEP, JSON, 400, "nested more than 512 levels"),
     (
         "wrong-feature-count",
         INFER,
@@ -345,7 +345,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         DEEP,
         ADMIN_JSON,
         400,
-        "nested more than 1024 levels",
+        "nested more than 512 levels",
     ),
     (
         "admin-malformed-json",

@@ -144,7 +144,7 @@ def iris(iris_repository: Path) -> ModelVersion:
 def decode_and_conform(model: ModelVersion, body: bytes, header_length: str | None) -> None:
     """Either well-formed arrays for the model, or an error of our tree: never anything else."""
     try:
-        call = v2.decode_infer_request(body, header_length)
+        call = v2.decode_infer_request(body, header_length, 1000)
         arrays = conform(model, call.tensors, max_rows=1000)
     except (InvalidInput, PayloadTooLarge):
         return
@@ -182,7 +182,7 @@ def test_any_bytes_decode_or_are_invalid_input(
 @FUZZ
 def test_any_v1_instances_decode_or_are_invalid_input(iris: ModelVersion, rows: object) -> None:
     try:
-        tensors = v1.decode_predict_request(iris, json.dumps({"instances": rows}).encode())
+        tensors = v1.decode_predict_request(iris, json.dumps({"instances": rows}).encode(), 1000)
         arrays = conform(iris, tensors, max_rows=1000)
     except (InvalidInput, PayloadTooLarge):
         return

@@ -39,7 +39,7 @@ def test_binary_input_is_read_without_copying() -> None:
         },
         rows.tobytes(),
     )
-    array = decode_infer_request(body, length).tensors["input"]
+    array = decode_infer_request(body, length, 1000).tensors["input"]
     np.testing.assert_array_equal(array, rows)
     assert not array.flags.owndata  # a view on the request body
 
@@ -60,7 +60,7 @@ def test_binary_bytes_tensor() -> None:
         },
         blob,
     )
-    assert decode_infer_request(body, length).tensors["s"].tolist() == ["setosa", "", "vé"]
+    assert decode_infer_request(body, length, 1000).tensors["s"].tolist() == ["setosa", "", "vé"]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_binary_size_errors(size: int, length_delta: int, phrase: str) -> None:
         bytes(32),
     )
     with pytest.raises(InvalidInput, match=phrase):
-        decode_infer_request(body, str(int(length) + length_delta))
+        decode_infer_request(body, str(int(length) + length_delta), 1000)
 
 
 def test_unclaimed_binary_bytes_are_an_error() -> None:
@@ -95,13 +95,13 @@ def test_unclaimed_binary_bytes_are_an_error() -> None:
         {"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, bytes(8)
     )
     with pytest.raises(InvalidInput, match="not claimed"):
-        decode_infer_request(body, length)
+        decode_infer_request(body, length, 1000)
 
 
 @pytest.mark.parametrize("length", ["abc", "-1", "999999"])
 def test_bad_header_length(length: str) -> None:
     with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
-        decode_infer_request(b"{}", length)
+        decode_infer_request(b"{}", length, 1000)
 
 
 def test_encode_mixes_json_and_binary_outputs(iris: ModelVersion) -> None:
@@ -117,7 +117,7 @@ def test_encode_mixes_json_and_binary_outputs(iris: ModelVersion) -> None:
             ],
         }
     )
-    call = decode_infer_request(request, None)
+    call = decode_infer_request(request, None, 1000)
     prediction = iris.runtime.predict({"input": call.tensors["input"].astype(np.float32)})
     body, length = encode_infer_response(iris, call, prediction, select_outputs(iris, call))
     assert length is not None
@@ -143,6 +143,7 @@ def test_nan_outputs_become_null_not_bare_tokens(iris: ModelVersion) -> None:
             }
         ),
         None,
+        1000,
     )
     prediction = Prediction(
         {

@@ -7,7 +7,7 @@ import pytest
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.prediction.signature import conform
-from service.protocols.v2 import array_from_values
+from service.protocols.arrays import array_from_values
 from service.store.registry import LoadOptions, ModelVersion, load_registry
 
 
@@ -21,8 +21,23 @@ def test_conversion_to_the_model_dtype(iris: ModelVersion) -> None:
     assert arrays["input"].dtype == np.float32
 
 
-def test_a_flat_row_is_one_row(iris: ModelVersion) -> None:
-    assert conform(iris, {"input": np.array([1.0, 2, 3, 4])}, 10)["input"].shape == (1, 4)
+def test_a_shape_of_another_rank_is_refused_naming_the_shape_wanted(iris: ModelVersion) -> None:
+    with pytest.raises(InvalidInput, match=r"expected shape \[-1, 4\], got \[4\]"):
+        conform(iris, {"input": np.array([1.0, 2, 3, 4])}, 10)
+
+
+@pytest.mark.parametrize(
+    ("array", "given"),
+    [
+        (np.array([["5.1", "3.5", "1.4", "0.2"]], dtype=object), "BYTES"),
+        (np.ones((1, 4), bool), "BOOL"),
+    ],
+)
+def test_a_datatype_of_another_kind_is_refused_naming_the_one_wanted(
+    iris: ModelVersion, array: np.ndarray, given: str
+) -> None:
+    with pytest.raises(InvalidInput, match=f"datatype {given} given; this input takes FP32"):
+        conform(iris, {"input": array}, 10)
 
 
 def test_row_limit(iris: ModelVersion) -> None:

@@ -25,10 +25,13 @@ def _check_shape(
     rank = len(spec.shape)
     if rank and array.size == 0:
         raise InvalidInput(f"{where}: empty batch; send at least one row")
-    if array.ndim == rank - 1 and rank == 2 and array.size == spec.shape[1]:
-        array = array.reshape(1, -1)  # one row sent as a flat list
     if array.ndim != rank:
-        raise InvalidInput(f"{where}: expected shape {spec.shape}, got {list(array.shape)}")
+        # As Triton does: a shape of another rank is refused, never guessed at.
+        one_row = [1 if size < 0 else size for size in spec.shape]
+        raise InvalidInput(
+            f"{where}: expected shape {spec.shape}, got {list(array.shape)} "
+            f"(-1 is any size: one row is {one_row})"
+        )
     for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
         if want >= 0 and want != got:
             if axis == 1 and model.signature.features:
@@ -52,6 +55,9 @@ def conform_tensor(
     array = _check_shape(model, spec, array, max_rows, where)
     if spec.datatype == "BYTES":
         return array
+    given = "BYTES" if array.dtype.kind in "OUS" else "BOOL" if array.dtype.kind == "b" else None
+    if given is not None and given != spec.datatype:
+        raise InvalidInput(f"{where}: datatype {given} given; this input takes {spec.datatype}")
     if array.dtype != spec.dtype:
         if array.dtype.kind == "f" and spec.dtype.kind in "iu":
             raise InvalidInput(f"{where}: expected {spec.datatype} integers, got floating point")

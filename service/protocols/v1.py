@@ -5,8 +5,10 @@ from typing import Any
 import orjson
 from numpy.typing import NDArray
 
-from service.errors import InvalidInput
-from service.protocols.v2 import array_from_values, json_array, labels_by_class, loads
+from service.errors import InvalidInput, PayloadTooLarge
+from service.protocols import envelope
+from service.protocols.arrays import array_from_json, array_from_values
+from service.protocols.v2 import json_array, labels_by_class
 from service.store.registry import ModelVersion
 from service.store.runtimes import Prediction
 
@@ -32,26 +34,44 @@ def _rows_from_objects(model: ModelVersion, rows: list[Any]) -> list[list[Any]]:
                 f"instances[{index}]: unknown feature {extra[0]!r} "
                 f"(model {model.name!r} needs {', '.join(features)})"
             )
-        table.append([row[f] for f in features])
+        values = [row[f] for f in features]
+        if any(value.__class__ is bool for value in values):
+            raise InvalidInput(f"instances[{index}]: values must be numbers; found booleans")
+        table.append(values)
     return table
 
 
-def decode_predict_request(model: ModelVersion, body: bytes) -> dict[str, NDArray[Any]]:
-    request = loads(body)
-    if not isinstance(request, dict):
-        raise InvalidInput('the request body must be a JSON object such as {"instances": [[...]]}')
+def decode_predict_request(
+    model: ModelVersion, body: bytes | bytearray, max_rows: int
+) -> dict[str, NDArray[Any]]:
+    """The one input tensor; more than `max_rows` rows are refused before the numbers are parsed."""
+    request = envelope.fields(
+        body, 'the request body must be a JSON object such as {"instances": [[...]]}'
+    )
     unknown = [k for k in request if k not in ("instances", "inputs")]
     if unknown or len(request) != 1:
         raise InvalidInput('the request body must have exactly one of "instances" or "inputs"')
     rows = next(iter(request.values()))
-    if not isinstance(rows, list):
+    if not envelope.is_list(rows):
         raise InvalidInput('"instances" must be a list of rows')
     if len(model.signature.inputs) != 1:
         raise InvalidInput(f"model {model.name!r} takes several inputs; use the V2 protocol")
-    if rows and isinstance(rows[0], dict):
-        rows = _rows_from_objects(model, rows)
     spec = model.signature.inputs[0]
-    return {spec.name: array_from_values(rows, None, "instances")}
+
+    def check(shape: tuple[int, ...]) -> None:
+        count = shape[0] if len(shape) > 1 else 1
+        if count > max_rows:
+            raise PayloadTooLarge(f"instances: {count} rows is more than the limit of {max_rows}")
+
+    if envelope.starts_with_object(rows):
+        table = _rows_from_objects(model, envelope.value(rows))
+        array = array_from_values(table, None, "instances")
+        check(array.shape)
+    else:
+        array = array_from_json(memoryview(rows), None, "instances", check)
+    if array.ndim == 1 and len(spec.shape) == 2 and array.size == spec.shape[1]:
+        array = array.reshape(1, -1)  # V1's one row sent as a flat list
+    return {spec.name: array}
 
 
 def encode_predict_response(model: ModelVersion, prediction: Prediction) -> bytes:

@@ -1,14 +1,18 @@
 """Open Inference Protocol (V2) inference: JSON tensors and the binary tensor data extension."""
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
+from service.protocols import envelope
+from service.protocols.arrays import array_from_json
 from service.store.labels import ClassLabels
 from service.store.registry import ModelVersion
 from service.store.runtimes import Prediction
@@ -34,46 +38,6 @@ class InferCall:
     # (name, binary) per requested output; None means every output.
     outputs: list[tuple[str, bool]] | None = None
     binary_default: bool = False
-
-
-# orjson refuses documents nested deeper than this, in C and without recursion, at no cost.
-MAX_JSON_DEPTH = 1024
-
-
-_NUMERIC_KINDS = "biuf"
-
-
-def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[Any]:
-    """A JSON list (nested or flat) as an ndarray; rejects ragged rows and non-numbers."""
-    if datatype == "BYTES":
-        try:
-            return np.asarray(values, dtype=object)
-        except ValueError as exc:
-            raise InvalidInput(f"{where}: ragged or malformed BYTES data: {exc}") from None
-    try:
-        array = np.asarray(values)
-    except ValueError:
-        raise InvalidInput(f"{where}: rows have different lengths (ragged data)") from None
-    if array.dtype.kind not in _NUMERIC_KINDS:
-        if array.dtype.kind == "O":
-            raise InvalidInput(
-                f"{where}: ragged rows or null values; expected a rectangle of numbers"
-            )
-        raise InvalidInput(f"{where}: values must be numbers; found strings")
-    if array.dtype.kind == "b" and datatype not in (None, "BOOL"):
-        raise InvalidInput(f"{where}: values must be numbers, got booleans")
-    return array
-
-
-def loads(body: bytes | memoryview) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if str(exc).startswith("depth limit exceeded"):
-            raise InvalidInput(
-                f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep"
-            ) from None
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
 
 
 def requested_timeout_s(call: "InferCall") -> float | None:
@@ -130,53 +94,69 @@ def decode_bytes_elements(raw: memoryview, count: int, where: str) -> NDArray[An
     return np.asarray(items, dtype=object)
 
 
+def _field(tensor: dict[str, msgspec.Raw], key: str, default: Any = None) -> Any:
+    raw = tensor.get(key)
+    return default if raw is None else envelope.value(raw)
+
+
 def _decode_input(
-    obj: Any, binary: memoryview, offset: int, index: int
+    tensor: dict[str, msgspec.Raw], binary: memoryview, offset: int, index: int, max_rows: int
 ) -> tuple[str, NDArray[Any], int]:
     where = f"inputs[{index}]"
-    tensor = _dict(obj, where)
     _check_keys(tensor, _INPUT_KEYS, where)
-    name = tensor.get("name")
+    name = _field(tensor, "name")
     if not isinstance(name, str):
         raise InvalidInput(f"{where}: 'name' must be a string")
     where = f"input {name!r}"
-    datatype = tensor.get("datatype")
+    datatype = _field(tensor, "datatype")
     if datatype not in DATATYPES:
         raise InvalidInput(f"{where}: 'datatype' must be one of {', '.join(DATATYPES)}")
-    shape = _shape(tensor.get("shape"), where)
-    count = int(np.prod(shape)) if shape else 1
-    parameters = _dict(tensor.get("parameters", {}), f"{where}: 'parameters'")
+    shape = _shape(_field(tensor, "shape"), where)
+    if shape and shape[0] > max_rows:
+        # Refused before its data is decoded: a row count is cheap to claim, costly to parse.
+        raise PayloadTooLarge(f"{where}: {shape[0]} rows is more than the limit of {max_rows}")
+    count = math.prod(shape)
+    parameters = _dict(_field(tensor, "parameters", {}), f"{where}: 'parameters'")
     size = parameters.get("binary_data_size")
     if size is not None:
         if "data" in tensor:
             raise InvalidInput(f"{where}: give either 'data' or 'binary_data_size', not both")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidInput(f"{where}: 'binary_data_size' must be a non-negative integer")
-        if offset + size > len(binary):
-            raise InvalidInput(f"{where}: binary_data_size {size} runs past the end of the body")
-        raw = binary[offset : offset + size]
-        if datatype == "BYTES":
-            array = decode_bytes_elements(raw, count, where)
-        else:
-            dtype = DATATYPES[datatype]
-            if size != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"{where}: binary_data_size {size} does not match shape {shape} "
-                    f"of {datatype} ({count * dtype.itemsize} bytes)"
-                )
-            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count)
-        return name, array.reshape(shape), offset + size
+        array, offset = _binary_input(binary, offset, size, datatype, shape, where)
+        return name, array, offset
     if "data" not in tensor:
         raise InvalidInput(f"{where}: 'data' is missing")
-    data = tensor["data"]
-    if not isinstance(data, list):
-        raise InvalidInput(f"{where}: 'data' must be a list")
-    array = array_from_values(data, datatype, where)
-    if array.size != count:
-        raise InvalidInput(
-            f"{where}: 'data' has {array.size} values but shape {shape} needs {count}"
-        )
+
+    def check(dims: tuple[int, ...]) -> None:
+        if (values := math.prod(dims)) != count:
+            raise InvalidInput(
+                f"{where}: 'data' has {values} values but shape {shape} needs {count}"
+            )
+
+    array = array_from_json(memoryview(tensor["data"]), datatype, where, check)
     return name, array.reshape(shape), offset
+
+
+def _binary_input(
+    binary: memoryview, offset: int, size: Any, datatype: str, shape: list[int], where: str
+) -> tuple[NDArray[Any], int]:
+    """The tensor at `offset` of the binary part, and the offset of the next one."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{where}: 'binary_data_size' must be a non-negative integer")
+    if offset + size > len(binary):
+        raise InvalidInput(f"{where}: binary_data_size {size} runs past the end of the body")
+    raw = binary[offset : offset + size]
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        array = decode_bytes_elements(raw, count, where)
+    else:
+        dtype = DATATYPES[datatype]
+        if size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"{where}: binary_data_size {size} does not match shape {shape} "
+                f"of {datatype} ({count * dtype.itemsize} bytes)"
+            )
+        array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count)
+    return array.reshape(shape), offset + size
 
 
 def _requested_outputs(value: Any) -> list[tuple[str, bool]]:
@@ -195,7 +175,11 @@ def _requested_outputs(value: Any) -> list[tuple[str, bool]]:
     return requested
 
 
-def decode_infer_request(body: bytes, header_length: str | None) -> InferCall:
+def decode_infer_request(
+    body: bytes | bytearray, header_length: str | None, max_rows: int
+) -> InferCall:
+    """The request's tensors and options; a tensor of more than `max_rows` rows is refused
+    before its data is decoded."""
     view = memoryview(body)
     if header_length is None:
         json_part, binary = view, view[len(view) :]
@@ -209,15 +193,15 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferCall:
                 f"Inference-Header-Content-Length {split} is outside the body of {len(view)} bytes"
             )
         json_part, binary = view[:split], view[split:]
-    request = _dict(loads(json_part), "the request body")
+    request = envelope.fields(json_part, "the request body must be a JSON object")
     _check_keys(request, _REQUEST_KEYS, "request", _IGNORED_REQUEST_KEYS)
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    inputs = envelope.objects(request["inputs"], "inputs") if "inputs" in request else None
+    if not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     tensors: dict[str, NDArray[Any]] = {}
     offset = 0
-    for index, obj in enumerate(inputs):
-        name, array, offset = _decode_input(obj, binary, offset, index)
+    for index, tensor in enumerate(inputs):
+        name, array, offset = _decode_input(tensor, binary, offset, index, max_rows)
         if name in tensors:
             raise InvalidInput(f"input {name!r} is given twice")
         tensors[name] = array
@@ -226,11 +210,11 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferCall:
             f"{len(binary) - offset} bytes of binary data are not claimed by any "
             "input's binary_data_size"
         )
-    request_id = request.get("id")
+    request_id = _field(request, "id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
-    parameters = _dict(request.get("parameters", {}), "'parameters'")
-    outputs = _requested_outputs(request["outputs"]) if "outputs" in request else None
+    parameters = _dict(_field(request, "parameters", {}), "'parameters'")
+    outputs = _requested_outputs(_field(request, "outputs")) if "outputs" in request else None
     return InferCall(
         tensors, request_id, parameters, outputs, bool(parameters.get("binary_data_output", False))
     )

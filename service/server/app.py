@@ -26,7 +26,7 @@ from service.observability.exposition import (
 )
 from service.observability.metrics import create_metrics, record_model
 from service.prediction.router import Router
-from service.protocols.v2 import MAX_JSON_DEPTH
+from service.protocols.envelope import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import (

@@ -26,6 +26,7 @@ from service.server.http import (
     read_body,
     send_response,
 )
+from service.server.memory import BINARY_EXPANSION, JSON_EXPANSION, Reservation
 from service.server.score import serve_score
 from service.server.state import ServiceState
 
@@ -96,30 +97,43 @@ def _routing_key(scope: Scope) -> str | None:
     return header(scope, b"x-routing-key")
 
 
-async def _read(exchange: Exchange) -> bytes:
+def _hand_over(tensors: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
+    """The tensors in a new dict, the old one emptied: whoever takes them holds the only
+    reference, so the router can free the decoded arrays once it has their conformed copies."""
+    taken = dict(tensors)
+    tensors.clear()
+    return taken
+
+
+async def _read(exchange: Exchange, reservation: Reservation) -> bytes | bytearray:
     _check_content_type(exchange.scope)
     limit = exchange.state.settings.max_request_bytes
-    return await read_body(exchange.scope, exchange.receive, limit)
+    return await read_body(exchange.scope, exchange.receive, limit, reservation.grow)
 
 
 async def _infer_v2(exchange: Exchange) -> Answer:
-    body = await _read(exchange)
     state, scope = exchange.state, exchange.scope
-    model = exchange.model = state.router.resolve(*exchange.names, _routing_key(scope))
-    call = v2.decode_infer_request(body, header(scope, v2.HEADER_LENGTH.encode()))
-    key = call.parameters.get("routing_key")
-    if key is not None:
-        if not isinstance(key, str):
-            raise errors.InvalidInput("parameters.routing_key must be a string")
-        # Resolved again only when the key is in the body: a split is by key.
-        model = exchange.model = state.router.resolve(*exchange.names, key)
-    exchange.rows = _rows(call.tensors)
-    timeout_s = v2.requested_timeout_s(call)
-    if timeout_s is not None:
-        exchange.shorten_deadline(timeout_s)
-    wanted = v2.select_outputs(model, call)
-    prediction = await state.router.predict(model, call.tensors)
-    payload, json_length = v2.encode_infer_response(model, call, prediction, wanted)
+    split = header(scope, v2.HEADER_LENGTH.encode())
+    expansion = JSON_EXPANSION if split is None else BINARY_EXPANSION
+    with state.memory.reservation(expansion) as reservation:
+        body = await _read(exchange, reservation)
+        model = exchange.model = state.router.resolve(*exchange.names, _routing_key(scope))
+        call = v2.decode_infer_request(body, split, state.settings.max_batch_rows)
+        del body  # what the tensors do not view is garbage from here
+        key = call.parameters.get("routing_key")
+        if key is not None:
+            if not isinstance(key, str):
+                raise errors.InvalidInput("parameters.routing_key must be a string")
+            # Resolved again only when the key is in the body: a split is by key.
+            model = exchange.model = state.router.resolve(*exchange.names, key)
+        exchange.rows = _rows(call.tensors)
+        timeout_s = v2.requested_timeout_s(call)
+        if timeout_s is not None:
+            exchange.shorten_deadline(timeout_s)
+        wanted = v2.select_outputs(model, call)
+        # The request's arrays go to the router, which keeps only their conformed copies.
+        prediction = await state.router.predict(model, _hand_over(call.tensors))
+        payload, json_length = v2.encode_infer_response(model, call, prediction, wanted)
     if json_length is None:
         return 200, payload, _JSON
     return (
@@ -133,10 +147,14 @@ async def _infer_v2(exchange: Exchange) -> Answer:
 
 
 async def _predict_v1(exchange: Exchange) -> Answer:
-    body = await _read(exchange)
     state = exchange.state
-    model = exchange.model = state.router.resolve(*exchange.names, _routing_key(exchange.scope))
-    tensors = v1.decode_predict_request(model, body)
-    exchange.rows = _rows(tensors)
-    prediction = await state.router.predict(model, tensors)
-    return 200, v1.encode_predict_response(model, prediction), _JSON
+    with state.memory.reservation(JSON_EXPANSION) as reservation:
+        body = await _read(exchange, reservation)
+        model = exchange.model = state.router.resolve(
+            *exchange.names, _routing_key(exchange.scope)
+        )
+        tensors = v1.decode_predict_request(model, body, state.settings.max_batch_rows)
+        del body
+        exchange.rows = _rows(tensors)
+        prediction = await state.router.predict(model, _hand_over(tensors))
+        return 200, v1.encode_predict_response(model, prediction), _JSON

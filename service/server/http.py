@@ -13,6 +13,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
+# Bodies larger than this are read into one buffer of their declared length.
+_PREALLOCATE_BYTES = 1 << 20
+
 # The one table from domain errors to HTTP status codes.
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 400,
@@ -94,8 +97,14 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole body, refusing it as soon as it is known to exceed `limit` bytes."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, reserve: Callable[[int], None] | None = None
+) -> bytes | bytearray:
+    """The whole body, refusing it as soon as it is known to exceed `limit` bytes.
+
+    `reserve` is told each size of body before it is read: the declared length at once, else
+    each chunk as it arrives.
+    """
     declared = header(scope, b"content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -104,14 +113,34 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise errors.PayloadTooLarge(
                 f"request body of {declared} bytes is over the limit of {limit}"
             )
+        if reserve is not None:
+            reserve(int(declared))
+        if int(declared) > _PREALLOCATE_BYTES:
+            return await _read_declared(receive, int(declared))
     chunks: list[bytes] = []
     size = 0
     async for chunk in body_chunks(receive):
         size += len(chunk)
         if size > limit:
             raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        if reserve is not None and declared is None:
+            reserve(len(chunk))
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_declared(receive: Receive, length: int) -> bytearray:
+    """A body of known length, copied into place as it arrives: never held twice, as a list of
+    chunks and their join would be."""
+    body = bytearray(length)
+    size = 0
+    async for chunk in body_chunks(receive):
+        if size + len(chunk) > length:
+            raise errors.InvalidInput(f"the body is longer than its Content-Length of {length}")
+        body[size : size + len(chunk)] = chunk
+        size += len(chunk)
+    del body[size:]
+    return body
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -11,6 +11,7 @@ from service.config import Settings
 from service.observability.metrics import Metrics
 from service.prediction.router import Router
 from service.server.auth import Credentials
+from service.server.memory import MemoryBudget
 from service.store.registry import LoadOptions, Registry
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class ServiceState:
             entry = self.registry.models.get(name)
             return entry is not None and entry.ready
         return self.ready
+
+    @cached_property
+    def memory(self) -> MemoryBudget:
+        """What the inference requests being decoded may hold at once."""
+        return MemoryBudget(self.settings.max_decoding_bytes)
 
     def start_draining(self) -> None:
         if not self.draining:

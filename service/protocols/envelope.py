@@ -1,0 +1,77 @@
+"""JSON request envelopes, decoded with each field left as raw bytes of the body.
+
+msgspec checks the whole document is well-formed JSON in one pass, but hands back the value of
+each field as a `Raw` slice of the body: small fields are then decoded with orjson, and tensor
+data by `arrays`, without ever becoming Python lists of numbers.
+"""
+
+import re
+from typing import Any
+
+import msgspec
+import orjson
+
+from service.errors import InvalidInput
+
+# Documents up to this depth always decode; the decoder's own limit lies somewhat beyond it.
+MAX_JSON_DEPTH = 512
+
+_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+_OBJECTS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+_FIRST_ITEM_IS_OBJECT = re.compile(rb"\[\s*\{")
+
+
+def _too_deep() -> InvalidInput:
+    return InvalidInput(f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+
+
+def fields(body: bytes | bytearray | memoryview, not_an_object: str) -> dict[str, msgspec.Raw]:
+    """The fields of a JSON object, undecoded; `not_an_object` is the error if it is not one."""
+    try:
+        return _FIELDS.decode(body)
+    except msgspec.ValidationError:
+        raise InvalidInput(not_an_object) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {_reason(exc)}") from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def objects(raw: msgspec.Raw, what: str) -> list[dict[str, msgspec.Raw]] | None:
+    """A JSON list of objects, each with its fields undecoded; None if `raw` is not a list."""
+    if not is_list(raw):
+        return None
+    try:
+        return _OBJECTS.decode(raw)
+    except msgspec.ValidationError:
+        items = _ITEMS.decode(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    index = next(i for i, item in enumerate(items) if not is_object(item))
+    raise InvalidInput(f"{what}[{index}] must be a JSON object")
+
+
+def is_object(raw: msgspec.Raw) -> bool:
+    return bytes(memoryview(raw)[:1]) == b"{"
+
+
+def is_list(raw: msgspec.Raw) -> bool:
+    return bytes(memoryview(raw)[:1]) == b"["
+
+
+def starts_with_object(raw: msgspec.Raw) -> bool:
+    """Whether a JSON list's first item is an object (rows keyed by name)."""
+    return _FIRST_ITEM_IS_OBJECT.match(memoryview(raw)) is not None
+
+
+def value(raw: msgspec.Raw) -> Any:
+    """A small field's value, decoded."""
+    try:
+        return orjson.loads(memoryview(raw))
+    except orjson.JSONDecodeError as exc:  # well-formed, but a number beyond FP64
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def _reason(exc: msgspec.DecodeError) -> str:
+    return str(exc).removeprefix("JSON is malformed: ")

@@ -1,0 +1,65 @@
+"""The memory budget of inference requests: what all bodies being decoded at once may cost.
+
+A request reserves its body's size times what decoding it costs per byte before the body is
+read, and holds that until its answer is made. One that would take the total past the budget is
+refused with 503 and `Retry-After` at once: the client tries again when memory is free, instead
+of the process growing until the kernel ends it.
+"""
+
+from types import TracebackType
+
+from service.errors import Overloaded
+
+# Bytes a request holds per byte of body, from reading it to answering: the body, the arrays
+# decoded from it and their copy in the model's dtype. JSON numbers of four significant digits
+# take about half the room in the body that they take as float64.
+JSON_EXPANSION = 4
+BINARY_EXPANSION = 2
+
+
+class MemoryBudget:
+    """Bytes reserved by requests in flight; used from the event loop only, so never contended."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reserved = 0
+
+    def reservation(self, expansion: int) -> "Reservation":
+        return Reservation(self, expansion)
+
+    def take(self, nbytes: int, held: int) -> int:
+        """Reserve `nbytes` for a request already holding `held`; returns what was reserved."""
+        # A request larger than the whole budget may still run, alone.
+        nbytes = min(nbytes, self.limit - held)
+        if self.reserved + nbytes > self.limit:
+            raise Overloaded(
+                f"requests being decoded hold {self.reserved} of the {self.limit} bytes of "
+                "MODELSERVE_MAX_DECODING_BYTES; retry shortly, or send a smaller body"
+            )
+        self.reserved += nbytes
+        return nbytes
+
+
+class Reservation:
+    """One request's share of the budget, grown as its body arrives and returned at the end."""
+
+    def __init__(self, budget: MemoryBudget, expansion: int) -> None:
+        self.budget = budget
+        self.expansion = expansion
+        self.held = 0
+
+    def grow(self, body_bytes: int) -> None:
+        """Reserve for `body_bytes` more of body (refuses with Overloaded)."""
+        self.held += self.budget.take(body_bytes * self.expansion, self.held)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.budget.reserved -= self.held
+        self.held = 0
