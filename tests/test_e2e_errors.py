@@ -72,6 +72,8 @@ CASES: list[tuple[str, Any, int, str]] = [
         400,
         "booleans",
     ),
+    # A declared row count over the limit is refused before the data is even looked at.
+    ("/v2/models/iris/infer", v2([[1, 2], [3]], [2_000_000, 4]), 413, "limit of 1000000"),
     ("/v2/models/unknown/infer", v2([GOOD_ROW]), 404, "not in the repository"),
     ("/v2/models/iris/versions/9/infer", v2([GOOD_ROW]), 404, "no version 9"),
     ("/v2/models/iris/versions/01/infer", v2([GOOD_ROW]), 404, "no version '01'"),

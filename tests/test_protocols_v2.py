@@ -165,11 +165,58 @@ ROW_REQUEST = {
 @pytest.mark.parametrize("model_name", ["iris", "another_model"])
 def test_model_name_from_kserve_clients_is_ignored(model_name: str) -> None:
     """KServe's InferenceRESTClient puts `model_name` in the body; the path names the model."""
-    call = decode_infer_request(orjson.dumps({"model_name": model_name, **ROW_REQUEST}), None)
+    call = decode_infer_request(orjson.dumps({"model_name": model_name, **ROW_REQUEST}), None, 1000)
     np.testing.assert_array_equal(call.tensors["input"], [[1, 2, 3, 4]])
 
 
 @pytest.mark.parametrize("key", ["model_version", "output", "paramters", "from_grpc"])
 def test_other_unknown_fields_are_refused(key: str) -> None:
     with pytest.raises(InvalidInput, match=f"unknown field '{key}'; allowed: id, inputs, outputs"):
-        decode_infer_request(orjson.dumps({key: 1, **ROW_REQUEST}), None)
+        decode_infer_request(orjson.dumps({key: 1, **ROW_REQUEST}), None, 1000)
+
+
+def _peak_growth(decode: Any) -> int:
+    """How far this process's resident memory rises above where it stands while `decode` runs."""
+
+    def status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(field)
+
+    baseline = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from VmRSS
+    decode()
+    return status("VmHWM") - baseline
+
+
+def test_json_tensors_decode_in_twice_their_body_on_top_of_it() -> None:
+    """A float64 array of four short numbers per row is 1.8 times the JSON it came from."""
+    rows = np.random.default_rng(0).uniform(0, 8, size=(300_000, 4)).round(1)
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [300_000, 4], "datatype": "FP32", "data": rows.tolist()}
+            ]
+        }
+    )
+    del rows
+    growth = _peak_growth(lambda: decode_infer_request(body, None, 1_000_000))
+    assert growth <= 2 * len(body), f"{growth / len(body):.1f} times the body"
+
+
+def test_binary_tensors_decode_without_a_copy() -> None:
+    raw = np.ones((500_000, 4), dtype="<f4").tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [500_000, 4],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ]
+    }
+    body, length = binary_request(header, raw)
+    growth = _peak_growth(lambda: decode_infer_request(body, length, 1_000_000))
+    assert growth <= 0.2 * len(body), f"{growth / len(body):.1f} times the body"

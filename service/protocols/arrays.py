@@ -2,9 +2,10 @@
 
 As Python lists, a million rows of four floats cost twenty times their 17 MB of JSON. Here a
 large array is read in two passes over chunks of its text: the first checks that it holds only
-numbers and learns its shape from its brackets and commas, the second parses the numbers with
-numpy straight into the one array, allocated once its size is known and accepted. Small arrays
-(single rows) go through orjson, which is quicker at that size; both give the same arrays.
+numbers and learns its shape from its brackets and commas (`skeleton`), the second parses the
+numbers with Arrow's CSV reader into the one array, allocated once its size is known and
+accepted. Small arrays (single rows) go through orjson, which is quicker at that size; both give
+the same arrays.
 
 The text has already been checked to be valid JSON (the envelope decoder skips over it), so
 only numbers, brackets, commas and whitespace can pass the check here.
@@ -17,19 +18,21 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 from numpy.typing import NDArray
+from pyarrow import csv as arrow_csv
 
 from service.errors import InvalidInput
+from service.protocols.skeleton import Skeleton, ragged
 
 # Called with the data's shape before its numbers are parsed, to refuse it before it costs memory.
 ShapeCheck = Callable[[tuple[int, ...]], None]
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18
 # Below this, orjson's lists are quicker than numpy's two passes, and cost little.
 SMALL_BYTES = 4096
 # Integers of this many digits may not fit INT64; they are decoded as Python ints, as before.
 LONG_INTEGER_LIMIT_BYTES = 1 << 20
-MAX_DIMENSIONS = 64
 
 _NOT_A_NUMBER = re.compile(rb"[^0-9eE.+\-\[\],\s]")
 _SEPARATOR = re.compile(rb"[\[\],\s]")
@@ -38,8 +41,16 @@ _FLOATING = re.compile(rb"[.eE]")
 _LONG_INTEGER = re.compile(rb"[0-9]{19}")
 # An integer minus zero among floats is a plain zero, as Python's int makes it.
 _INTEGER_MINUS_ZERO = re.compile(rb"(?<![eE])-0(?![0-9.eE])")
-_TO_SPACES = bytes.maketrans(b"[],\t\n\r", b"      ")
+_TO_LINES = bytes.maketrans(b"[], \t\r", b"\n" * 6)
 _NUMBER_BYTES = b"0123456789+-.eE \t\n\r"
+_LINES = arrow_csv.ReadOptions(column_names=["value"], use_threads=False)
+_NO_QUOTES = arrow_csv.ParseOptions(delimiter="\x01", quote_char=False)
+_FLOATS, _INTEGERS = (
+    arrow_csv.ConvertOptions(
+        column_types={"value": kind}, null_values=[], quoted_strings_can_be_null=False
+    )
+    for kind in (pa.float64(), pa.int64())
+)
 _FOUND = {ord('"'): "strings", ord("t"): "booleans", ord("f"): "booleans", ord("n"): "null"}
 
 
@@ -70,7 +81,7 @@ def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[
     try:
         array = np.asarray(values)
     except ValueError:
-        raise _ragged(where) from None
+        raise ragged(where) from None
     if array.dtype.kind not in "biuf":
         if array.dtype.kind == "O":
             raise InvalidInput(
@@ -91,7 +102,7 @@ def parse_numbers(
     """A JSON array of numbers as int64 (when all are integers) or float64, as numpy makes it
     from the same values as Python lists; parsed in chunks, without Python objects."""
     chunks = list(_chunks(view, chunk_bytes))
-    skeleton: list[bytes] = []
+    skeleton = Skeleton(where)
     floating = long_integers = has_numbers = False
     for start, end in chunks:
         _check_numbers(view, start, end, where)
@@ -99,9 +110,8 @@ def parse_numbers(
         floating = floating or _FLOATING.search(text) is not None
         long_integers = long_integers or _LONG_INTEGER.search(text) is not None
         has_numbers = has_numbers or _DIGIT.search(text) is not None
-        skeleton.append(text.translate(None, _NUMBER_BYTES))
-    shape = _shape(b"".join(skeleton), has_numbers, where)
-    del skeleton
+        skeleton.feed(text.translate(None, _NUMBER_BYTES))
+    shape = skeleton.shape(has_numbers)
     if check is not None:
         check(shape)
     if long_integers and not floating:
@@ -116,24 +126,46 @@ def parse_numbers(
     out = np.empty(math.prod(shape), dtype=dtype)
     filled = 0
     for start, end in chunks:
-        text = bytes(view[start:end]).translate(_TO_SPACES)
+        text = bytes(view[start:end]).translate(_TO_LINES)
         if _DIGIT.search(text) is None:
-            continue  # numpy reads a blank text as one number
+            continue
         if floating and b"-0" in text:
-            text = _INTEGER_MINUS_ZERO.sub(b" 0", text)
-        try:
-            values = np.fromstring(text, dtype=dtype, sep=" ")
-        except ValueError:  # not expected of checked JSON numbers; still the client's input
-            raise InvalidInput(f"{where}: values must be numbers") from None
-        if floating and not np.isfinite(values).all():
-            raise InvalidInput(f"{where}: a number is out of the range of FP64")
+            text = _INTEGER_MINUS_ZERO.sub(b"\n0", text)
+        values = _parse_lines(text, dtype, where)
         if filled + values.size > out.size:
-            raise _ragged(where)
+            raise ragged(where)
         out[filled : filled + values.size] = values
         filled += values.size
     if filled != out.size:
-        raise _ragged(where)
+        raise ragged(where)
     return out.reshape(shape)
+
+
+def _parse_lines(text: bytes, dtype: np.dtype[Any], where: str) -> NDArray[Any]:
+    """Numbers one per line (blank lines between them) with Arrow's CSV reader, which parses
+    them in C++ several times faster than numpy's text parser, rounding exactly as orjson."""
+    options = _INTEGERS if dtype.kind == "i" else _FLOATS
+    try:
+        table = arrow_csv.read_csv(
+            pa.py_buffer(text),
+            read_options=_LINES,
+            parse_options=_NO_QUOTES,
+            convert_options=options,
+            # Arrow's default pool keeps what it frees for reuse; malloc's gives it back.
+            memory_pool=pa.system_memory_pool(),
+        )
+    except pa.ArrowInvalid:  # not expected of checked JSON numbers; still the client's input
+        raise InvalidInput(f"{where}: values must be numbers") from None
+    # The values' buffers as they are: Arrow's own to_numpy imports pandas, 50 MB of it.
+    chunks = [
+        np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset : chunk.offset + len(chunk)]
+        for chunk in table.column(0).chunks
+        if len(chunk)
+    ]
+    values: NDArray[Any] = np.concatenate(chunks) if chunks else np.empty(0, dtype)
+    if dtype.kind == "f" and not np.isfinite(values).all():
+        raise InvalidInput(f"{where}: a number is out of the range of FP64")
+    return values
 
 
 def _loads(view: memoryview, where: str) -> Any:
@@ -141,10 +173,6 @@ def _loads(view: memoryview, where: str) -> Any:
         return orjson.loads(view)
     except orjson.JSONDecodeError as exc:  # numbers beyond FP64, for one
         raise InvalidInput(f"{where}: {exc}") from None
-
-
-def _ragged(where: str) -> InvalidInput:
-    return InvalidInput(f"{where}: rows have different lengths (ragged data)")
 
 
 def _check_numbers(view: memoryview, start: int, end: int, where: str) -> None:
@@ -162,30 +190,3 @@ def _chunks(view: memoryview, size: int) -> Iterator[tuple[int, int]]:
         end = len(view) if boundary is None else boundary.end()
         yield start, end
         start = end
-
-
-def _shape(skeleton: bytes, has_numbers: bool, where: str) -> tuple[int, ...]:
-    """The shape of a rectangular array from its brackets and commas alone.
-
-    The shape is read off the first list at each level, then the whole skeleton is compared
-    with the one that shape makes: ragged data can never match it.
-    """
-    depth = len(skeleton) - len(skeleton.lstrip(b"["))
-    if depth > MAX_DIMENSIONS:
-        raise InvalidInput(f"{where}: data nested {depth} levels deep; at most {MAX_DIMENSIONS}")
-    first = skeleton[depth - 1 : skeleton.find(b"]") + 1]
-    width = len(first) - 1 if has_numbers else 0
-    block = b"[" + b"," * (width - 1) + b"]" if width else b"[]"
-    dims = [width]
-    for level in range(depth - 1, 0, -1):
-        # The first list at this level closes with the lists it holds first.
-        closing = depth - level + 1
-        end = skeleton.find(b"]" * closing, level - 1)
-        count, rest = divmod(end + closing - level, len(block) + 1)
-        if end < 0 or rest or count < 1:
-            raise _ragged(where)
-        block = b"".join((b"[", (block + b",") * (count - 1), block, b"]"))
-        dims.insert(0, count)
-    if block != skeleton:
-        raise _ragged(where)
-    return tuple(dims)

@@ -2,11 +2,13 @@
 
 from service.config import Settings
 from service.observability.logs import configure_logging
+from service.server.allocator import return_large_buffers
 from service.server.app import create_app
 from service.server.fastpath import InferenceMiddleware
 
 
 def app_from_environment() -> InferenceMiddleware:
+    return_large_buffers()
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     return create_app(settings)

@@ -13,8 +13,8 @@ from service.errors import Overloaded
 # Bytes a request holds per byte of body, from reading it to answering: the body, the arrays
 # decoded from it and their copy in the model's dtype. JSON numbers of four significant digits
 # take about half the room in the body that they take as float64.
-JSON_EXPANSION = 4
-BINARY_EXPANSION = 2
+JSON_EXPANSION = 8
+BINARY_EXPANSION = 6
 
 
 class MemoryBudget:

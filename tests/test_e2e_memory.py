@@ -1,0 +1,100 @@
+"""Memory under large JSON requests, measured on a real server process from /proc.
+
+The bound: a worker's resident memory grows by at most MODELSERVE_MAX_DECODING_BYTES while it
+serves requests at the body size limit, however many arrive at once; the requests over the
+budget are refused with 503 and Retry-After, and succeed when retried.
+"""
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from service.server.memory import JSON_EXPANSION
+from tests.serving import RunningServer, run_server
+
+LIMIT_BYTES = 2_000_000
+CLIENTS = 8
+# Room for two requests at the size limit at once.
+BUDGET_BYTES = 2 * LIMIT_BYTES * JSON_EXPANSION
+
+
+def body_at_the_limit() -> tuple[bytes, int]:
+    """A V2 request for the iris model just under the body limit, and its row count."""
+    rows = LIMIT_BYTES // 18
+    while True:
+        data = np.random.default_rng(0).uniform(0, 8, size=(rows, 4)).round(1)
+        tensor = {"name": "input", "shape": [rows, 4], "datatype": "FP32", "data": data.tolist()}
+        body = orjson.dumps({"inputs": [tensor]})
+        if len(body) <= LIMIT_BYTES:
+            return body, rows
+        rows -= rows // 50
+
+
+def memory_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.fixture(scope="module")
+def server(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    env = {
+        "MODELSERVE_MAX_REQUEST_BYTES": str(LIMIT_BYTES),
+        "MODELSERVE_MAX_DECODING_BYTES": str(BUDGET_BYTES),
+        "MODELSERVE_ACCESS_LOG": "false",
+    }
+    with run_server(trained_repository, tmp_path_factory.mktemp("memory"), env=env) as running:
+        yield running
+
+
+def test_concurrent_requests_at_the_size_limit_stay_within_the_budget(
+    server: RunningServer,
+) -> None:
+    body, rows = body_at_the_limit()
+    path = "/v2/models/iris/versions/1/infer"
+    headers = {"Content-Type": "application/json"}
+    pid = server.process.pid
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for _ in range(2):  # the first large request sizes the model's own buffers
+            assert client.post(path, content=body, headers=headers).status_code == 200
+    time.sleep(0.5)
+    baseline = memory_bytes(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM restarts from VmRSS
+    start = threading.Barrier(CLIENTS)
+    answers: list[int] = []
+    refusals: list[str] = []
+
+    def client_thread() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            start.wait()
+            while True:
+                response = client.post(path, content=body, headers=headers)
+                if response.status_code != 503:
+                    break
+                refusals.append(response.json()["error"])
+                time.sleep(float(response.headers["retry-after"]) / 10)
+            assert response.status_code == 200, response.text
+            outputs = {o["name"]: o for o in orjson.loads(response.content)["outputs"]}
+            answers.append(outputs["label"]["shape"][0])
+
+    threads = [threading.Thread(target=client_thread) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    growth = memory_bytes(pid, "VmHWM") - baseline
+    assert answers == [rows] * CLIENTS
+    assert refusals, "the budget never refused a request: it did not bound anything"
+    assert all("MODELSERVE_MAX_DECODING_BYTES" in message for message in refusals)
+    assert growth <= BUDGET_BYTES, f"grew by {growth / 1e6:.0f} MB"
+    # Freed buffers go back to the system.
+    assert memory_bytes(pid, "VmRSS") - baseline <= LIMIT_BYTES * 4
