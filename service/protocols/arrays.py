@@ -34,6 +34,7 @@ SMALL_BYTES = 4096
 # Integers of this many digits may not fit INT64; they are decoded as Python ints, as before.
 LONG_INTEGER_LIMIT_BYTES = 1 << 20
 
+_OPENING_BRACKET = ord("[")
 _NOT_A_NUMBER = re.compile(rb"[^0-9eE.+\-\[\],\s]")
 _SEPARATOR = re.compile(rb"[\[\],\s]")
 _DIGIT = re.compile(rb"[0-9]")
@@ -59,7 +60,7 @@ def array_from_json(
 ) -> NDArray[Any]:
     """A JSON array (nested or flat) of the given V2 datatype (None: any numbers) as an ndarray."""
     view = memoryview(raw)
-    if bytes(view[:1]) != b"[":
+    if not view or view[0] != _OPENING_BRACKET:
         raise InvalidInput(f"{where}: 'data' must be a list")
     if datatype in ("BYTES", "BOOL") or len(view) <= SMALL_BYTES:
         if datatype not in ("BYTES", "BOOL"):

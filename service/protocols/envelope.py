@@ -19,6 +19,8 @@ MAX_JSON_DEPTH = 512
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 _OBJECTS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+_OPENING_BRACE, _OPENING_BRACKET = ord("{"), ord("[")
+_NOT_AN_OBJECT = frozenset(b"[-0123456789]")
 _FIRST_ITEM_IS_OBJECT = re.compile(rb"\[\s*\{")
 
 
@@ -53,16 +55,21 @@ def objects(raw: msgspec.Raw, what: str) -> list[dict[str, msgspec.Raw]] | None:
 
 
 def is_object(raw: msgspec.Raw) -> bool:
-    return bytes(memoryview(raw)[:1]) == b"{"
+    view = memoryview(raw)
+    return bool(view) and view[0] == _OPENING_BRACE
 
 
 def is_list(raw: msgspec.Raw) -> bool:
-    return bytes(memoryview(raw)[:1]) == b"["
+    view = memoryview(raw)
+    return bool(view) and view[0] == _OPENING_BRACKET
 
 
 def starts_with_object(raw: msgspec.Raw) -> bool:
     """Whether a JSON list's first item is an object (rows keyed by name)."""
-    return _FIRST_ITEM_IS_OBJECT.match(memoryview(raw)) is not None
+    view = memoryview(raw)
+    if len(view) > 1 and view[1] in _NOT_AN_OBJECT:
+        return False
+    return _FIRST_ITEM_IS_OBJECT.match(view) is not None
 
 
 def value(raw: msgspec.Raw) -> Any:
