@@ -132,9 +132,9 @@ class Settings(BaseSettings):
     max_decoding_bytes: int = Field(
         1024 * 1024 * 1024,
         ge=1,
-        description="Memory that the inference requests being decoded at once may hold, per "
-        "worker, estimated as 4 bytes per byte of JSON body (2 for binary tensor bodies); past "
-        "it: 503 with Retry-After.",
+        description="Memory that the inference requests in flight may hold at once, per worker, "
+        "estimated as 8 bytes per byte of JSON body (6 for binary tensor bodies); past it: 503 "
+        "with Retry-After.",
     )
     request_timeout_s: float = Field(
         60.0,

@@ -110,9 +110,9 @@ def test_edge_forms_equal_python_lists(text: bytes) -> None:
 @pytest.mark.parametrize(
     ("text", "phrase"),
     [
-        (b"[true, 3.5, 1.4, 0.2]", "found booleans"),
-        (b"[[5.1, false, 1.4, 0.2]]", "found booleans"),
-        (b"[[5.1, null, 1.4, 0.2]]", "found null"),
+        (b"[true, 3.5, 1.4, 0.2]", "got booleans"),
+        (b"[[5.1, false, 1.4, 0.2]]", "got booleans"),
+        (b"[[5.1, null, 1.4, 0.2]]", "null values"),
         (b'[[5.1, "3.5", 1.4, 0.2]]', "found strings"),
         (b'[{"a": 1}]', "found objects"),
         (b"[[1, 2], [3]]", "ragged"),

@@ -44,7 +44,7 @@ def memory_bytes(pid: int, field: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(
+def memory_server(
     trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     env = {
@@ -57,13 +57,13 @@ def server(
 
 
 def test_concurrent_requests_at_the_size_limit_stay_within_the_budget(
-    server: RunningServer,
+    memory_server: RunningServer,
 ) -> None:
     body, rows = body_at_the_limit()
     path = "/v2/models/iris/versions/1/infer"
     headers = {"Content-Type": "application/json"}
-    pid = server.process.pid
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    pid = memory_server.process.pid
+    with httpx.Client(base_url=memory_server.url, timeout=60) as client:
         for _ in range(2):  # the first large request sizes the model's own buffers
             assert client.post(path, content=body, headers=headers).status_code == 200
     time.sleep(0.5)
@@ -74,7 +74,7 @@ def test_concurrent_requests_at_the_size_limit_stay_within_the_budget(
     refusals: list[str] = []
 
     def client_thread() -> None:
-        with httpx.Client(base_url=server.url, timeout=120) as client:
+        with httpx.Client(base_url=memory_server.url, timeout=120) as client:
             start.wait()
             while True:
                 response = client.post(path, content=body, headers=headers)

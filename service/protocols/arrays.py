@@ -52,7 +52,12 @@ _FLOATS, _INTEGERS = (
     )
     for kind in (pa.float64(), pa.int64())
 )
-_FOUND = {ord('"'): "strings", ord("t"): "booleans", ord("f"): "booleans", ord("n"): "null"}
+_FOUND = {
+    ord('"'): "values must be numbers; found strings",
+    ord("t"): "values must be numbers, got booleans",
+    ord("f"): "values must be numbers, got booleans",
+    ord("n"): "null values; expected a rectangle of numbers",
+}
 
 
 def array_from_json(
@@ -179,8 +184,8 @@ def _loads(view: memoryview, where: str) -> Any:
 def _check_numbers(view: memoryview, start: int, end: int, where: str) -> None:
     found = _NOT_A_NUMBER.search(view, start, end)
     if found is not None:
-        kind = _FOUND.get(found.group()[0], "objects")
-        raise InvalidInput(f"{where}: values must be numbers; found {kind}")
+        problem = _FOUND.get(found.group()[0], "values must be numbers; found objects")
+        raise InvalidInput(f"{where}: {problem}")
 
 
 def _chunks(view: memoryview, size: int) -> Iterator[tuple[int, int]]:

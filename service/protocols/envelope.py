@@ -5,6 +5,7 @@ each field as a `Raw` slice of the body: small fields are then decoded with orjs
 data by `arrays`, without ever becoming Python lists of numbers.
 """
 
+import codecs
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from service.errors import InvalidInput
 # Documents up to this depth always decode; the decoder's own limit lies somewhat beyond it.
 MAX_JSON_DEPTH = 512
 
+_UTF8_CHUNK_BYTES = 1 << 20
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 _OBJECTS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
@@ -30,6 +32,9 @@ def _too_deep() -> InvalidInput:
 
 def fields(body: bytes | bytearray | memoryview, not_an_object: str) -> dict[str, msgspec.Raw]:
     """The fields of a JSON object, undecoded; `not_an_object` is the error if it is not one."""
+    if not body:
+        raise InvalidInput("request body is not valid JSON: empty document")
+    _check_utf8(body)
     try:
         return _FIELDS.decode(body)
     except msgspec.ValidationError:
@@ -38,6 +43,25 @@ def fields(body: bytes | bytearray | memoryview, not_an_object: str) -> dict[str
         raise InvalidInput(f"request body is not valid JSON: {_reason(exc)}") from None
     except RecursionError:
         raise _too_deep() from None
+
+
+def _check_utf8(body: bytes | bytearray | memoryview) -> None:
+    """msgspec leaves what it skips unchecked: a body must be UTF-8 as a whole, as JSON is."""
+    text = body if isinstance(body, bytes | bytearray) else bytes(body)
+    if text.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(text)
+    for start in range(0, len(view), _UTF8_CHUNK_BYTES):
+        try:
+            decoder.decode(
+                view[start : start + _UTF8_CHUNK_BYTES],
+                final=start + _UTF8_CHUNK_BYTES >= len(view),
+            )
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"request body is not valid UTF-8: {exc.reason} at byte {start + exc.start}"
+            ) from None
 
 
 def objects(raw: msgspec.Raw, what: str) -> list[dict[str, msgspec.Raw]] | None:

@@ -36,7 +36,7 @@ def _rows_from_objects(model: ModelVersion, rows: list[Any]) -> list[list[Any]]:
             )
         values = [row[f] for f in features]
         if any(value.__class__ is bool for value in values):
-            raise InvalidInput(f"instances[{index}]: values must be numbers; found booleans")
+            raise InvalidInput(f"instances[{index}]: values must be numbers, got booleans")
         table.append(values)
     return table
 
