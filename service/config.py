@@ -133,8 +133,7 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024,
         ge=1,
         description="Memory that the inference requests in flight may hold at once, per worker, "
-        "estimated as 8 bytes per byte of JSON body (6 for binary tensor bodies); past it: 503 "
-        "with Retry-After.",
+        "estimated as 9 bytes per byte of body; past it: 503 with Retry-After.",
     )
     request_timeout_s: float = Field(
         60.0,

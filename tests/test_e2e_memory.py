@@ -15,13 +15,13 @@ import numpy as np
 import orjson
 import pytest
 
-from service.server.memory import JSON_EXPANSION
+from service.server.memory import EXPANSION
 from tests.serving import RunningServer, run_server
 
 LIMIT_BYTES = 2_000_000
 CLIENTS = 8
 # Room for two requests at the size limit at once.
-BUDGET_BYTES = 2 * LIMIT_BYTES * JSON_EXPANSION
+BUDGET_BYTES = 2 * LIMIT_BYTES * EXPANSION
 
 
 def body_at_the_limit() -> tuple[bytes, int]:

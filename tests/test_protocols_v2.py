@@ -9,7 +9,13 @@ import orjson
 import pytest
 
 from service.errors import InvalidInput
-from service.protocols.v2 import decode_infer_request, encode_infer_response, select_outputs
+from service.protocols.v2 import (
+    decode_infer_request,
+    encode_infer_response,
+    json_array,
+    select_outputs,
+)
+from service.server.allocator import return_large_buffers
 from service.store.registry import LoadOptions, ModelVersion, load_registry
 from service.store.runtimes import Prediction
 
@@ -190,17 +196,17 @@ def _peak_growth(decode: Any) -> int:
     return status("VmHWM") - baseline
 
 
+def _json_request(rows: int) -> bytes:
+    data = np.random.default_rng(0).uniform(0, 8, size=(rows, 4)).round(1).tolist()
+    tensor = {"name": "input", "shape": [rows, 4], "datatype": "FP32", "data": data}
+    return orjson.dumps({"inputs": [tensor]})
+
+
 def test_json_tensors_decode_in_twice_their_body_on_top_of_it() -> None:
     """A float64 array of four short numbers per row is 1.8 times the JSON it came from."""
-    rows = np.random.default_rng(0).uniform(0, 8, size=(300_000, 4)).round(1)
-    body = orjson.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": [300_000, 4], "datatype": "FP32", "data": rows.tolist()}
-            ]
-        }
-    )
-    del rows
+    return_large_buffers()  # as the server's workers do
+    decode_infer_request(_json_request(50_000), None, 1_000_000)  # the parser's one-time set-up
+    body = _json_request(1_000_000)
     growth = _peak_growth(lambda: decode_infer_request(body, None, 1_000_000))
     assert growth <= 2 * len(body), f"{growth / len(body):.1f} times the body"
 
@@ -220,3 +226,18 @@ def test_binary_tensors_decode_without_a_copy() -> None:
     body, length = binary_request(header, raw)
     growth = _peak_growth(lambda: decode_infer_request(body, length, 1_000_000))
     assert growth <= 0.2 * len(body), f"{growth / len(body):.1f} times the body"
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).random((100_000, 3), dtype=np.float32),
+        np.array([[np.nan, 1.0, np.inf]] * 40_000),
+        np.arange(300_000).reshape(100_000, 3),
+        np.ones((2, 3, 40_000)),
+    ],
+    ids=["probabilities", "non-finite", "integers", "three-dimensional"],
+)
+def test_large_arrays_written_by_blocks_of_rows_are_what_orjson_writes(array: np.ndarray) -> None:
+    want = orjson.dumps({"p": array}, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert orjson.dumps({"p": json_array(array)}, option=orjson.OPT_SERIALIZE_NUMPY) == want

@@ -270,11 +270,29 @@ def tensor_bytes(array: NDArray[Any]) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+# Values per block when a large array of several dimensions is written block by block.
+_BLOCK_VALUES = 1 << 16
+
+
 def json_array(array: NDArray[Any]) -> Any:
     """An array in a form orjson writes: natively for numbers (NaN and Infinity become null)."""
     if array.dtype.kind in "OUS" or array.dtype == np.float16:
         return array.tolist()
+    if array.ndim > 1 and array.size > _BLOCK_VALUES:
+        return _written_by_rows(array)
     return np.ascontiguousarray(array)
+
+
+def _written_by_rows(array: NDArray[Any]) -> orjson.Fragment:
+    """orjson writes an array of several dimensions through a buffer four times the size of
+    its text; written in blocks of rows and spliced in, it costs its text once more."""
+    rows = max(1, _BLOCK_VALUES * len(array) // array.size)
+    pieces = [b"["]
+    for start in range(0, len(array), rows):
+        block = np.ascontiguousarray(array[start : start + rows])
+        pieces += [orjson.dumps(block, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1], b","]
+    pieces[-1] = b"]"
+    return orjson.Fragment(b"".join(pieces))
 
 
 def labels_by_class(

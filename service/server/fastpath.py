@@ -26,7 +26,7 @@ from service.server.http import (
     read_body,
     send_response,
 )
-from service.server.memory import BINARY_EXPANSION, JSON_EXPANSION, Reservation
+from service.server.memory import Reservation
 from service.server.score import serve_score
 from service.server.state import ServiceState
 
@@ -114,8 +114,7 @@ async def _read(exchange: Exchange, reservation: Reservation) -> bytes | bytearr
 async def _infer_v2(exchange: Exchange) -> Answer:
     state, scope = exchange.state, exchange.scope
     split = header(scope, v2.HEADER_LENGTH.encode())
-    expansion = JSON_EXPANSION if split is None else BINARY_EXPANSION
-    with state.memory.reservation(expansion) as reservation:
+    with state.memory.reservation() as reservation:
         body = await _read(exchange, reservation)
         model = exchange.model = state.router.resolve(*exchange.names, _routing_key(scope))
         call = v2.decode_infer_request(body, split, state.settings.max_batch_rows)
@@ -148,7 +147,7 @@ async def _infer_v2(exchange: Exchange) -> Answer:
 
 async def _predict_v1(exchange: Exchange) -> Answer:
     state = exchange.state
-    with state.memory.reservation(JSON_EXPANSION) as reservation:
+    with state.memory.reservation() as reservation:
         body = await _read(exchange, reservation)
         model = exchange.model = state.router.resolve(
             *exchange.names, _routing_key(exchange.scope)
