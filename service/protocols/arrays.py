@@ -68,9 +68,10 @@ def array_from_json(
     if not view or view[0] != _OPENING_BRACKET:
         raise InvalidInput(f"{where}: 'data' must be a list")
     if datatype in ("BYTES", "BOOL") or len(view) <= SMALL_BYTES:
+        text = bytes(view)
         if datatype not in ("BYTES", "BOOL"):
-            _check_numbers(view, 0, len(view), where)
-        array = array_from_values(_loads(view, where), datatype, where)
+            _check_numbers(text, 0, len(text), where)
+        array = array_from_values(_loads(text, where), datatype, where)
         if check is not None:
             check(array.shape)
         return array
@@ -174,14 +175,14 @@ def _parse_lines(text: bytes, dtype: np.dtype[Any], where: str) -> NDArray[Any]:
     return values
 
 
-def _loads(view: memoryview, where: str) -> Any:
+def _loads(view: bytes | memoryview, where: str) -> Any:
     try:
         return orjson.loads(view)
     except orjson.JSONDecodeError as exc:  # numbers beyond FP64, for one
         raise InvalidInput(f"{where}: {exc}") from None
 
 
-def _check_numbers(view: memoryview, start: int, end: int, where: str) -> None:
+def _check_numbers(view: bytes | memoryview, start: int, end: int, where: str) -> None:
     found = _NOT_A_NUMBER.search(view, start, end)
     if found is not None:
         problem = _FOUND.get(found.group()[0], "values must be numbers; found objects")

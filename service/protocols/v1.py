@@ -52,7 +52,8 @@ def decode_predict_request(
     if unknown or len(request) != 1:
         raise InvalidInput('the request body must have exactly one of "instances" or "inputs"')
     rows = next(iter(request.values()))
-    if not envelope.is_list(rows):
+    keyed = envelope.first_item_is_object(rows)
+    if keyed is None:
         raise InvalidInput('"instances" must be a list of rows')
     if len(model.signature.inputs) != 1:
         raise InvalidInput(f"model {model.name!r} takes several inputs; use the V2 protocol")
@@ -63,7 +64,7 @@ def decode_predict_request(
         if count > max_rows:
             raise PayloadTooLarge(f"instances: {count} rows is more than the limit of {max_rows}")
 
-    if envelope.starts_with_object(rows):
+    if keyed:
         table = _rows_from_objects(model, envelope.value(rows))
         array = array_from_values(table, None, "instances")
         check(array.shape)

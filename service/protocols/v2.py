@@ -2,6 +2,7 @@
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,8 @@ def decode_bytes_elements(raw: memoryview, count: int, where: str) -> NDArray[An
     return np.asarray(items, dtype=object)
 
 
-def _field(tensor: dict[str, msgspec.Raw], key: str, default: Any = None) -> Any:
-    raw = tensor.get(key)
+def _field(fields: Mapping[str, envelope.Field], key: str, default: Any = None) -> Any:
+    raw = fields.get(key)
     return default if raw is None else envelope.value(raw)
 
 
@@ -193,9 +194,11 @@ def decode_infer_request(
                 f"Inference-Header-Content-Length {split} is outside the body of {len(view)} bytes"
             )
         json_part, binary = view[:split], view[split:]
-    request = envelope.fields(json_part, "the request body must be a JSON object")
+    request = envelope.fields_and_objects(json_part, "the request body must be a JSON object")
     _check_keys(request, _REQUEST_KEYS, "request", _IGNORED_REQUEST_KEYS)
-    inputs = envelope.objects(request["inputs"], "inputs") if "inputs" in request else None
+    inputs = request.get("inputs")
+    if isinstance(inputs, msgspec.Raw):
+        inputs = envelope.objects(inputs, "inputs")
     if not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     tensors: dict[str, NDArray[Any]] = {}

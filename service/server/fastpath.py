@@ -149,9 +149,7 @@ async def _predict_v1(exchange: Exchange) -> Answer:
     state = exchange.state
     with state.memory.reservation() as reservation:
         body = await _read(exchange, reservation)
-        model = exchange.model = state.router.resolve(
-            *exchange.names, _routing_key(exchange.scope)
-        )
+        model = exchange.model = state.router.resolve(*exchange.names, _routing_key(exchange.scope))
         tensors = v1.decode_predict_request(model, body, state.settings.max_batch_rows)
         del body
         exchange.rows = _rows(tensors)
