@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
+from service.observability.drift import DriftWatch
 from service.observability.exposition import (
     exposition_registry,
     multiprocess_directory,
@@ -109,6 +110,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 settings.max_batch_rows,
                 settings.max_queue_requests,
                 settings.shadow_max_pending,
+                DriftWatch(metrics, settings.drift_window_rows, settings.drift_max_features)
+                if settings.drift_window_rows
+                else None,
             ),
         )
         app.state.service = state
