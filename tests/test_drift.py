@@ -27,7 +27,8 @@ def one_feature_profile() -> Profile:
 def test_a_batch_is_binned_counted_and_compared_by_hand() -> None:
     window = Window(one_feature_profile(), max_features=50, window_rows=100)
     batch = np.array([[0.5], [1.5], [1.5], [2.5], [5.0], [np.nan]], dtype=np.float32)
-    window.add(window.counts(batch, NO_OUTPUTS)[0], len(batch))
+    window.record(batch, NO_OUTPUTS)
+    window.flush()
     feature = window.report("m", 1).features[0]
     # Five present values: 0.5 | 1.5 1.5 | 2.5 5.0 ; 5.0 is above the max; one is missing.
     assert feature.live_shares == pytest.approx([0.2, 0.4, 0.4])
@@ -38,15 +39,33 @@ def test_a_batch_is_binned_counted_and_compared_by_hand() -> None:
     assert feature.psi == pytest.approx(by_hand)
 
 
+def test_a_large_batch_is_counted_as_its_rows_one_by_one(iris_v1: ModelVersion) -> None:
+    rows = np.random.default_rng(0).normal(4.0, 2.0, size=(1000, 4)).astype(np.float32)
+    rows[::7, 1] = np.nan
+    prediction = Prediction({}, np.arange(1000, dtype=np.intp) % 3)
+    profile = iris_v1.profile
+    assert profile is not None
+    at_once = Window(profile, max_features=50, window_rows=10_000)
+    one_by_one = Window(profile, max_features=50, window_rows=10_000)
+    at_once.record(rows, prediction)
+    for i in range(len(rows)):
+        one_by_one.record(rows[i : i + 1], prediction.rows(i, i + 1))
+    one_by_one.flush()
+    assert at_once.report("iris", 1) == one_by_one.report("iris", 1)
+    assert at_once.report("iris", 1).features[1].missing == 143
+
+
 def test_the_window_forgets_the_oldest_rows() -> None:
     window = Window(one_feature_profile(), max_features=50, window_rows=100)
     low = np.full((10, 1), 0.5, dtype=np.float32)
     high = np.full((10, 1), 2.5, dtype=np.float32)
     for _ in range(BLOCKS):
-        window.add(window.counts(low, NO_OUTPUTS)[0], 10)
+        window.record(low, NO_OUTPUTS)
+    window.flush()
     assert window.report("m", 1).features[0].live_shares == pytest.approx([1.0, 0.0, 0.0])
     for _ in range(BLOCKS):
-        window.add(window.counts(high, NO_OUTPUTS)[0], 10)
+        window.record(high, NO_OUTPUTS)
+    window.flush()
     report = window.report("m", 1)
     assert report.window_rows <= 100
     assert report.features[0].live_shares == pytest.approx([0.0, 0.0, 1.0])

@@ -3,8 +3,11 @@
 Per batch the cost is a few array operations, whatever the number of features: every value is
 compared with its feature's edges at once (a feature's bin is how many of its edges are at or
 below the value), and one `np.bincount` counts the bins of every feature and of the predictions.
-The window is a ring of BLOCKS blocks of counts; the oldest block leaves as a new one fills, so
-the window holds the last `window_rows` rows, give or take a block. Each worker keeps its own.
+Small batches are first copied to a buffer and binned together once it fills, at a scrape, or at
+the first request a second after the last binning, so a single row costs little more than a
+copy. The window is a ring of BLOCKS blocks of counts; the oldest block leaves as a new one
+fills, so the window holds the last `window_rows` rows, give or take a block. Each worker keeps
+its own.
 """
 
 import threading
@@ -26,6 +29,9 @@ from service.store.runtimes import Arrays, Prediction
 BLOCKS = 10
 # The PSI gauges follow the window at most this often per version (and at every scrape).
 REFRESH_S = 1.0
+# Rows gathered before binning; up to this many rows are compared with all edges at once.
+PENDING_ROWS = 256
+BROADCAST_ROWS = 256
 
 
 class Window:
@@ -40,17 +46,18 @@ class Window:
         self.edges = np.full((count, width), np.inf)
         for i, feature in enumerate(self.features):
             self.edges[i, : len(feature.edges)] = feature.edges
+        self.edges_by_column = self.edges.T[:, :, None].copy()  # edge k of every feature
         self.low = np.array([np.nan if f.min is None else f.min for f in self.features])
         self.high = np.array([np.nan if f.max is None else f.max for f in self.features])
+        self.low_column, self.high_column = self.low[:, None], self.high[:, None]
         self.missing_slot = width + 1
         self.slots = width + 2  # per feature: its bins, then missing values
         self.offsets = np.arange(count) * self.slots
         prediction = profile.prediction
         self.classes = prediction.classes if prediction else None
         self.prediction_edges = np.asarray(prediction.edges if prediction else [], dtype=np.float64)
-        prediction_slots = 0
-        if prediction is not None:
-            prediction_slots = len(self.classes) + 1 if self.classes else len(prediction.shares)
+        # Its bins or classes, then one for what fits none (an unknown label, NaN).
+        prediction_slots = len(prediction.shares) + 1 if prediction else 0
         self.prediction_at = count * self.slots
         self.out_of_range_at = self.prediction_at + prediction_slots
         self.size = self.out_of_range_at + count
@@ -61,28 +68,87 @@ class Window:
         self.current_rows = 0
         self.total = np.zeros(self.size, dtype=np.int64)
         self.rows = 0
+        # Small batches wait here and are binned together: a single row costs a copy.
+        self.pending_limit = min(PENDING_ROWS, self.block_rows)
+        self.pending = np.empty((self.pending_limit, count), dtype=np.float64)
+        self.pending_predicted = np.empty(self.pending_limit, dtype=np.float64)
+        self.pending_rows = 0
         self.lock = threading.Lock()
 
-    def counts(
-        self, matrix: NDArray[Any], prediction: Prediction
-    ) -> tuple[NDArray[np.int64], NDArray[np.bool_], NDArray[np.bool_]]:
-        """One batch's counts (bins, missing, predictions, out of range) and its masks."""
-        values = matrix[:, : len(self.features)]
-        with np.errstate(invalid="ignore"):
-            bins = (values[:, :, None] >= self.edges).sum(axis=2)
-            outside = (values < self.low) | (values > self.high)
-        missing = np.isnan(values)
-        if missing.any():
-            bins[missing] = self.missing_slot
-        index = (bins + self.offsets).ravel()
-        predicted = self._prediction_slots(prediction)
-        if predicted is not None:
-            index = np.concatenate((index, predicted + self.prediction_at))
-        counts = np.bincount(index, minlength=self.size)
-        counts[self.out_of_range_at :] = outside.sum(axis=0)
-        return counts, outside, missing
+    def record(self, matrix: NDArray[Any], prediction: Prediction) -> NDArray[np.int64] | None:
+        """Count a batch: a large one at once, small ones once `pending_limit` rows gathered.
 
-    def _prediction_slots(self, prediction: Prediction) -> NDArray[np.intp] | None:
+        Returns the counts binned by this call, if any, for the counters.
+        """
+        rows = len(matrix)
+        values = matrix[:, : len(self.features)]
+        predicted = self._predicted(prediction)
+        with self.lock:
+            binned = self._flush() if rows > self.pending_limit - self.pending_rows else None
+            if rows > self.pending_limit // 2:
+                counts = self._bin(values, predicted)
+                self._add(counts, rows)
+                return counts if binned is None else counts + binned
+            start = self.pending_rows
+            self.pending[start : start + rows] = values
+            if predicted is not None:
+                self.pending_predicted[start : start + rows] = predicted
+            self.pending_rows = start + rows
+            return binned
+
+    def flush(self) -> NDArray[np.int64] | None:
+        """Bin the rows still pending; their counts, if there were any."""
+        with self.lock:
+            return self._flush()
+
+    def _flush(self) -> NDArray[np.int64] | None:
+        rows = self.pending_rows
+        if not rows:
+            return None
+        predicted = self.pending_predicted[:rows] if self.profile.prediction else None
+        counts = self._bin(self.pending[:rows], predicted)
+        self._add(counts, rows)
+        self.pending_rows = 0
+        return counts
+
+    def _bin(self, values: NDArray[Any], predicted: NDArray[Any] | None) -> NDArray[np.int64]:
+        """One batch's counts: bins and missing values per feature, predictions, out of range."""
+        if len(values) > BROADCAST_ROWS:
+            counts = self._bin_large(values)
+        else:  # every row, feature and edge compared at once, one bincount for every bin
+            bins = (values[:, :, None] >= self.edges).sum(axis=2)
+            missing = np.isnan(values)
+            if missing.any():
+                bins[missing] = self.missing_slot
+            counts = np.bincount((bins + self.offsets).ravel(), minlength=self.size)
+            outside = (values < self.low) | (values > self.high)
+            counts[self.out_of_range_at :] = np.count_nonzero(outside, axis=0)
+        if predicted is not None:
+            start, end = self.prediction_at, self.out_of_range_at
+            slots = self._prediction_slots(predicted)
+            counts[start:end] += np.bincount(slots, minlength=end - start)
+        return counts
+
+    def _bin_large(self, values: NDArray[Any]) -> NDArray[np.int64]:
+        """The same counts, one pass per edge along each feature's values (features by rows):
+        a bin's count is how many values reach its lower edge less how many reach its upper."""
+        values = np.ascontiguousarray(values.T, dtype=np.float64)
+        features, rows = values.shape
+        missing = np.count_nonzero(np.isnan(values), axis=1)
+        reached = np.zeros((self.slots, features), dtype=np.int64)  # NaN reaches no edge
+        reached[0] = rows - missing
+        for k, column in enumerate(self.edges_by_column, start=1):
+            reached[k] = np.count_nonzero(values >= column, axis=1)
+        counts = np.zeros(self.size, dtype=np.int64)
+        per_feature = counts[: self.prediction_at].reshape(features, self.slots)
+        per_feature[:, : self.missing_slot] = (reached[:-1] - reached[1:]).T
+        per_feature[:, self.missing_slot] = missing
+        outside = (values < self.low_column) | (values > self.high_column)
+        counts[self.out_of_range_at :] = np.count_nonzero(outside, axis=1)
+        return counts
+
+    def _predicted(self, prediction: Prediction) -> NDArray[Any] | None:
+        """What the window keeps of a prediction: class positions, or predicted values."""
         if self.classes:
             if prediction.label_index is not None:
                 return prediction.label_index.reshape(-1)
@@ -90,23 +156,30 @@ class Window:
         if self.profile.prediction is not None:
             values = prediction_column(prediction.outputs)
             if values.dtype.kind in "fiu":
-                return bin_index(self.prediction_edges, values)
+                return values
+            return np.full(len(values), np.nan)
         return None
 
-    def add(self, counts: NDArray[np.int64], rows: int) -> None:
-        with self.lock:
-            self.current += counts
-            self.total += counts
-            self.current_rows += rows
-            self.rows += rows
-            if self.current_rows >= self.block_rows:
-                self.blocks.append((self.current, self.current_rows))
-                self.current = np.zeros(self.size, dtype=np.int64)
-                self.current_rows = 0
-                if len(self.blocks) >= BLOCKS:
-                    oldest, oldest_rows = self.blocks.popleft()
-                    self.total -= oldest
-                    self.rows -= oldest_rows
+    def _prediction_slots(self, predicted: NDArray[np.float64]) -> NDArray[np.intp]:
+        if self.classes:
+            return predicted.astype(np.intp)
+        # Values that are not numbers count in no bin: past the last one, where nothing reads.
+        slots = bin_index(self.prediction_edges, predicted)
+        return np.where(np.isnan(predicted), len(self.prediction_edges) + 1, slots)
+
+    def _add(self, counts: NDArray[np.int64], rows: int) -> None:
+        self.current += counts
+        self.total += counts
+        self.current_rows += rows
+        self.rows += rows
+        if self.current_rows >= self.block_rows:
+            self.blocks.append((self.current, self.current_rows))
+            self.current = np.zeros(self.size, dtype=np.int64)
+            self.current_rows = 0
+            if len(self.blocks) >= BLOCKS:
+                oldest, oldest_rows = self.blocks.popleft()
+                self.total -= oldest
+                self.rows -= oldest_rows
 
     def report(self, name: str, version: int) -> VersionDrift:
         with self.lock:
@@ -177,21 +250,31 @@ class VersionWatch:
         self._refreshed = 0.0
 
     def observe(self, matrix: NDArray[Any], prediction: Prediction) -> None:
-        counts, outside, missing = self.window.counts(matrix, prediction)
-        self.window.add(counts, len(matrix))
-        if outside.any():
-            for i in np.flatnonzero(outside.any(axis=0)):
-                self._out_of_range[i].inc(int(outside[:, i].sum()))
-        if missing.any():
-            for i in np.flatnonzero(missing.any(axis=0)):
-                self._missing[i].inc(int(missing[:, i].sum()))
+        binned = self.window.record(matrix, prediction)
+        if binned is not None:
+            self._count(binned)
         now = time.monotonic()
         if now - self._refreshed >= REFRESH_S:
             self._refreshed = now
             self.refresh()
 
+    def _count(self, binned: NDArray[np.int64]) -> None:
+        window = self.window
+        outside = binned[window.out_of_range_at :]
+        for i in np.flatnonzero(outside):
+            self._out_of_range[i].inc(int(outside[i]))
+        missing = binned[window.offsets + window.missing_slot]
+        for i in np.flatnonzero(missing):
+            self._missing[i].inc(int(missing[i]))
+
+    def report(self) -> VersionDrift:
+        binned = self.window.flush()
+        if binned is not None:
+            self._count(binned)
+        return self.window.report(self.model.name, self.model.version)
+
     def refresh(self) -> None:
-        report = self.window.report(self.model.name, self.model.version)
+        report = self.report()
         for gauge, feature in zip(self._psi, report.features, strict=True):
             if feature.psi is not None:
                 gauge.set(feature.psi)
@@ -246,7 +329,7 @@ class DriftWatch:
                 f"model {model.name!r} version {model.version}: its reference profile does not "
                 "match its input (one matrix with a column per profiled feature)"
             )
-        return watch.window.report(model.name, model.version)
+        return watch.report()
 
     def refresh(self) -> None:
         """Bring every PSI gauge of this worker up to its window (before a scrape)."""
