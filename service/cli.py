@@ -115,6 +115,8 @@ def _package(args: argparse.Namespace) -> int:
             allow_nan=args.allow_nan,
             allow_signature_change=args.allow_signature_change,
         )
+        if args.data is not None:
+            _store_training_rows(packaged.folder, args.data)
     except ServiceError as exc:
         return _fail(exc.message)
     except OSError as exc:
@@ -123,6 +125,18 @@ def _package(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"packaged {args.artifact} as {packaged.folder}")
     return 0
+
+
+def _store_training_rows(folder: Path, data: Path) -> None:
+    """A reference sample and a reference profile of a packaged version, from `data`."""
+    from service.store.metadata import ArtifactMetadata
+    from service.store.profiles import profile_version
+    from service.store.samples import read_sample_file, store_reference_sample
+
+    metadata = ArtifactMetadata.read(folder / "metadata.json")
+    matrix = read_sample_file(data, metadata.features, metadata.allow_nan)
+    store_reference_sample(folder, matrix)
+    profile_version(folder, matrix, Settings().allow_unverified_pickle)
 
 
 def _fail(message: str) -> int:
@@ -418,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept an input name or feature count that differs from the model's other "
         "versions (clients of the default version or an alias will see the change)",
+    )
+    package.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="training rows (a CSV or Parquet file with the feature columns): stored as the "
+        "version's reference sample and reference profile (what drift is measured against)",
     )
     package.set_defaults(run=_package)
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from service.errors import ModelNotFound
 from service.observability.drift import BLOCKS, DriftWatch, Window
 from service.observability.metrics import create_metrics
-from service.store.profiles import FeatureProfile, Profile
+from service.store.profiles import FeatureProfile, PredictionProfile, Profile
 from service.store.registry import LoadOptions, ModelVersion, load_version
 from service.store.runtimes import Prediction
 from tests.test_profiles import iris_training_rows
@@ -145,3 +145,17 @@ def test_a_version_without_a_profile_names_the_command_that_writes_one(
     bare = dataclasses.replace(iris_v1, profile=None)
     with pytest.raises(ModelNotFound, match=r"no reference profile.*modelserve profile iris:1"):
         watch.report(bare)
+
+
+def test_a_regressors_predictions_are_binned_on_its_prediction_edges() -> None:
+    reference = PredictionProfile(edges=[10.0], shares=[0.5, 0.5], min=0.0, max=20.0)
+    profile = one_feature_profile().model_copy(update={"prediction": reference})
+    window = Window(profile, max_features=50, window_rows=100)
+    values = np.array([1.0, 2.0, 3.0, 15.0], dtype=np.float32)
+    window.record(np.ones((4, 1), np.float32), Prediction({"prediction": values}))
+    window.flush()
+    drift = window.report("reg", 1).prediction
+    assert drift is not None
+    assert drift.live_shares == pytest.approx([0.75, 0.25])
+    by_hand = (0.75 - 0.5) * math.log(0.75 / 0.5) + (0.25 - 0.5) * math.log(0.25 / 0.5)
+    assert drift.psi == pytest.approx(by_hand)

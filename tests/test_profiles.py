@@ -5,9 +5,13 @@ import math
 import shutil
 from pathlib import Path
 
+import joblib
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_iris
+from sklearn.linear_model import Ridge
 from sklearn.model_selection import train_test_split
 
 from service.cli import main
@@ -134,3 +138,28 @@ def test_the_profile_command_names_a_missing_feature_column(
     )
     assert code == 1
     assert "lacks the feature column 'petal_width'" in capsys.readouterr().err
+
+
+def test_package_with_data_profiles_a_regressor_on_its_predictions(tmp_path: Path) -> None:
+    rows = np.random.default_rng(0).normal(size=(400, 3))
+    artifact = tmp_path / "reg.joblib"
+    model = Ridge().fit(rows, rows @ [1.0, 2.0, 3.0])
+    joblib.dump(model, artifact)
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"a": rows[:, 0], "b": rows[:, 1], "c": rows[:, 2]}), data)
+    repository = tmp_path / "models"
+    args = ["package", str(artifact), "--name", "reg", "--features", "a,b,c"]
+    assert main([*args, "--model-repository", str(repository), "--data", str(data)]) == 0
+    loaded = load_version("reg", 1, repository / "reg" / "1", LoadOptions(), (0, 0.0))
+    assert loaded.profile is not None
+    assert loaded.profile.rows == 400
+    prediction = loaded.profile.prediction
+    assert prediction is not None
+    assert prediction.classes is None
+    predicted = model.predict(rows.astype(np.float32))
+    assert len(prediction.edges) == 9
+    assert prediction.shares == pytest.approx([0.1] * 10, abs=0.01)
+    assert prediction.min == pytest.approx(predicted.min(), rel=1e-4)
+    assert prediction.max == pytest.approx(predicted.max(), rel=1e-4)
+    metadata = ArtifactMetadata.read(repository / "reg" / "1" / "metadata.json")
+    assert metadata.reference_sample is not None
