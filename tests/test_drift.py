@@ -1,5 +1,7 @@
 """Live drift windows: counts and PSI by hand, the sliding window, the metrics it feeds."""
 
+import asyncio
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.errors import ModelNotFound
-from service.observability.drift import BLOCKS, DriftWatch, Window
+from service.observability.drift import BLOCKS, REFRESH_S, DriftWatch, Window
 from service.observability.metrics import create_metrics
 from service.store.profiles import FeatureProfile, PredictionProfile, Profile
 from service.store.registry import LoadOptions, ModelVersion, load_version
@@ -159,3 +161,20 @@ def test_a_regressors_predictions_are_binned_on_its_prediction_edges() -> None:
     assert drift.live_shares == pytest.approx([0.75, 0.25])
     by_hand = (0.75 - 0.5) * math.log(0.75 / 0.5) + (0.25 - 0.5) * math.log(0.25 / 0.5)
     assert drift.psi == pytest.approx(by_hand)
+
+
+def test_rows_waiting_in_the_buffer_are_counted_within_a_second(iris_v1: ModelVersion) -> None:
+    registry = CollectorRegistry()
+    watch = DriftWatch(create_metrics(registry), window_rows=10_000, max_features=50)
+    row = iris_training_rows()[:1].copy()
+    row[0, 2] = 100.0
+    watch.observe(iris_v1, {"input": row}, iris_v1.runtime.predict({"input": row}))
+    labels = {"model": "iris", "version": "1", "feature": "petal_length"}
+    assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == 0
+
+    async def idle() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.keep_fresh(), REFRESH_S * 1.5)
+
+    asyncio.run(idle())
+    assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == 1

@@ -2,6 +2,7 @@
 in GET …/drift, for online inference and :score alike."""
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.scrape import scrape, total
-from tests.serving import RunningServer, run_server
+from tests.serving import RunningServer, run_server, wait_for
 from tests.test_profiles import IRIS_FEATURES, iris_training_rows
 
 pytestmark = pytest.mark.e2e
@@ -141,3 +142,39 @@ def test_a_version_without_a_profile_is_a_404_that_names_the_command(
     assert response.status_code == 404
     assert "no reference profile" in response.json()["error"]
     assert "modelserve profile iris:1 --data FILE" in response.json()["error"]
+
+
+def test_two_workers_each_report_drift_and_count_every_value(
+    iris_repository: Path, tmp_path: Path
+) -> None:
+    rows = iris_training_rows()
+    shifted = rows.copy()
+    shifted[:, IRIS_FEATURES.index("petal_length")] += 3.0
+    with run_server(iris_repository, tmp_path, args=("--workers", "2")) as running:
+        wait_for(lambda: running.output().count("Application startup complete") >= 2)
+
+        # Every request holds all the rows, so each worker's window has the training
+        # distribution (shifted), however the requests are spread; a fresh connection each.
+        outside = shifted[shifted[:, 2] > rows[:, 2].max()]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: infer(running.url, "1", shifted), range(10)))
+            # Single rows wait in a worker's buffer: counted within a second even if that
+            # worker gets no other request and answers no scrape.
+            list(pool.map(lambda i: infer(running.url, "1", outside[i : i + 1]), range(20)))
+        beyond = 10 * len(outside) + 20
+        # Each worker bins its pending rows within a second, idle or not.
+        wait_for(
+            lambda: (
+                total(
+                    scrape(running.url),
+                    "modelserve_feature_out_of_range_total",
+                    feature="petal_length",
+                )
+                == beyond
+            ),
+            timeout=10,
+            what="every out-of-range value counted",
+        )
+        psi = psi_of(running.url, "1")
+    assert psi["petal_length"] > 0.25, psi
+    assert all(psi[name] < 0.1 for name in IRIS_FEATURES if name != "petal_length"), psi

@@ -1,17 +1,16 @@
 """Live drift: each version's recent rows binned on its reference profile's edges, and their PSI.
 
-Per batch the cost is a few array operations, whatever the number of features: every value is
-compared with its feature's edges at once (a feature's bin is how many of its edges are at or
-below the value), and one `np.bincount` counts the bins of every feature and of the predictions.
-Small batches are first copied to a buffer and binned together once it fills, at a scrape, or at
-the first request a second after the last binning, so a single row costs little more than a
-copy. The window is a ring of BLOCKS blocks of counts; the oldest block leaves as a new one
-fills, so the window holds the last `window_rows` rows, give or take a block. Each worker keeps
-its own.
+A small batch is copied to a buffer, binned with the rows gathered there once it fills, at a
+scrape or within a second (`keep_fresh`): a single row costs little more than the copy. A batch
+is binned in a few array operations whatever the number of features: a value's bin is how many
+of its feature's edges are at or below it, and one `np.bincount` counts the bins of every
+feature (or, for a large batch, one pass per edge counts the values that reach it). The window
+is a ring of BLOCKS blocks of counts; the oldest block leaves as a new one fills, so the window
+holds the last `window_rows` rows, give or take a block. Each worker keeps its own.
 """
 
+import asyncio
 import threading
-import time
 import weakref
 from collections import deque
 from typing import Any
@@ -27,7 +26,8 @@ from service.store.registry import ModelVersion
 from service.store.runtimes import Arrays, Prediction
 
 BLOCKS = 10
-# The PSI gauges follow the window at most this often per version (and at every scrape).
+# How often a worker bins its pending rows and brings its gauges up to its windows (and at
+# every scrape it answers), so a worker that falls idle still reports the rows it saw.
 REFRESH_S = 1.0
 # Rows gathered before binning; up to this many rows are compared with all edges at once.
 PENDING_ROWS = 256
@@ -247,16 +247,11 @@ class VersionWatch:
         self._prediction_psi = metrics.prediction_psi.labels(*labels)
         self._out_of_range = [metrics.feature_out_of_range.labels(*labels, n) for n in names]
         self._missing = [metrics.feature_missing.labels(*labels, n) for n in names]
-        self._refreshed = 0.0
 
     def observe(self, matrix: NDArray[Any], prediction: Prediction) -> None:
         binned = self.window.record(matrix, prediction)
         if binned is not None:
             self._count(binned)
-        now = time.monotonic()
-        if now - self._refreshed >= REFRESH_S:
-            self._refreshed = now
-            self.refresh()
 
     def _count(self, binned: NDArray[np.int64]) -> None:
         window = self.window
@@ -331,8 +326,13 @@ class DriftWatch:
             )
         return watch.report()
 
+    async def keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            self.refresh()
+
     def refresh(self) -> None:
-        """Bring every PSI gauge of this worker up to its window (before a scrape)."""
+        """Bin the pending rows and bring every gauge of this worker up to its windows."""
         with self._lock:
             watches = [w for w in self._watches.values() if w is not None]
         for watch in watches:

@@ -134,6 +134,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
         if settings.repository_poll_s > 0:
             watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
+        if state.router.drift is not None:
+            watches.append(asyncio.create_task(state.router.drift.keep_fresh()))
         try:
             yield
         finally:
