@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.prometheus import run_prometheus
 from tests.scrape import scrape, total
 from tests.serving import RunningServer, run_server, wait_for
 from tests.test_profiles import IRIS_FEATURES, iris_training_rows
@@ -178,3 +179,30 @@ def test_two_workers_each_report_drift_and_count_every_value(
         psi = psi_of(running.url, "1")
     assert psi["petal_length"] > 0.25, psi
     assert all(psi[name] < 0.1 for name in IRIS_FEATURES if name != "petal_length"), psi
+
+
+def test_prometheus_sees_exactly_the_shifted_features_drift(
+    iris_repository: Path, tmp_path: Path
+) -> None:
+    rows = iris_training_rows()
+    shifted = rows.copy()
+    for name in SHIFTED:
+        shifted[:, IRIS_FEATURES.index(name)] += 3.0
+    with run_server(iris_repository, tmp_path) as running:
+        infer(running.url, "1", rows)
+        infer(running.url, "2", shifted)
+        target = running.url.removeprefix("http://")
+        with run_prometheus(target, tmp_path) as prometheus:
+            psi = 'modelserve_feature_drift_psi{model="iris"}'
+
+            def scraped() -> bool:
+                return len(prometheus.query(psi)) == 8
+
+            wait_for(scraped, timeout=30, what="drift series scraped")
+            drifted = prometheus.query(f"max by (version, feature) ({psi}) > 0.25")
+            steady = prometheus.query(f"{psi} < 0.1")
+    found = {(r["metric"]["version"], r["metric"]["feature"]) for r in drifted}
+    assert found == {("2", name) for name in SHIFTED}
+    assert {(r["metric"]["version"], r["metric"]["feature"]) for r in steady} == {
+        ("1", name) for name in IRIS_FEATURES
+    } | {("2", name) for name in IRIS_FEATURES if name not in SHIFTED}
