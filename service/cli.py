@@ -1,4 +1,4 @@
-"""modelserve serve | score | validate | package | convert | route: the command line."""
+"""modelserve serve | score | validate | package | convert | route | profile: the command line."""
 
 import argparse
 import logging
@@ -68,6 +68,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from service.store.profiles import profile_problem
     from service.store.registry import load_registry
     from service.store.samples import sample_problem
 
@@ -80,10 +81,11 @@ def _validate(args: argparse.Namespace) -> int:
         for number, model in sorted(entry.versions.items()):
             notes = f" ({'; '.join(model.warnings)})" if model.warnings else ""
             print(f"ok    {name}:{number} {model.format} sha256={model.sha256[:12]}{notes}")
-            problem = model.metadata and sample_problem(model.artifact.parent, model.metadata)
-            if problem:
-                problems += 1
-                print(f"FAIL  {name}:{number} reference sample: {problem}")
+            for what, check in (("reference sample", sample_problem), ("profile", profile_problem)):
+                problem = model.metadata and check(model.artifact.parent, model.metadata)
+                if problem:
+                    problems += 1
+                    print(f"FAIL  {name}:{number} {what}: {problem}")
         for number, failure in sorted(entry.failures.items()):
             problems += 1
             print(f"FAIL  {name}:{number} {failure.reason}: {failure.message}")
@@ -113,6 +115,8 @@ def _package(args: argparse.Namespace) -> int:
             allow_nan=args.allow_nan,
             allow_signature_change=args.allow_signature_change,
         )
+        if args.data is not None:
+            _store_training_rows(packaged.folder, args.data)
     except ServiceError as exc:
         return _fail(exc.message)
     except OSError as exc:
@@ -146,10 +150,62 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_training_rows(folder: Path, data: Path) -> None:
+    """A reference sample and a reference profile of a packaged version, from `data`."""
+    from service.store.metadata import ArtifactMetadata
+    from service.store.profiles import profile_version
+    from service.store.samples import read_sample_file, store_reference_sample
+
+    metadata = ArtifactMetadata.read(folder / "metadata.json")
+    matrix = read_sample_file(data, metadata.features, metadata.allow_nan)
+    store_reference_sample(folder, matrix)
+    profile_version(folder, matrix, Settings().allow_unverified_pickle)
+
+
 def _fail(message: str) -> int:
     """One `error:` line, whatever the message held (an exporter's error may span lines)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 1
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from service.errors import InvalidInput, ModelNotFound, ServiceError
+    from service.store.conversion import resolve_version
+    from service.store.metadata import ArtifactMetadata
+    from service.store.profiles import profile_version
+    from service.store.repository import model_dir
+    from service.store.samples import read_sample_file
+
+    settings = Settings()
+    root = args.model_repository or settings.model_repository
+    name, _, version = args.model.partition(":")
+    if not version:
+        print(
+            "error: name the version to profile: MODEL:VERSION (a number or alias)", file=sys.stderr
+        )
+        return 2
+    try:
+        folder = model_dir(root, name)
+        if not folder.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in {root}")
+        version_dir = folder / str(resolve_version(folder, version))
+        if not (version_dir / "metadata.json").is_file():
+            raise InvalidInput(f"{version_dir} has no metadata.json; package the artifact first")
+        metadata = ArtifactMetadata.read(version_dir / "metadata.json")
+        if not metadata.features:
+            raise InvalidInput(
+                f"{version_dir}/metadata.json declares no feature names; repackage with --features"
+            )
+        matrix = read_sample_file(args.data, metadata.features, metadata.allow_nan)
+        info = profile_version(version_dir, matrix, settings.allow_unverified_pickle)
+    except ServiceError as exc:
+        print(f"error: {' '.join(exc.message.split())}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"profiled {name}:{version_dir.name} on {info.rows} rows: {version_dir / info.file}")
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -401,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept an input name or feature count that differs from the model's other "
         "versions (clients of the default version or an alias will see the change)",
     )
+    package.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="training rows (a CSV or Parquet file with the feature columns): stored as the "
+        "version's reference sample and reference profile (what drift is measured against)",
+    )
     package.set_defaults(run=_package)
 
     route = commands.add_parser(
@@ -497,6 +560,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
     )
     sign.set_defaults(run=_sign)
+
+    profile = commands.add_parser(
+        "profile",
+        help="write a version's reference profile (what live drift is measured against)",
+        description="Bin each feature of a sample of training rows at its deciles, note the "
+        "share of missing values, min and max, and the model's predicted class shares "
+        "(classifiers) or prediction deciles (regressors); write them beside the artifact as "
+        "profile.json, with its sha256 in metadata.json. Training writes it for the examples.",
+    )
+    profile.add_argument(
+        "model", metavar="MODEL:VERSION", help="the version to profile: a number or an alias"
+    )
+    profile.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="a CSV or Parquet file with the feature columns (other columns are ignored)",
+    )
+    profile.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+    profile.set_defaults(run=_profile)
     return parser
 
 

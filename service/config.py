@@ -170,6 +170,18 @@ class Settings(BaseSettings):
         description="Shadow requests that may be in flight per version pair; past it they are "
         "dropped (and counted), so a slow shadow never slows the primary.",
     )
+    drift_window_rows: int = Field(
+        10_000,
+        ge=0,
+        description="Rows per version (per worker) over which live drift is measured against "
+        "the version's reference profile; 0: no drift measured.",
+    )
+    drift_max_features: int = Field(
+        50,
+        ge=0,
+        description="Features per version with drift series (the first ones declared), which "
+        "bounds the number of series.",
+    )
     batching_max_rows: int = Field(
         256, ge=0, description="Default rows per model call when batching; 0: no batching."
     )

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from service.store.metadata import Task
 from service.store.packaging import package_artifact
+from service.store.profiles import profile_version
 from service.store.samples import store_reference_sample
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ def train_example(example: Example, root: Path) -> None:
                 replace=True,
             )
             # Rows a conversion of this version is checked on (`modelserve convert`).
-            store_reference_sample(root / example.name / str(version), X_train)
+            folder = root / example.name / str(version)
+            store_reference_sample(folder, X_train)
+            # What live drift is measured against: the same training rows, and their predictions.
+            profile_version(folder, X_train, allow_unverified_pickle=False)
     logger.info("trained %s: %s", example.name, training["metrics"])
 
 

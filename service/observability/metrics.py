@@ -55,6 +55,10 @@ class Metrics:
     shadow_agreement: Gauge
     shadow_difference: Histogram
     shadow_duration: Histogram
+    feature_psi: Gauge
+    prediction_psi: Gauge
+    feature_out_of_range: Counter
+    feature_missing: Counter
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -177,6 +181,35 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "Time of a shadow request, from mirroring to its answer.",
             [*mv, "shadow_version"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        # Each worker's own window: the most recently updated one is exposed (README: drift).
+        feature_psi=Gauge(
+            "modelserve_feature_drift_psi",
+            "Population Stability Index of a feature over the recent rows against the version's "
+            "reference profile (0.1: watch, 0.25: drifted).",
+            [*mv, "feature"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        prediction_psi=Gauge(
+            "modelserve_prediction_drift_psi",
+            "Population Stability Index of the predictions over the recent rows against the "
+            "version's reference profile.",
+            mv,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        feature_out_of_range=Counter(
+            "modelserve_feature_out_of_range",
+            "Feature values outside the training range (below its min or above its max).",
+            [*mv, "feature"],
+            registry=registry,
+        ),
+        feature_missing=Counter(
+            "modelserve_feature_missing",
+            "Missing (NaN) feature values.",
+            [*mv, "feature"],
             registry=registry,
         ),
         # "max" keeps the time of exited workers too: it is the last inference of any of them.

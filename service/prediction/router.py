@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import Overloaded
+from service.observability.drift import DriftWatch
 from service.observability.metrics import Metrics
 from service.prediction.batching import Batcher, Timed, predict_unbatched
 from service.prediction.shadow import Shadows
@@ -77,8 +78,10 @@ class Router:
         max_rows: int,
         max_queue: int | None = None,
         shadow_max_pending: int = 8,
+        drift: DriftWatch | None = None,
     ) -> None:
         self.registry = registry
+        self.drift = drift
         self._shadows = Shadows(metrics, self._shadow_call, shadow_max_pending)
         self.max_rows = max_rows
         self.max_queue = max_queue
@@ -141,6 +144,8 @@ class Router:
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
             observer.count_labels(label, prediction.label_index)
+        if self.drift is not None:
+            self.drift.observe(model, inputs, prediction)
         self._shadows.mirror(self.registry.models.get(model.name), model, inputs, rows, prediction)
         return prediction
 

@@ -221,3 +221,40 @@ class ModelStatistics(BaseModel):
 
 class InferenceStatistics(BaseModel):
     model_stats: list[ModelStatistics]
+
+
+class FeatureDrift(BaseModel):
+    """One feature over a worker's recent rows, against the version's reference profile."""
+
+    name: str
+    edges: list[float] = Field(
+        description="Interior bin edges: bin i holds edges[i-1] <= x < edges[i]."
+    )
+    reference_shares: list[float]
+    live_shares: list[float]
+    psi: float | None = Field(description="Population Stability Index; null before any row.")
+    reference_min: float | None
+    reference_max: float | None
+    out_of_range: int = Field(description="Values in the window below min or above max.")
+    missing: int = Field(description="Missing (NaN) values in the window.")
+    reference_missing_share: float
+
+
+class PredictionDrift(BaseModel):
+    classes: list[str | int] | None = None
+    edges: list[float] = Field(default_factory=list)
+    reference_shares: list[float]
+    live_shares: list[float]
+    psi: float | None
+
+
+class VersionDrift(BaseModel):
+    """GET /v2/models/{name}/versions/{version}/drift: the answering worker's window."""
+
+    name: str
+    version: str
+    window_rows: int = Field(description="Rows in the window now.")
+    window_limit: int = Field(description="MODELSERVE_DRIFT_WINDOW_ROWS.")
+    reference_rows: int
+    features: list[FeatureDrift]
+    prediction: PredictionDrift | None

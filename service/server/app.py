@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
+from service.observability.drift import DriftWatch
 from service.observability.exposition import (
     exposition_registry,
     multiprocess_directory,
@@ -113,6 +114,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 settings.max_batch_rows,
                 settings.max_queue_requests,
                 settings.shadow_max_pending,
+                DriftWatch(metrics, settings.drift_window_rows, settings.drift_max_features)
+                if settings.drift_window_rows
+                else None,
             ),
         )
         app.state.service = state
@@ -152,6 +156,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
         if settings.repository_poll_s > 0:
             watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
+        if state.router.drift is not None:
+            watches.append(asyncio.create_task(state.router.drift.keep_fresh()))
         try:
             yield
         finally:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.errors import ModelNotReady
+from service.errors import Forbidden, ModelNotReady
 from service.observability.statistics import model_statistics
 from service.protocols.schemas import (
     ErrorResponse,
@@ -22,6 +22,7 @@ from service.protocols.schemas import (
     RepositoryIndexRequest,
     ServerMetadata,
     ServerStatus,
+    VersionDrift,
     VersionStatus,
 )
 from service.server.auth import Identity
@@ -156,6 +157,19 @@ def statistics_of_model(state: State, name: str) -> InferenceStatistics:
 def statistics_of_version(state: State, name: str, version: str) -> InferenceStatistics:
     model = state.registry.resolve(name, version)
     return model_statistics(state.prometheus, [(name, model.version)])
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/drift",
+    response_model=VersionDrift,
+    dependencies=[ApiKey],
+    tags=["statistics"],
+)
+def drift_of_version(state: State, name: str, version: str) -> VersionDrift:
+    """This worker's recent rows of the version against its reference profile, per feature."""
+    if state.router.drift is None:
+        raise Forbidden("drift is not measured: MODELSERVE_DRIFT_WINDOW_ROWS is 0")
+    return state.router.drift.report(state.registry.resolve(name, version))
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadata, dependencies=[ApiKey], tags=["v2"])
@@ -297,4 +311,6 @@ def _version_statuses(entry: ModelEntry, numbers: list[int]) -> list[VersionStat
     dependencies=[Depends(require_metrics_access)],
 )
 def metrics(state: State) -> Response:
+    if state.router.drift is not None:  # this worker's PSI gauges, up to date for the scrape
+        state.router.drift.refresh()
     return Response(generate_latest(state.prometheus), media_type=CONTENT_TYPE_LATEST)

@@ -18,6 +18,14 @@ class ReferenceSample(BaseModel):
     rows: int
 
 
+class ReferenceProfile(BaseModel):
+    """The training distribution of the features and predictions (drift is measured on it)."""
+
+    file: str
+    sha256: str
+    rows: int
+
+
 class Parity(BaseModel):
     """How closely a converted version reproduced its source on a reference sample."""
 
@@ -55,6 +63,7 @@ class ArtifactMetadata(BaseModel):
     # Models such as HistGradientBoosting handle missing values; most do not.
     allow_nan: bool = False
     reference_sample: ReferenceSample | None = None
+    profile: ReferenceProfile | None = None
     converted_from: ConvertedFrom | None = None
 
     @classmethod

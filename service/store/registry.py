@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from service.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from service.store.labels import ClassLabels
 from service.store.metadata import ArtifactMetadata
+from service.store.profiles import Profile, read_profile
 from service.store.repository import (
     Fingerprint,
     ModelConfig,
@@ -57,6 +58,8 @@ class ModelVersion:
     max_batch_rows: int
     max_delay_ms: float
     warnings: list[str] = field(default_factory=list)
+    # The training distribution live drift is measured against; None: no drift for it.
+    profile: Profile | None = None
     # The version folder as loaded: a reload keeps this object (and its batcher) while it holds.
     fingerprint: Fingerprint = ()
 
@@ -224,6 +227,12 @@ def load_version(
         installed = module.framework_versions().get("scikit-learn")
         if installed and installed != made:
             warnings.append(f"made with scikit-learn {made}, served with {installed}")
+    profile = None
+    if metadata is not None:
+        try:
+            profile = read_profile(folder, metadata)
+        except InvalidInput as exc:  # the model still serves; only its drift is unknown
+            warnings.append(f"reference profile not used: {exc.message}")
     return ModelVersion(
         name=name,
         version=version,
@@ -235,6 +244,7 @@ def load_version(
         max_batch_rows=batching[0],
         max_delay_ms=batching[1],
         warnings=warnings,
+        profile=profile,
         fingerprint=before,
     )
 

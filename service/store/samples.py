@@ -63,16 +63,23 @@ def sample_problem(folder: Path, metadata: ArtifactMetadata) -> str | None:
     info = metadata.reference_sample
     if info is None:
         return None
-    if info.file != SAMPLE_FILE:
-        return f"metadata.json names reference sample {info.file!r}; expected {SAMPLE_FILE!r}"
-    path = folder / info.file
+    return stored_file_problem(folder, info.file, info.sha256, SAMPLE_FILE, "sample")
+
+
+def stored_file_problem(
+    folder: Path, file: str, sha256: str, expected: str, noun: str
+) -> str | None:
+    """Why a file kept beside an artifact does not match what metadata.json records of it."""
+    if file != expected:
+        return f"metadata.json names reference {noun} {file!r}; expected {expected!r}"
+    path = folder / file
     if not path.is_file():
         return f"{path} is missing"
     actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    if actual != info.sha256.lower():
+    if actual != sha256.lower():
         return (
-            f"{path}: sha256 {actual[:12]}… does not match metadata.json ({info.sha256[:12]}…); "
-            "the sample was changed or corrupted"
+            f"{path}: sha256 {actual[:12]}… does not match metadata.json ({sha256[:12]}…); "
+            f"the {noun} was changed or corrupted"
         )
     return None
 

@@ -1,0 +1,180 @@
+"""Live drift windows: counts and PSI by hand, the sliding window, the metrics it feeds."""
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.errors import ModelNotFound
+from service.observability.drift import BLOCKS, REFRESH_S, DriftWatch, Window
+from service.observability.metrics import create_metrics
+from service.store.profiles import FeatureProfile, PredictionProfile, Profile
+from service.store.registry import LoadOptions, ModelVersion, load_version
+from service.store.runtimes import Prediction
+from tests.test_profiles import iris_training_rows
+
+NO_OUTPUTS = Prediction({})
+
+
+def one_feature_profile() -> Profile:
+    feature = FeatureProfile(name="x", edges=[1.0, 2.0], shares=[0.25, 0.5, 0.25], min=0.0, max=3.0)
+    return Profile(rows=4, features=[feature])
+
+
+def test_a_batch_is_binned_counted_and_compared_by_hand() -> None:
+    window = Window(one_feature_profile(), max_features=50, window_rows=100)
+    batch = np.array([[0.5], [1.5], [1.5], [2.5], [5.0], [np.nan]], dtype=np.float32)
+    window.record(batch, NO_OUTPUTS)
+    window.flush()
+    feature = window.report("m", 1).features[0]
+    # Five present values: 0.5 | 1.5 1.5 | 2.5 5.0 ; 5.0 is above the max; one is missing.
+    assert feature.live_shares == pytest.approx([0.2, 0.4, 0.4])
+    assert (feature.out_of_range, feature.missing) == (1, 1)
+    by_hand = sum(
+        (live - ref) * math.log(live / ref) for live, ref in [(0.2, 0.25), (0.4, 0.5), (0.4, 0.25)]
+    )
+    assert feature.psi == pytest.approx(by_hand)
+
+
+def test_a_large_batch_is_counted_as_its_rows_one_by_one(iris_v1: ModelVersion) -> None:
+    rows = np.random.default_rng(0).normal(4.0, 2.0, size=(1000, 4)).astype(np.float32)
+    rows[::7, 1] = np.nan
+    prediction = Prediction({}, np.arange(1000, dtype=np.intp) % 3)
+    profile = iris_v1.profile
+    assert profile is not None
+    at_once = Window(profile, max_features=50, window_rows=10_000)
+    one_by_one = Window(profile, max_features=50, window_rows=10_000)
+    at_once.record(rows, prediction)
+    for i in range(len(rows)):
+        one_by_one.record(rows[i : i + 1], prediction.rows(i, i + 1))
+    one_by_one.flush()
+    assert at_once.report("iris", 1) == one_by_one.report("iris", 1)
+    assert at_once.report("iris", 1).features[1].missing == 143
+
+
+def test_the_window_forgets_the_oldest_rows() -> None:
+    window = Window(one_feature_profile(), max_features=50, window_rows=100)
+    low = np.full((10, 1), 0.5, dtype=np.float32)
+    high = np.full((10, 1), 2.5, dtype=np.float32)
+    for _ in range(BLOCKS):
+        window.record(low, NO_OUTPUTS)
+    window.flush()
+    assert window.report("m", 1).features[0].live_shares == pytest.approx([1.0, 0.0, 0.0])
+    for _ in range(BLOCKS):
+        window.record(high, NO_OUTPUTS)
+    window.flush()
+    report = window.report("m", 1)
+    assert report.window_rows <= 100
+    assert report.features[0].live_shares == pytest.approx([0.0, 0.0, 1.0])
+
+
+@pytest.fixture
+def iris_v1(iris_repository: Path) -> ModelVersion:
+    return load_version("iris", 1, iris_repository / "iris" / "1", LoadOptions(), (0, 0.0))
+
+
+def test_training_rows_show_no_drift_and_a_shift_shows_in_that_feature(
+    iris_v1: ModelVersion,
+) -> None:
+    registry = CollectorRegistry()
+    watch = DriftWatch(create_metrics(registry), window_rows=10_000, max_features=50)
+    rows = iris_training_rows()
+    watch.observe(iris_v1, {"input": rows}, iris_v1.runtime.predict({"input": rows}))
+    report = watch.report(iris_v1)
+    assert report.window_rows == 112
+    assert all(f.psi == pytest.approx(0.0, abs=1e-9) for f in report.features)
+    assert report.prediction is not None
+    assert report.prediction.psi == pytest.approx(0.0, abs=1e-9)
+
+    fresh = DriftWatch(create_metrics(registry := CollectorRegistry()), 10_000, 50)
+    shifted = rows.copy()
+    shifted[:, 2] += 3.0
+    fresh.observe(iris_v1, {"input": shifted}, iris_v1.runtime.predict({"input": shifted}))
+    by_name = {f.name: f for f in fresh.report(iris_v1).features}
+    assert by_name["petal_length"].psi is not None
+    assert by_name["petal_length"].psi > 0.25
+    assert all(f.psi is not None and f.psi < 0.1 for n, f in by_name.items() if n != "petal_length")
+    beyond = int((shifted[:, 2] > rows[:, 2].max()).sum())
+    assert by_name["petal_length"].out_of_range == beyond > 0
+    labels = {"model": "iris", "version": "1", "feature": "petal_length"}
+    assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == beyond
+    fresh.refresh()
+    psi = registry.get_sample_value("modelserve_feature_drift_psi", labels)
+    assert psi == pytest.approx(by_name["petal_length"].psi)
+
+
+def test_a_single_row_is_counted_like_any_batch(iris_v1: ModelVersion) -> None:
+    registry = CollectorRegistry()
+    watch = DriftWatch(create_metrics(registry), window_rows=10_000, max_features=50)
+    row = iris_training_rows()[:1]
+    prediction = iris_v1.runtime.predict({"input": row})
+    watch.observe(iris_v1, {"input": row}, prediction)
+    report = watch.report(iris_v1)
+    assert report.window_rows == 1
+    for i, feature in enumerate(report.features):
+        assert sum(feature.live_shares) == pytest.approx(1.0)
+        expected = int(np.searchsorted(feature.edges, row[0, i], side="right"))
+        assert feature.live_shares[expected] == 1.0
+    assert report.prediction is not None
+    assert sum(report.prediction.live_shares) == 1.0
+
+
+def test_series_are_capped_per_model(iris_v1: ModelVersion) -> None:
+    registry = CollectorRegistry()
+    watch = DriftWatch(create_metrics(registry), window_rows=10_000, max_features=2)
+    rows = iris_training_rows()
+    watch.observe(iris_v1, {"input": rows}, iris_v1.runtime.predict({"input": rows}))
+    watch.refresh()
+    assert [f.name for f in watch.report(iris_v1).features] == ["sepal_length", "sepal_width"]
+    exported = {
+        s.labels["feature"]
+        for m in registry.collect()
+        if m.name == "modelserve_feature_drift_psi"
+        for s in m.samples
+    }
+    assert exported == {"sepal_length", "sepal_width"}
+
+
+def test_a_version_without_a_profile_names_the_command_that_writes_one(
+    iris_v1: ModelVersion,
+) -> None:
+    watch = DriftWatch(create_metrics(CollectorRegistry()), 10_000, 50)
+    bare = dataclasses.replace(iris_v1, profile=None)
+    with pytest.raises(ModelNotFound, match=r"no reference profile.*modelserve profile iris:1"):
+        watch.report(bare)
+
+
+def test_a_regressors_predictions_are_binned_on_its_prediction_edges() -> None:
+    reference = PredictionProfile(edges=[10.0], shares=[0.5, 0.5], min=0.0, max=20.0)
+    profile = one_feature_profile().model_copy(update={"prediction": reference})
+    window = Window(profile, max_features=50, window_rows=100)
+    values = np.array([1.0, 2.0, 3.0, 15.0], dtype=np.float32)
+    window.record(np.ones((4, 1), np.float32), Prediction({"prediction": values}))
+    window.flush()
+    drift = window.report("reg", 1).prediction
+    assert drift is not None
+    assert drift.live_shares == pytest.approx([0.75, 0.25])
+    by_hand = (0.75 - 0.5) * math.log(0.75 / 0.5) + (0.25 - 0.5) * math.log(0.25 / 0.5)
+    assert drift.psi == pytest.approx(by_hand)
+
+
+def test_rows_waiting_in_the_buffer_are_counted_within_a_second(iris_v1: ModelVersion) -> None:
+    registry = CollectorRegistry()
+    watch = DriftWatch(create_metrics(registry), window_rows=10_000, max_features=50)
+    row = iris_training_rows()[:1].copy()
+    row[0, 2] = 100.0
+    watch.observe(iris_v1, {"input": row}, iris_v1.runtime.predict({"input": row}))
+    labels = {"model": "iris", "version": "1", "feature": "petal_length"}
+    assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == 0
+
+    async def idle() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.keep_fresh(), REFRESH_S * 1.5)
+
+    asyncio.run(idle())
+    assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == 1
