@@ -4,6 +4,7 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from starlette.exceptions import HTTPException
 from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
+from service.jobs.runner import run_jobs
+from service.jobs.store import JobStore
 from service.observability.exposition import (
     exposition_registry,
     multiprocess_directory,
@@ -118,6 +121,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         for entry in registry.models.values():
             record_model(metrics, entry)
         state.router.registry = registry
+        state.jobs = await asyncio.to_thread(JobStore, settings.jobs_folder())
+        jobs_stopping = threading.Event()
+        logger.info("batch jobs in %s", settings.jobs_folder())
         # What startup built (the app, the models) lives as long as the process: frozen, it is
         # left out of every garbage collection that request garbage triggers. With it in, each
         # full collection walks every loaded tree and layer, and a 10,000-row JSON request
@@ -128,6 +134,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         write_status(state)
         watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
+        watches.append(asyncio.create_task(run_jobs(state.jobs, settings, jobs_stopping)))
         if settings.repository_poll_s > 0:
             watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
         try:
@@ -135,8 +142,11 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         finally:
             restore_signals()
             state.ready = False
+            # A running job hands itself back to the queue at its next chunk.
+            jobs_stopping.set()
             for watch in watches:
                 watch.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)

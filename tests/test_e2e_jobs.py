@@ -1,0 +1,254 @@
+"""Batch jobs through real server processes: submit, poll, download, cancel, crash and resume."""
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+
+from tests.serving import RunningServer, run_server, wait_for
+
+ROWS = 30_000
+BIG_ROWS = 600_000
+
+
+def write_iris_csv(path: Path, rows: int) -> Path:
+    data = np.resize(load_iris().data, (rows, 4))
+    lines = ["id,petal_width,sepal_length,petal_length,sepal_width"]
+    lines += [f"{i:07d},{r[3]},{r[0]},{r[2]},{r[1]}" for i, r in enumerate(data.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def score_offline(repository: Path, model: str, source: Path, target: Path) -> bytes:
+    command = [sys.executable, "-m", "service", "score", model, str(source), str(target)]
+    command += ["--model-repository", str(repository)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return target.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    write_iris_csv(folder / "iris.csv", ROWS)
+    write_iris_csv(folder / "big.csv", BIG_ROWS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(trained_repository: Path, inputs: Path) -> dict[str, bytes]:
+    """What `modelserve score` writes for the same files: the reference a job must match."""
+    out = inputs.parent / "expected"
+    out.mkdir(exist_ok=True)
+    return {
+        "iris:2": score_offline(trained_repository, "iris:2", inputs / "iris.csv", out / "a.csv"),
+        "iris:1": score_offline(trained_repository, "iris:1", inputs / "iris.csv", out / "b.csv"),
+        "big": score_offline(trained_repository, "iris:2", inputs / "big.csv", out / "c.csv"),
+    }
+
+
+def jobs_env(jobs: Path, inputs: Path, **extra: str) -> dict[str, str]:
+    return {
+        "MODELSERVE_JOBS_DIR": str(jobs),
+        "MODELSERVE_JOBS_INPUT_ROOTS": str(inputs),
+        # Small parts, so that a job has several and a restart has some left to do.
+        "MODELSERVE_JOBS_PART_BYTES": "200000",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def jobs_server(
+    trained_repository: Path, inputs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    jobs = tmp_path_factory.mktemp("jobs")
+    with run_server(
+        trained_repository, tmp_path_factory.mktemp("jobs-logs"), env=jobs_env(jobs, inputs)
+    ) as running:
+        yield running
+
+
+def submit_body(url: str, source: Path, query: str = "model=iris") -> httpx.Response:
+    with source.open("rb") as body:
+        return httpx.post(
+            f"{url}/v1/jobs?{query}",
+            content=body,
+            headers={"Content-Type": "text/csv"},
+            timeout=120,
+        )
+
+
+def wait_state(
+    url: str, job_id: str, states: tuple[str, ...], timeout: float = 120
+) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        nonlocal seen
+        seen = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        return seen["state"] in states
+
+    wait_for(reached, timeout, f"job {job_id} in {states}")
+    return seen
+
+
+def test_a_csv_body_becomes_a_job_whose_result_equals_modelserve_score(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes]
+) -> None:
+    url = jobs_server.url
+    submitted = submit_body(url, inputs / "iris.csv", "model=iris&version=2")
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert submitted.headers["location"] == f"/v1/jobs/{job_id}"
+    assert submitted.json()["state"] in ("queued", "running")
+    done = wait_state(url, job_id, ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["rows_done"] == done["rows_total"] == ROWS
+    assert done["version"] == 2
+    assert done["attempts"] == 1
+    result = httpx.get(f"{url}{done['result']}", timeout=60)
+    assert result.status_code == 200
+    assert result.headers["content-type"].startswith("text/csv")
+    assert result.content == expected["iris:2"]
+    listed = httpx.get(f"{url}/v1/jobs?state=succeeded&model=iris", timeout=10).json()
+    assert job_id in [job["id"] for job in listed["jobs"]]
+
+    # A download resumes where it stopped: one range, a suffix, and one past the end.
+    whole = expected["iris:2"]
+    part = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": "bytes=100-4099"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 100-4099/{len(whole)}"
+    assert part.content == whole[100:4100]
+    tail = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": "bytes=-50"})
+    assert tail.status_code == 206
+    assert tail.content == whole[-50:]
+    past = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": f"bytes={len(whole)}-"})
+    assert past.status_code == 416
+    assert "past the end" in past.json()["error"]
+
+    # A finished job is deleted with its files.
+    assert httpx.delete(f"{url}/v1/jobs/{job_id}").status_code == 204
+    gone = httpx.get(f"{url}/v1/jobs/{job_id}")
+    assert gone.status_code == 404
+    assert job_id in gone.json()["error"]
+
+
+def test_a_job_on_an_alias_runs_the_version_the_alias_named(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes]
+) -> None:
+    submitted = submit_body(jobs_server.url, inputs / "iris.csv", "model=iris&version=stable")
+    assert submitted.status_code == 202, submitted.text
+    done = wait_state(jobs_server.url, submitted.json()["id"], ("succeeded", "failed"))
+    assert done["version"] == 1, done
+    result = httpx.get(f"{jobs_server.url}{done['result']}", timeout=60)
+    assert result.content == expected["iris:1"]
+
+
+def test_input_path_is_read_under_the_allowed_roots_only(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    inside = httpx.post(
+        f"{url}/v1/jobs", json={"model": "iris", "input_path": str(inputs / "iris.csv")}
+    )
+    assert inside.status_code == 202, inside.text
+    done = wait_state(url, inside.json()["id"], ("succeeded", "failed"))
+    assert httpx.get(f"{url}{done['result']}", timeout=60).content == expected["iris:2"]
+    assert (inputs / "iris.csv").exists()  # a path's input is the user's: never removed
+
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_bytes((inputs / "iris.csv").read_bytes())
+    link = inputs / "link.csv"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside)
+    for path in (outside, link, inputs / ".." / outside.parent.name / "elsewhere.csv"):
+        refused = httpx.post(f"{url}/v1/jobs", json={"model": "iris", "input_path": str(path)})
+        assert refused.status_code == 403, (path, refused.text)
+        assert "outside the allowed roots" in refused.json()["error"]
+    link.unlink()
+
+
+def test_cancelling_a_running_job_stops_it_and_removes_its_files(
+    jobs_server: RunningServer, inputs: Path, tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    submitted = submit_body(url, inputs / "big.csv")
+    job_id = submitted.json()["id"]
+    wait_state(url, job_id, ("running",), 60)
+    cancelled = httpx.delete(f"{url}/v1/jobs/{job_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["state"] == "cancelled"
+    jobs = Path(jobs_env_of(jobs_server)) / job_id
+    wait_for(lambda: not any(jobs.glob("*")), 30, "the cancelled job's files removed")
+    result = httpx.get(f"{url}/v1/jobs/{job_id}/result")
+    assert result.status_code == 409
+    assert "cancelled" in result.json()["error"]
+
+
+def jobs_env_of(server: RunningServer) -> str:
+    for line in server.output().splitlines():
+        if "jobs in " in line:
+            return line.rsplit("jobs in ", 1)[1].strip()
+    raise AssertionError("the server did not log its jobs folder")
+
+
+def test_a_submission_past_the_disk_limit_answers_507_with_the_reason(
+    trained_repository: Path, inputs: Path, tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs, MODELSERVE_JOBS_MAX_BYTES="300000")
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        refused = submit_body(running.url, inputs / "big.csv")
+        assert refused.status_code == 507, refused.text
+        assert "MODELSERVE_JOBS_MAX_BYTES" in refused.json()["error"]
+        # Streamed without a declared length, it is refused as it passes the limit.
+        chunks = (inputs / "big.csv").read_bytes()
+        streamed = httpx.post(
+            f"{running.url}/v1/jobs?model=iris",
+            content=iter([chunks[i : i + 65536] for i in range(0, 1 << 20, 65536)]),
+            headers={"Content-Type": "text/csv"},
+        )
+        assert streamed.status_code == 507, streamed.text
+        assert httpx.get(f"{running.url}/v1/jobs").json()["jobs"] == []
+
+
+def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        job_id = submit_body(running.url, inputs / "big.csv").json()["id"]
+        wait_for(
+            lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").json()["rows_done"] > 0,
+            60,
+            "the job under way",
+        )
+        running.process.kill()
+        running.process.wait()
+    with run_server(trained_repository, tmp_path, env=env) as restarted:
+        done = wait_state(restarted.url, job_id, ("succeeded", "failed"))
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert done["rows_done"] == BIG_ROWS
+        result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
+        assert result.content == expected["big"]
+
+
+def test_two_server_workers_run_each_job_once(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with run_server(trained_repository, tmp_path, env=env, args=("--workers", "2")) as running:
+        wait_for(lambda: running.output().count("Application startup complete") >= 2)
+        ids = [submit_body(running.url, inputs / "iris.csv").json()["id"] for _ in range(6)]
+        for job_id in ids:
+            done = wait_state(running.url, job_id, ("succeeded", "failed"))
+            assert done["state"] == "succeeded", done
+            assert done["attempts"] == 1, done
+            result = httpx.get(f"{running.url}{done['result']}", timeout=60)
+            assert result.content == expected["iris:2"]
