@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from service import jobclient
 from service.config import Settings
 from service.observability.logs import configure_logging
 
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "difference for regressors (default: 1e-5)",
     )
     convert.set_defaults(run=_convert)
+    jobclient.add_parser(commands)
     return parser
 
 

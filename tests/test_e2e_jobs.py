@@ -198,10 +198,15 @@ def jobs_env_of(server: RunningServer) -> str:
     raise AssertionError("the server did not log its jobs folder")
 
 
-def test_a_submission_past_the_disk_limit_answers_507_with_the_reason(
+def test_a_submission_past_the_disk_limit_answers_507_and_old_jobs_expire(
     trained_repository: Path, inputs: Path, tmp_path: Path
 ) -> None:
-    env = jobs_env(tmp_path / "jobs", inputs, MODELSERVE_JOBS_MAX_BYTES="300000")
+    env = jobs_env(
+        tmp_path / "jobs",
+        inputs,
+        MODELSERVE_JOBS_MAX_BYTES="300000",
+        MODELSERVE_JOBS_RETENTION_S="2",
+    )
     with run_server(trained_repository, tmp_path, env=env) as running:
         refused = submit_body(running.url, inputs / "big.csv")
         assert refused.status_code == 507, refused.text
@@ -215,6 +220,17 @@ def test_a_submission_past_the_disk_limit_answers_507_with_the_reason(
         )
         assert streamed.status_code == 507, streamed.text
         assert httpx.get(f"{running.url}/v1/jobs").json()["jobs"] == []
+
+        # Finished jobs are removed with their files once past MODELSERVE_JOBS_RETENTION_S.
+        small = write_iris_csv(tmp_path / "small.csv", 1000)
+        job_id = submit_body(running.url, small).json()["id"]
+        assert wait_state(running.url, job_id, ("succeeded", "failed"))["state"] == "succeeded"
+        wait_for(
+            lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").status_code == 404,
+            30,
+            "the job removed after its retention",
+        )
+        assert not (tmp_path / "jobs" / job_id).exists()
 
 
 def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
@@ -252,3 +268,62 @@ def test_two_server_workers_run_each_job_once(
             assert done["attempts"] == 1, done
             result = httpx.get(f"{running.url}{done['result']}", timeout=60)
             assert result.content == expected["iris:2"]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_bad_row_fails_the_job_or_is_marked_by_on_error(
+    jobs_server: RunningServer, tmp_path: Path, on_error: str
+) -> None:
+    source = write_iris_csv(tmp_path / "bad.csv", 5000)
+    lines = source.read_text().splitlines()
+    lines[4001] = lines[4001].replace(lines[4001].split(",")[1], "oops", 1)
+    source.write_text("\n".join(lines) + "\n")
+    job_id = submit_body(jobs_server.url, source, f"model=iris&on_error={on_error}").json()["id"]
+    done = wait_state(jobs_server.url, job_id, ("succeeded", "failed"))
+    if on_error == "fail":
+        assert done["state"] == "failed"
+        assert "row 4001" in done["error"], done["error"]
+        assert "petal_width" in done["error"], done["error"]
+        return
+    assert done["state"] == "succeeded", done
+    rows = httpx.get(f"{jobs_server.url}{done['result']}").text.splitlines()
+    assert len(rows) == 5001
+    assert "petal_width" in rows[4001]
+    assert rows[4002].split(",")[0] == "0004001"
+
+
+def modelserve_jobs(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "service", "jobs", "--url", url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    submitted = modelserve_jobs(url, "submit", "iris", str(inputs / "iris.csv"))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert len(job_id) == 32  # nothing but the id on a pipe
+    waited = modelserve_jobs(url, "wait", job_id)
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout == "succeeded\n"
+    assert waited.stderr == ""  # no progress bar off a terminal
+    target = tmp_path / "scored.csv"
+    target.write_bytes(expected["iris:2"][:1000])  # a download that stopped
+    fetched = modelserve_jobs(url, "result", job_id, str(target), "--resume")
+    assert fetched.returncode == 0, fetched.stderr
+    assert target.read_bytes() == expected["iris:2"]
+    listed = modelserve_jobs(url, "list", "--state", "succeeded")
+    assert job_id in listed.stdout
+
+    by_path = modelserve_jobs(url, "submit", "iris", "/etc/passwd", "--input-path")
+    assert by_path.returncode == 1
+    assert "outside the allowed roots" in by_path.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,petal_width,sepal_length,petal_length,sepal_width\n1,x,1,1,1\n")
+    failing = modelserve_jobs(url, "submit", "iris", str(bad)).stdout.strip()
+    failed = modelserve_jobs(url, "wait", failing)
+    assert failed.returncode == 1
+    assert failed.stdout.startswith("failed: ")
+    assert "petal_width" in failed.stdout

@@ -108,19 +108,19 @@ def run_job(
         if stored.rows is not None:
             continue
         part = Part(stored.index, stored.start, stored.stop, stored.columns, stored.first_row)
-        partial = folder / f"part-{part.index}.partial"
+        partial = folder / f"part-{part.index}.{job.attempts}.partial"
         progress.rows = 0
         rows = score_part(spec, part, partial, progress)
         os.replace(partial, folder / f"part-{part.index}")
         progress.base = store.part_done(job.id, part.index, rows)
     if progress.base == 0:
         raise InvalidInput(f"the input of job {job.id} has no rows to score")
-    joined = folder / "result.partial"
+    joined = folder / f"result.{job.attempts}.partial"
     whole = [Part(p.index, p.start, p.stop, p.columns, p.first_row) for p in parts]
     join_parts(spec, whole, folder, joined)
     os.replace(joined, result_path(store, job))
-    for part in whole:
-        (folder / f"part-{part.index}").unlink(missing_ok=True)
+    for path in folder.glob("part-*"):  # stale partial files of a dead owner too
+        path.unlink(missing_ok=True)
 
 
 def _remove_files(store: JobStore, job: Job) -> None:
@@ -128,7 +128,8 @@ def _remove_files(store: JobStore, job: Job) -> None:
     folder = store.job_folder(job.id)
     for path in folder.glob("part-*"):
         path.unlink(missing_ok=True)
-    (folder / "result.partial").unlink(missing_ok=True)
+    for path in folder.glob("result.*.partial"):
+        path.unlink(missing_ok=True)
     if job.owned_input:
         Path(job.input_path).unlink(missing_ok=True)
 
@@ -141,12 +142,15 @@ def execute(
     try:
         run_job(store, settings, job, owner, stopping)
     except Stopped:
-        if stopping.is_set():
-            store.release(job.id, owner)
-            logger.info("job %s handed back to the queue: the server is stopping", job.id)
-        else:
+        now = store.get(job.id)
+        if now is not None and now.state == "cancelled":
             _remove_files(store, job)
             logger.info("job %s stopped: cancelled", job.id)
+        elif stopping.is_set():
+            store.release(job.id, owner)
+            logger.info("job %s handed back to the queue: the server is stopping", job.id)
+        else:  # its heartbeat went quiet and another worker took it over: its files are theirs
+            logger.warning("job %s was taken over by %s", job.id, now and now.owner)
         return
     except PartFailed as exc:
         _fail(store, job, owner, exc.message)
@@ -181,7 +185,7 @@ async def run_jobs(store: JobStore, settings: Settings, stopping: threading.Even
     owner = this_owner()
     cleaned = 0.0
     while not stopping.is_set():
-        if time.monotonic() - cleaned > _CLEANUP_S:
+        if time.monotonic() - cleaned > min(_CLEANUP_S, settings.jobs_retention_s / 2):
             cleaned = time.monotonic()
             await asyncio.to_thread(remove_expired, store, settings.jobs_retention_s)
         job = await asyncio.to_thread(store.claim, owner)
