@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a finished job (its record, input and result) is kept.",
     )
+    jobs_processes: int = Field(
+        0,
+        ge=0,
+        description="Scoring processes per server worker for batch jobs; 0: one per core.",
+    )
     jobs_part_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1,

@@ -274,22 +274,23 @@ def test_two_server_workers_run_each_job_once(
 def test_a_bad_row_fails_the_job_or_is_marked_by_on_error(
     jobs_server: RunningServer, tmp_path: Path, on_error: str
 ) -> None:
-    source = write_iris_csv(tmp_path / "bad.csv", 5000)
+    # Several parts, scored at once: the bad row is in a later one.
+    source = write_iris_csv(tmp_path / "bad.csv", ROWS)
     lines = source.read_text().splitlines()
-    lines[4001] = lines[4001].replace(lines[4001].split(",")[1], "oops", 1)
+    lines[20001] = lines[20001].replace(lines[20001].split(",")[1], "oops", 1)
     source.write_text("\n".join(lines) + "\n")
     job_id = submit_body(jobs_server.url, source, f"model=iris&on_error={on_error}").json()["id"]
     done = wait_state(jobs_server.url, job_id, ("succeeded", "failed"))
     if on_error == "fail":
         assert done["state"] == "failed"
-        assert "row 4001" in done["error"], done["error"]
+        assert "row 20001" in done["error"], done["error"]
         assert "petal_width" in done["error"], done["error"]
         return
     assert done["state"] == "succeeded", done
     rows = httpx.get(f"{jobs_server.url}{done['result']}").text.splitlines()
-    assert len(rows) == 5001
-    assert "petal_width" in rows[4001]
-    assert rows[4002].split(",")[0] == "0004001"
+    assert len(rows) == ROWS + 1
+    assert "petal_width" in rows[20001]
+    assert rows[20002].split(",")[0] == "0020001"
 
 
 def modelserve_jobs(url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,8 @@
 
 Each server worker runs one runner task. A job's input is split into parts (byte ranges at
 line starts, or runs of Parquet row groups) once, and the plan is stored; each part is scored
-by the offline scorer into its own file, renamed into place when whole, then recorded. A job
+by the offline scorer in a scoring process (jobs.parts) into its own file, renamed into place
+when whole, then recorded. A job
 claimed again after its owner died redoes only the parts not recorded, and the result is
 joined from the parts in order and renamed into place: it appears only when complete.
 """
@@ -12,25 +13,22 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError
+from service.jobs.parts import Stopped, new_pool, score_parts
 from service.jobs.store import Job, JobStore, StoredPart, this_owner
 from service.protocols.files import open_parquet
 from service.scoring import ModelReference, cached_model
-from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts, score_part
+from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts
 from service.scoring.tabular import feature_names
 
 logger = logging.getLogger(__name__)
 _IDLE_S = 0.5
-_BEAT_S = 0.5
 _CLEANUP_S = 60.0
 _CHUNK_ROWS = 65536
-
-
-class Stopped(Exception):
-    """The job was cancelled, claimed by another owner, or this server is stopping."""
 
 
 def result_path(store: JobStore, job: Job) -> Path:
@@ -69,27 +67,13 @@ def _plan(store: JobStore, job: Job, spec: ScoreFile) -> list[StoredPart]:
     return parts
 
 
-class _Progress:
-    """Heartbeats with progress, at most every _BEAT_S; raises Stopped when the job is not ours."""
-
-    def __init__(self, store: JobStore, job: Job, owner: str, stopping: threading.Event) -> None:
-        self.store, self.job, self.owner, self.stopping = store, job, owner, stopping
-        self.base = 0
-        self.rows = 0
-        self.last = time.monotonic()
-
-    def __call__(self, rows: int, _consumed: int) -> None:
-        self.rows += rows
-        if self.stopping.is_set():
-            raise Stopped("the server is stopping")
-        if time.monotonic() - self.last >= _BEAT_S:
-            self.last = time.monotonic()
-            if not self.store.beat(self.job.id, self.owner, self.base + self.rows):
-                raise Stopped("cancelled")
-
-
 def run_job(
-    store: JobStore, settings: Settings, job: Job, owner: str, stopping: threading.Event
+    store: JobStore,
+    settings: Settings,
+    pool: ProcessPoolExecutor,
+    job: Job,
+    owner: str,
+    stopping: threading.Event,
 ) -> None:
     """Scores the parts of `job` not yet done, then joins them into the result."""
     folder = store.job_folder(job.id)
@@ -97,23 +81,12 @@ def run_job(
     size = Path(job.input_path).stat().st_size
     count = max(1, size // settings.jobs_part_bytes)
     spec = _score_file(settings, job, result_path(store, job), count)
-    model = cached_model(spec.reference)
+    model = cached_model(spec.reference)  # fails fast, before any process starts
     feature_names(model)
     parts = _plan(store, job, spec)
     if parts[0].columns is not None:
         spec.check_columns(model, parts[0].columns)
-    progress = _Progress(store, job, owner, stopping)
-    progress.base = sum(p.rows or 0 for p in parts)
-    for stored in parts:
-        if stored.rows is not None:
-            continue
-        part = Part(stored.index, stored.start, stored.stop, stored.columns, stored.first_row)
-        partial = folder / f"part-{part.index}.{job.attempts}.partial"
-        progress.rows = 0
-        rows = score_part(spec, part, partial, progress)
-        os.replace(partial, folder / f"part-{part.index}")
-        progress.base = store.part_done(job.id, part.index, rows)
-    if progress.base == 0:
+    if score_parts(store, pool, spec, job, parts, owner, stopping) == 0:
         raise InvalidInput(f"the input of job {job.id} has no rows to score")
     joined = folder / f"result.{job.attempts}.partial"
     whole = [Part(p.index, p.start, p.stop, p.columns, p.first_row) for p in parts]
@@ -135,12 +108,17 @@ def _remove_files(store: JobStore, job: Job) -> None:
 
 
 def execute(
-    store: JobStore, settings: Settings, job: Job, owner: str, stopping: threading.Event
+    store: JobStore,
+    settings: Settings,
+    pool: ProcessPoolExecutor,
+    job: Job,
+    owner: str,
+    stopping: threading.Event,
 ) -> None:
-    """Runs a claimed job to its end state (in a worker thread)."""
+    """Runs a claimed job to its end state (in a thread; its parts in the pool's processes)."""
     started = time.perf_counter()
     try:
-        run_job(store, settings, job, owner, stopping)
+        run_job(store, settings, pool, job, owner, stopping)
     except Stopped:
         now = store.get(job.id)
         if now is not None and now.state == "cancelled":
@@ -181,16 +159,22 @@ def remove_expired(store: JobStore, retention_s: float) -> None:
 
 
 async def run_jobs(store: JobStore, settings: Settings, stopping: threading.Event) -> None:
-    """The runner of one server worker: one job at a time, each in a thread."""
+    """The runner of one server worker: one job at a time, its parts in a pool of processes."""
     owner = this_owner()
     cleaned = 0.0
-    while not stopping.is_set():
-        if time.monotonic() - cleaned > min(_CLEANUP_S, settings.jobs_retention_s / 2):
-            cleaned = time.monotonic()
-            await asyncio.to_thread(remove_expired, store, settings.jobs_retention_s)
-        job = await asyncio.to_thread(store.claim, owner)
-        if job is None:
-            await asyncio.sleep(_IDLE_S)
-            continue
-        logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
-        await asyncio.to_thread(execute, store, settings, job, owner, stopping)
+    pool: ProcessPoolExecutor | None = None  # started with the first job, kept warm after
+    try:
+        while not stopping.is_set():
+            if time.monotonic() - cleaned > min(_CLEANUP_S, settings.jobs_retention_s / 2):
+                cleaned = time.monotonic()
+                await asyncio.to_thread(remove_expired, store, settings.jobs_retention_s)
+            job = await asyncio.to_thread(store.claim, owner)
+            if job is None:
+                await asyncio.sleep(_IDLE_S)
+                continue
+            logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
+            pool = pool or new_pool(settings)
+            await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

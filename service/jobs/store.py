@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS parts (
     first_row INTEGER NOT NULL,
     columns TEXT,
     rows INTEGER,
+    progress INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, idx)
 );
 """
@@ -202,13 +203,18 @@ class JobStore:
                 return _job(claimed)
         return None
 
-    def beat(self, job_id: str, owner: str, rows_done: int) -> bool:
-        """Refreshes the heartbeat and progress; False if the job is no longer ours to run."""
+    def beat(self, job_id: str, owner: str, index: int | None = None, rows: int = 0) -> bool:
+        """Refreshes the heartbeat (and a part's progress); False if the job is no longer ours."""
         with self._write() as db:
+            if index is not None:
+                db.execute(
+                    "UPDATE parts SET progress = ? WHERE job = ? AND idx = ?", (rows, job_id, index)
+                )
             changed = db.execute(
-                "UPDATE jobs SET heartbeat = ?, rows_done = ? "
+                "UPDATE jobs SET heartbeat = ?, rows_done = (SELECT COALESCE(SUM(COALESCE(rows, "
+                "progress)), 0) FROM parts WHERE job = ?) "
                 "WHERE id = ? AND owner = ? AND state = 'running'",
-                (time.time(), rows_done, job_id, owner),
+                (time.time(), job_id, job_id, owner),
             ).rowcount
         return changed == 1
 
@@ -267,7 +273,7 @@ class JobStore:
         with self._write() as db:
             db.execute("DELETE FROM parts WHERE job = ?", (job_id,))
             db.executemany(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, NULL, 0)",
                 [
                     (
                         job_id,
@@ -283,11 +289,12 @@ class JobStore:
             db.execute("UPDATE jobs SET rows_total = ? WHERE id = ?", (rows_total, job_id))
 
     def part_done(self, job_id: str, index: int, rows: int) -> int:
-        """Records a finished part; returns the rows of every finished part."""
+        """Records a finished part; returns the rows done (finished parts, and progress)."""
         with self._write() as db:
             db.execute("UPDATE parts SET rows = ? WHERE job = ? AND idx = ?", (rows, job_id, index))
             done: int = db.execute(
-                "SELECT COALESCE(SUM(rows), 0) FROM parts WHERE job = ?", (job_id,)
+                "SELECT COALESCE(SUM(COALESCE(rows, progress)), 0) FROM parts WHERE job = ?",
+                (job_id,),
             ).fetchone()[0]
             db.execute("UPDATE jobs SET rows_done = ? WHERE id = ?", (done, job_id))
         return done
