@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from tests.serving import RunningServer, run_server, wait_for
@@ -74,6 +75,15 @@ def jobs_server(
         yield running
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def submit_body(url: str, source: Path, query: str = "model=iris") -> httpx.Response:
     with source.open("rb") as body:
         return httpx.post(
@@ -118,6 +128,11 @@ def test_a_csv_body_becomes_a_job_whose_result_equals_modelserve_score(
     assert result.content == expected["iris:2"]
     listed = httpx.get(f"{url}/v1/jobs?state=succeeded&model=iris", timeout=10).json()
     assert job_id in [job["id"] for job in listed["jobs"]]
+    metrics = scrape(url)
+    assert metrics[("modelserve_job_rows_total", (("model", "iris"), ("version", "2")))] >= ROWS
+    assert metrics[("modelserve_jobs", (("state", "succeeded"),))] >= 1
+    assert ("modelserve_jobs", (("state", "queued"),)) in metrics
+    assert metrics[("modelserve_job_duration_seconds_count", (("state", "succeeded"),))] >= 1
 
     # A download resumes where it stopped: one range, a suffix, and one past the end.
     whole = expected["iris:2"]

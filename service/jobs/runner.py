@@ -13,13 +13,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError
 from service.jobs.parts import Stopped, new_pool, score_parts
-from service.jobs.store import Job, JobStore, StoredPart, this_owner
+from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
 from service.protocols.files import open_parquet
 from service.scoring import ModelReference, cached_model
 from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts
@@ -158,7 +159,12 @@ def remove_expired(store: JobStore, retention_s: float) -> None:
         logger.info("job %s removed: past its retention", job_id)
 
 
-async def run_jobs(store: JobStore, settings: Settings, stopping: threading.Event) -> None:
+Recorder = Callable[[Job, float], None]  # a job in its end state, and its run's seconds
+
+
+async def run_jobs(
+    store: JobStore, settings: Settings, stopping: threading.Event, record: Recorder
+) -> None:
     """The runner of one server worker: one job at a time, its parts in a pool of processes."""
     owner = this_owner()
     cleaned = 0.0
@@ -174,7 +180,11 @@ async def run_jobs(store: JobStore, settings: Settings, stopping: threading.Even
                 continue
             logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
             pool = pool or new_pool(settings)
+            started = time.perf_counter()
             await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
+            final = await asyncio.to_thread(store.get, job.id)
+            if final is not None and final.state in FINISHED and final.owner == owner:
+                record(final, time.perf_counter() - started)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

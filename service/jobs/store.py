@@ -181,6 +181,11 @@ class JobStore:
             rows = db.execute(query, [*args, limit]).fetchall()
         return [_job(row) for row in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        with self._connect() as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | {row[0]: row[1] for row in rows}
+
     def claim(self, owner: str) -> Job | None:
         """The oldest queued job, or a running one whose owner died, now owned by `owner`."""
         now = time.time()

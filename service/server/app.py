@@ -20,13 +20,13 @@ from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
 from service.jobs.runner import run_jobs
-from service.jobs.store import JobStore
+from service.jobs.store import Job, JobStore
 from service.observability.exposition import (
     exposition_registry,
     multiprocess_directory,
     worker_exited,
 )
-from service.observability.metrics import create_metrics, record_model
+from service.observability.metrics import JobStates, create_metrics, record_model
 from service.prediction.router import Router
 from service.protocols.v2 import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
@@ -134,7 +134,16 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         write_status(state)
         watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
-        watches.append(asyncio.create_task(run_jobs(state.jobs, settings, jobs_stopping)))
+        jobs = state.jobs
+        job_states = JobStates(jobs.count_by_state)
+        prometheus.register(job_states)
+
+        def record_job(job: Job, seconds: float) -> None:
+            metrics.job_duration.labels(job.state).observe(seconds)
+            if job.state == "succeeded":
+                metrics.job_rows.labels(job.model, str(job.version)).inc(job.rows_done)
+
+        watches.append(asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job)))
         if settings.repository_poll_s > 0:
             watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
         try:
@@ -147,6 +156,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             for watch in watches:
                 watch.cancel()
             await asyncio.gather(*watches, return_exceptions=True)
+            prometheus.unregister(job_states)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)
