@@ -75,8 +75,10 @@ def jobs_server(
         yield running
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics").text
+def scrape(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", headers=headers).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -343,3 +345,29 @@ def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
     assert failed.returncode == 1
     assert failed.stdout.startswith("failed: ")
     assert "petal_width" in failed.stdout
+
+
+def test_job_routes_go_through_the_request_boundary(
+    trained_repository: Path, inputs: Path, tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs, MODELSERVE_API_KEYS="jobs-key")
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        for method, path in (("POST", "/v1/jobs?model=iris"), ("GET", "/v1/jobs")):
+            refused = httpx.request(
+                method, f"{running.url}{path}", content=b"a\n", headers={"X-Request-ID": "r1"}
+            )
+            assert refused.status_code == 401, refused.text
+            assert "API key" in refused.json()["error"]
+            assert refused.headers["x-request-id"] == "r1"
+        key = {"X-API-Key": "jobs-key", "Content-Type": "text/csv"}
+        body = (inputs / "iris.csv").read_bytes()
+        accepted = httpx.post(f"{running.url}/v1/jobs?model=iris", content=body, headers=key)
+        assert accepted.status_code == 202, accepted.text
+        unknown = httpx.post(f"{running.url}/v1/jobs?model=nope", content=body, headers=key)
+        assert unknown.status_code == 404
+        assert "nope" in unknown.json()["error"]
+        wrong = httpx.put(f"{running.url}/v1/jobs", headers=key)
+        assert wrong.status_code == 405
+        counted = scrape(running.url, key)
+        labels = (("code", "202"), ("model", "iris"), ("protocol", "jobs"), ("version", "2"))
+        assert counted[("modelserve_requests_total", labels)] == 1
