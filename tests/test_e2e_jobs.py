@@ -8,6 +8,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
@@ -371,3 +374,35 @@ def test_job_routes_go_through_the_request_boundary(
         counted = scrape(running.url, key)
         labels = (("code", "202"), ("model", "iris"), ("protocol", "jobs"), ("version", "2"))
         assert counted[("modelserve_requests_total", labels)] == 1
+
+
+@pytest.mark.parametrize(
+    ("source_name", "output_format"),
+    [("iris.csv", "ndjson"), ("iris.parquet", "parquet"), ("iris.parquet", "csv")],
+)
+def test_ndjson_and_parquet_jobs_equal_modelserve_score(
+    jobs_server: RunningServer,
+    trained_repository: Path,
+    inputs: Path,
+    tmp_path: Path,
+    source_name: str,
+    output_format: str,
+) -> None:
+    source = inputs / source_name
+    if not source.exists():  # Parquet in several row groups, so that the job has several parts
+        as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+        table = pa_csv.read_csv(inputs / "iris.csv", convert_options=as_text)
+        pq.write_table(table, source, row_group_size=4000)
+    want = score_offline(trained_repository, "iris:2", source, tmp_path / f"want.{output_format}")
+    fields = {"model": "iris", "input_path": str(source), "output_format": output_format}
+    submitted = httpx.post(f"{jobs_server.url}/v1/jobs", json=fields)
+    assert submitted.status_code == 202, submitted.text
+    done = wait_state(jobs_server.url, submitted.json()["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["rows_total"] == ROWS
+    got = httpx.get(f"{jobs_server.url}{done['result']}", timeout=60).content
+    if output_format != "parquet":
+        assert got == want
+        return
+    (tmp_path / "got.parquet").write_bytes(got)
+    assert pq.read_table(tmp_path / "got.parquet").equals(pq.read_table(tmp_path / "want.parquet"))
