@@ -131,6 +131,9 @@ def test_a_csv_body_becomes_a_job_whose_result_equals_modelserve_score(
     assert result.status_code == 200
     assert result.headers["content-type"].startswith("text/csv")
     assert result.content == expected["iris:2"]
+    documented = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert set(documented["/v1/jobs/{id}"]) == {"get", "delete"}
+    assert "206" in documented["/v1/jobs/{id}/result"]["get"]["responses"]
     listed = httpx.get(f"{url}/v1/jobs?state=succeeded&model=iris", timeout=10).json()
     assert job_id in [job["id"] for job in listed["jobs"]]
     metrics = scrape(url)
