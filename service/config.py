@@ -142,6 +142,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Scoring processes per server worker for batch jobs; 0: one per core.",
     )
+    jobs_dask_scheduler: str | None = Field(
+        None,
+        description="A Dask scheduler's address (tcp://host:8786): jobs' parts run on its "
+        "workers, which must see the model repository and jobs folder at the same paths.",
+    )
     jobs_part_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1,

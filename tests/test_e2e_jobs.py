@@ -409,3 +409,34 @@ def test_ndjson_and_parquet_jobs_equal_modelserve_score(
         return
     (tmp_path / "got.parquet").write_bytes(got)
     assert pq.read_table(tmp_path / "got.parquet").equals(pq.read_table(tmp_path / "want.parquet"))
+
+
+def test_with_a_dask_scheduler_the_parts_run_on_its_workers(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        env = jobs_env(
+            tmp_path / "jobs", inputs, MODELSERVE_JOBS_DASK_SCHEDULER=cluster.scheduler_address
+        )
+        with run_server(trained_repository, tmp_path, env=env) as running:
+            job_id = submit_body(running.url, inputs / "iris.csv").json()["id"]
+            done = wait_state(running.url, job_id, ("succeeded", "failed"))
+            assert done["state"] == "succeeded", done
+            result = httpx.get(f"{running.url}{done['result']}", timeout=60)
+            assert result.content == expected["iris:2"]
+        # The parts ran on both workers, each of which loaded the model once.
+        loads = client.run(_model_loads)
+        assert len(loads) == 2
+        assert all(misses == 1 for misses in loads.values()), loads
+
+
+def _model_loads() -> int:
+    from service.scoring import cached_model
+
+    return int(cached_model.cache_info().misses)

@@ -3,7 +3,9 @@
 The processes load the model themselves (same checks as the server) and keep it for the next
 part; they report progress and refresh the job's heartbeat straight into the store, and stop
 at the next chunk once the job is no longer theirs (cancelled, handed back, taken over). They
-die with their server, SIGKILL included, so a job never has two writers.
+die with their server, SIGKILL included, so a job never has two writers. With
+MODELSERVE_JOBS_DASK_SCHEDULER set, the parts run on that Dask cluster's workers instead,
+through the same executor interface.
 """
 
 import ctypes
@@ -13,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from service.config import Settings
@@ -63,7 +65,16 @@ def _score_in_process(
     return "done", rows, ""
 
 
-def new_pool(settings: Settings) -> ProcessPoolExecutor:
+def new_pool(settings: Settings) -> Executor:
+    """Processes of this machine, or the workers of a Dask cluster when one is configured."""
+    if settings.jobs_dask_scheduler:
+        # Imported only when chosen: Dask is optional. The workers must see the model
+        # repository and the jobs folder at the same paths (shared storage).
+        from distributed import Client
+
+        client = Client(settings.jobs_dask_scheduler, set_as_default=False)  # type: ignore[no-untyped-call]
+        executor: Executor = client.get_executor(pure=False)  # type: ignore[no-untyped-call]
+        return executor
     processes = settings.jobs_processes or os.cpu_count() or 1
     # Spawned, not forked: the server's threads and event loop stay behind.
     context = multiprocessing.get_context("spawn")
@@ -77,7 +88,7 @@ def partial_path(store: JobStore, job: Job, index: int) -> Path:
 
 def _submit(
     store: JobStore,
-    pool: ProcessPoolExecutor,
+    pool: Executor,
     spec: ScoreFile,
     job: Job,
     parts: list[StoredPart],
@@ -95,7 +106,7 @@ def _submit(
 
 def score_parts(
     store: JobStore,
-    pool: ProcessPoolExecutor,
+    pool: Executor,
     spec: ScoreFile,
     job: Job,
     parts: list[StoredPart],

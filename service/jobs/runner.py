@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 from service.config import Settings
@@ -71,7 +71,7 @@ def _plan(store: JobStore, job: Job, spec: ScoreFile) -> list[StoredPart]:
 def run_job(
     store: JobStore,
     settings: Settings,
-    pool: ProcessPoolExecutor,
+    pool: Executor,
     job: Job,
     owner: str,
     stopping: threading.Event,
@@ -111,7 +111,7 @@ def _remove_files(store: JobStore, job: Job) -> None:
 def execute(
     store: JobStore,
     settings: Settings,
-    pool: ProcessPoolExecutor,
+    pool: Executor,
     job: Job,
     owner: str,
     stopping: threading.Event,
@@ -168,7 +168,7 @@ async def run_jobs(
     """The runner of one server worker: one job at a time, its parts in a pool of processes."""
     owner = this_owner()
     cleaned = 0.0
-    pool: ProcessPoolExecutor | None = None  # started with the first job, kept warm after
+    pool: Executor | None = None  # started with the first job, kept warm after
     try:
         while not stopping.is_set():
             if time.monotonic() - cleaned > min(_CLEANUP_S, settings.jobs_retention_s / 2):
