@@ -1,5 +1,7 @@
 """Batch jobs through real server processes: submit, poll, download, cancel, crash and resume."""
 
+import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -440,3 +442,29 @@ def _model_loads() -> int:
     from service.scoring import cached_model
 
     return int(cached_model.cache_info().misses)
+
+
+def test_the_cli_waits_with_a_progress_bar_on_a_terminal(
+    jobs_server: RunningServer, inputs: Path
+) -> None:
+    job_id = submit_body(jobs_server.url, inputs / "big.csv").json()["id"]
+    primary, secondary = pty.openpty()
+    command = [sys.executable, "-m", "service", "jobs", "--url", jobs_server.url]
+    command += ["wait", job_id, "--interval", "0.1"]
+    process = subprocess.Popen(command, stderr=secondary, stdout=subprocess.DEVNULL)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not data:
+            break
+        shown += data
+    os.close(primary)
+    assert process.wait(timeout=120) == 0
+    text = shown.decode()
+    assert "rows/s" in text
+    assert "ETA" in text
+    assert f"{BIG_ROWS:,} rows" in text
