@@ -80,7 +80,8 @@ def run_job(
     folder = store.job_folder(job.id)
     folder.mkdir(parents=True, exist_ok=True)
     size = Path(job.input_path).stat().st_size
-    count = max(1, size // settings.jobs_part_bytes)
+    # At least one part per scoring process, so that a small file is scored in parallel too.
+    count = max(settings.jobs_processes or os.cpu_count() or 1, size // settings.jobs_part_bytes)
     spec = _score_file(settings, job, result_path(store, job), count)
     model = cached_model(spec.reference)  # fails fast, before any process starts
     feature_names(model)
