@@ -1,4 +1,4 @@
-"""Batch scoring speed and memory: `modelserve score` and `:score` against a hand-written script.
+"""Batch scoring speed and memory: `modelserve score`, `:score` and a batch job against a script.
 
 The yardstick is the best short script for the job: pyarrow reads the CSV (all cores),
 onnxruntime scores it in batches of 100,000 rows (all cores), pyarrow writes the input with
@@ -160,6 +160,31 @@ def measure_rss(repository: Path, folder: Path, gigabytes: float) -> dict[str, f
     return {"bytes": size, "rows": rows, "idle": idle, "peak": peak, "seconds": seconds}
 
 
+def run_job(url: str, source: Path, target: Path) -> float:
+    """A batch job end to end: submit the file, poll until it ends, download the result."""
+    import httpx
+
+    started = time.perf_counter()
+    with source.open("rb") as body:
+        submitted = httpx.post(
+            f"{url}/v1/jobs?model=iris&version=2",
+            content=body,
+            headers={"content-type": "text/csv"},
+            timeout=3600,
+        )
+    submitted.raise_for_status()
+    job = submitted.json()
+    while job["state"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.05)
+        job = httpx.get(f"{url}/v1/jobs/{job['id']}").json()
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"the job ended {job['state']}: {job['error']}")
+    with httpx.stream("GET", f"{url}{job['result']}", timeout=3600) as r, target.open("wb") as out:
+        for chunk in r.iter_bytes():
+            out.write(chunk)
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -190,12 +215,14 @@ def main() -> int:
             "cli-2": [],
             "cli-1": [],
             "http": [],
+            "job": [],
         }
         cli = [python, "-m", "service", "score", "iris:2", str(source), str(folder / "cli.csv")]
         cli += ["--model-repository", str(repository)]
         with run_server(repository, folder) as server:
             url = f"{server.url}/v1/models/iris/versions/2:score"
             post_file(url, folder / "small.csv", folder / "warm.csv")
+            run_job(server.url, folder / "small.csv", folder / "warm-job.csv")  # starts the pool
             for _ in range(args.runs):
                 wall, inside = timed(
                     [python, str(yardstick), str(source), str(model), str(folder / "y.csv")]
@@ -205,6 +232,7 @@ def main() -> int:
                 times["cli-2"].append(timed([*cli, "--workers", "2"])[0])
                 times["cli-1"].append(timed([*cli, "--workers", "1"])[0])
                 times["http"].append(post_file(url, source, folder / "http.csv"))
+                times["job"].append(run_job(server.url, source, folder / "job.csv"))
         raw = raw_onnxruntime(model, args.rows)
         rss = measure_rss(repository, folder, args.rss_gb) if args.rss_gb else None
 
@@ -216,6 +244,7 @@ def main() -> int:
         "cli-2": "`modelserve score --workers 2`",
         "cli-1": "`modelserve score --workers 1`",
         "http": "`POST /v1/models/iris/versions/2:score` (curl)",
+        "job": "batch job: `POST /v1/jobs`, poll, download the result",
     }
     lines = [
         "# Batch scoring benchmark",

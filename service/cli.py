@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from service import jobclient
 from service.config import Settings
 from service.observability.logs import configure_logging
 
@@ -586,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
     )
     profile.set_defaults(run=_profile)
+    jobclient.add_parser(commands)
     return parser
 
 

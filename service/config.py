@@ -198,6 +198,43 @@ class Settings(BaseSettings):
         30, ge=0, description="After SIGTERM, seconds to finish in-flight requests before exit."
     )
 
+    jobs_dir: Path | None = Field(
+        None,
+        description="Batch jobs' SQLite database, inputs and results; unset: "
+        "`.modelserve-jobs` beside the model repository.",
+    )
+    jobs_input_roots: str = Field(
+        "",
+        description="Comma-separated folders whose files a job may name as `input_path`; "
+        "unset: jobs take their input as the request body only.",
+    )
+    jobs_max_bytes: int = Field(
+        10 * 1024**3,
+        ge=1,
+        description="Disk use of the jobs folder (inputs and results) past which a submission "
+        "answers 507.",
+    )
+    jobs_retention_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Seconds a finished job (its record, input and result) is kept.",
+    )
+    jobs_processes: int = Field(
+        0,
+        ge=0,
+        description="Scoring processes per server worker for batch jobs; 0: one per core.",
+    )
+    jobs_dask_scheduler: str | None = Field(
+        None,
+        description="A Dask scheduler's address (tcp://host:8786): jobs' parts run on its "
+        "workers, which must see the model repository and jobs folder at the same paths.",
+    )
+    jobs_part_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Input bytes per part of a job: a part is what a restart redoes.",
+    )
+
     @field_validator("model_name")
     @classmethod
     def _model_name_is_valid(cls, name: str | None) -> str | None:
@@ -261,6 +298,14 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def jobs_folder(self) -> Path:
+        if self.jobs_dir is not None:
+            return self.jobs_dir
+        return self.model_repository.resolve().parent / ".modelserve-jobs"
+
+    def jobs_roots(self) -> list[Path]:
+        return [Path(r.strip()) for r in self.jobs_input_roots.split(",") if r.strip()]
 
     def load_options(self) -> LoadOptions:
         """What loading a version needs of the settings, for the server and offline scoring."""

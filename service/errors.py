@@ -14,6 +14,8 @@
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Conflict             a change based on a state that has moved on
     ├── Overloaded           queue full; retry later
+    ├── RangeNotSatisfiable  a Range header past the end of what it asks for
+    ├── StorageFull          a job's files would take disk use past its limit
     ├── DeadlineExceeded     the request's deadline passed
     ├── HeadersTimeout       a request head not received in time
     ├── PredictionFailed     the model raised while predicting
@@ -90,6 +92,14 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RangeNotSatisfiable(ServiceError):
+    pass
+
+
+class StorageFull(ServiceError):
+    pass
 
 
 class DeadlineExceeded(ServiceError):

@@ -1,8 +1,11 @@
 """Every Prometheus metric of the service, defined once, on a registry the app injects."""
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from service.store.registry import ModelEntry
 
@@ -31,6 +34,8 @@ LATENCY_BUCKETS = (
 )
 # Differences between a version's answers and its shadow's: from float32 rounding to disagreement.
 DIFFERENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+# A batch job: from a second to a working day.
+JOB_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
@@ -59,6 +64,8 @@ class Metrics:
     prediction_psi: Gauge
     feature_out_of_range: Counter
     feature_missing: Counter
+    job_rows: Counter
+    job_duration: Histogram
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -212,6 +219,20 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             [*mv, "feature"],
             registry=registry,
         ),
+        job_rows=Counter(
+            "modelserve_job_rows",
+            "Rows scored by batch jobs that succeeded.",
+            mv,
+            registry=registry,
+        ),
+        job_duration=Histogram(
+            "modelserve_job_duration_seconds",
+            "Time of a batch job's run, from its claim to its end state (succeeded, failed, "
+            "cancelled).",
+            ["state"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        ),
         # "max" keeps the time of exited workers too: it is the last inference of any of them.
         last_inference=Gauge(
             "modelserve_last_inference_timestamp_seconds",
@@ -246,3 +267,19 @@ def record_model(
         metrics.model_load_failures.labels(entry.name, failure.reason).inc()
     for failure in entry.stale.values():  # still serving the previous artifact: ready
         metrics.model_load_failures.labels(entry.name, failure.reason).inc()
+
+
+class JobStates(Collector):
+    """modelserve_jobs{state}: jobs by state, read from the job store at each scrape, so every
+    worker answers the same (the queue length is state="queued")."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "modelserve_jobs", "Batch jobs kept, by state.", labels=["state"]
+        )
+        for state, count in self.counts().items():
+            family.add_metric([state], count)
+        yield family

@@ -276,7 +276,7 @@ class _Workers:
         return sum(self.rows.values())
 
 
-def _join(job: ScoreFile, parts: list[Part], folder: Path, target: Path) -> None:
+def join_parts(job: ScoreFile, parts: list[Part], folder: Path, target: Path) -> None:
     with target.open("wb") as out:
         if job.output_format != "parquet" or len(parts) == 1:
             for part in parts:
@@ -315,7 +315,7 @@ def score_file(job: ScoreFile, bar: ProgressBar) -> int:
         if rows == 0:
             raise InvalidInput(f"{job.source} has no rows to score")
         partial = folder / "joined"
-        _join(job, parts, folder, partial)
+        join_parts(job, parts, folder, partial)
         os.replace(partial, target)
     bar.close()
     return rows

@@ -4,6 +4,7 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,13 +20,15 @@ from starlette.exceptions import HTTPException
 from service import __version__
 from service.config import Settings
 from service.errors import ServiceError
+from service.jobs.runner import run_jobs
+from service.jobs.store import Job, JobStore
 from service.observability.drift import DriftWatch
 from service.observability.exposition import (
     exposition_registry,
     multiprocess_directory,
     worker_exited,
 )
-from service.observability.metrics import create_metrics, record_model
+from service.observability.metrics import JobStates, create_metrics, record_model
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
@@ -91,6 +94,29 @@ def _http_error(request: Request, exc: Exception) -> Response:
     return Response(error_body(error), status_code=status, headers=headers)
 
 
+def _background_tasks(
+    state: ServiceState, jobs: JobStore, jobs_stopping: threading.Event
+) -> list["asyncio.Task[None]"]:
+    """What every worker runs beside its requests: the routing sync, the job runner, and
+    repository polling and drift binning when they are on."""
+    settings, metrics = state.settings, state.metrics
+
+    def record_job(job: Job, seconds: float) -> None:
+        metrics.job_duration.labels(job.state).observe(seconds)
+        if job.state == "succeeded":
+            metrics.job_rows.labels(job.model, str(job.version)).inc(job.rows_done)
+
+    tasks = [
+        asyncio.create_task(follow_routing(state, settings.routing_sync_s)),
+        asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job)),
+    ]
+    if settings.repository_poll_s > 0:
+        tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
+    if state.router.drift is not None:
+        tasks.append(asyncio.create_task(state.router.drift.keep_fresh()))
+    return tasks
+
+
 def create_app(settings: Settings) -> InferenceMiddleware:
     """The FastAPI application behind the inference fast path (its `.app`)."""
     registry = CollectorRegistry()
@@ -136,6 +162,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         for entry in registry.models.values():
             record_model(metrics, entry)
         state.router.registry = registry
+        state.jobs = await asyncio.to_thread(JobStore, settings.jobs_folder())
+        jobs_stopping = threading.Event()
+        logger.info("batch jobs in %s", settings.jobs_folder())
         # What startup built (the app, the models) lives as long as the process: frozen, it is
         # left out of every garbage collection that request garbage triggers. With it in, each
         # full collection walks every loaded tree and layer, and a 10,000-row JSON request
@@ -153,21 +182,23 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         restore_signals = install_drain_hook(start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         write_status(state)
-        watches = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
-        if settings.repository_poll_s > 0:
-            watches.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
-        if state.router.drift is not None:
-            watches.append(asyncio.create_task(state.router.drift.keep_fresh()))
+        job_states = JobStates(state.jobs.count_by_state)
+        prometheus.register(job_states)
+        watches = _background_tasks(state, state.jobs, jobs_stopping)
         try:
             yield
         finally:
             restore_signals()
             state.ready = False
+            # A running job hands itself back to the queue at its next chunk.
+            jobs_stopping.set()
             for watch in watches:
                 watch.cancel()
             if grpc_server is not None:
                 # HTTP has drained by now; calls still running get the same grace period.
                 await grpc_server.stop(settings.graceful_shutdown_s)
+            await asyncio.gather(*watches, return_exceptions=True)
+            prometheus.unregister(job_states)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)

@@ -26,6 +26,7 @@ from service.server.http import (
     read_body,
     send_response,
 )
+from service.server.jobs import jobs_handler
 from service.server.memory import Reservation
 from service.server.score import serve_score
 from service.server.state import ServiceState
@@ -34,6 +35,7 @@ _ROUTE = re.compile(
     r"/v2/models/(?P<v2name>[^/]*)(?:/versions/(?P<v2version>[^/]*))?/infer"
     r"|/v1/models/(?P<v1name>[^/]*)(?:/versions/(?P<v1version>[^/]*))?:predict"
     r"|/v1/models/(?P<scorename>[^/]*)(?:/versions/(?P<scoreversion>[^/]*))?:score"
+    r"|(?P<jobs>/v1/jobs)(?:/(?P<job>[^/]+)(?P<result>/result)?)?"
 )
 _JSON = [(b"content-type", b"application/json")]
 _BINARY_TYPES = ("application/json", "application/octet-stream")
@@ -71,6 +73,10 @@ class InferenceMiddleware:
         state: ServiceState | None = getattr(self.app.state, "service", None)
         if match is None or state is None:
             await self.app(scope, receive, send)
+            return
+        if match["jobs"] is not None:
+            handler = jobs_handler(scope["method"], match["job"], match["result"] is not None)
+            await boundary.serve(state, scope, receive, send, "jobs", ("", None), handler)
             return
         if scope["method"] != "POST":
             wrong = errors.MethodNotAllowed(f"{scope['method']} is not allowed here; send POST")

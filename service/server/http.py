@@ -29,12 +29,14 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
+    errors.RangeNotSatisfiable: 416,
     errors.HeadersTooLarge: 431,
     errors.PredictionFailed: 500,
     errors.ModelLoadError: 500,
     errors.ModelNotReady: 503,
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,
+    errors.StorageFull: 507,
 }
 
 

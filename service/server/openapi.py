@@ -13,6 +13,7 @@ from service.protocols.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from service.server.openapi_jobs import job_paths
 
 _V2_INFER = ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
 _V1_PREDICT = ["/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict"]
@@ -112,6 +113,7 @@ def add_inference_paths(app: FastAPI) -> None:
             )
         for path in _V1_SCORE:
             schema["paths"][path] = _operation(path, "score", None, None, "v1")
+        schema["paths"].update(job_paths())
         app.openapi_schema = schema
         return schema
 

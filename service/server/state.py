@@ -8,6 +8,7 @@ from functools import cached_property
 from prometheus_client import CollectorRegistry
 
 from service.config import Settings
+from service.jobs.store import JobStore
 from service.observability.metrics import Metrics
 from service.prediction.router import Router
 from service.server.auth import Credentials
@@ -25,6 +26,8 @@ class ServiceState:
     prometheus: CollectorRegistry
     router: Router
     ready: bool = False
+    # Batch jobs' records and files; opened by the lifespan.
+    jobs: JobStore | None = None
     # Set on SIGTERM: readiness and new inference requests answer 503 from then on.
     draining: bool = False
     # Serialises repository changes, so two loads cannot swap registries out of order.

@@ -1,0 +1,191 @@
+"""The job runner: claims jobs from the store and scores them part by part, off the event loop.
+
+Each server worker runs one runner task. A job's input is split into parts (byte ranges at
+line starts, or runs of Parquet row groups) once, and the plan is stored; each part is scored
+by the offline scorer in a scoring process (jobs.parts) into its own file, renamed into place
+when whole, then recorded. A job
+claimed again after its owner died redoes only the parts not recorded, and the result is
+joined from the parts in order and renamed into place: it appears only when complete.
+"""
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import InvalidInput, ServiceError
+from service.jobs.parts import Stopped, new_pool, score_parts
+from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
+from service.protocols.files import open_parquet
+from service.scoring import ModelReference, cached_model
+from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts
+from service.scoring.tabular import feature_names
+
+logger = logging.getLogger(__name__)
+_IDLE_S = 0.5
+_CLEANUP_S = 60.0
+_CHUNK_ROWS = 65536
+
+
+def result_path(store: JobStore, job: Job) -> Path:
+    return store.job_folder(job.id) / f"result.{job.output_format}"
+
+
+def _score_file(settings: Settings, job: Job, target: Path, parts: int) -> ScoreFile:
+    return ScoreFile(
+        reference=ModelReference(str(settings.model_repository), job.model, job.version),
+        source=Path(job.input_path),
+        target=target,
+        input_format=job.input_format,
+        output_format=job.output_format,
+        chunk_rows=_CHUNK_ROWS,
+        workers=parts,
+        on_error=job.on_error,
+        column_types=job.column_types,
+        max_row_bytes=settings.max_row_bytes,
+    )
+
+
+def _plan(store: JobStore, job: Job, spec: ScoreFile) -> list[StoredPart]:
+    stored = store.parts(job.id)
+    if stored:
+        return stored
+    planned = plan_parts(spec)
+    last = planned[-1]
+    if spec.input_format == "parquet":
+        rows_total = int(open_parquet(spec.source).metadata.num_rows)
+    else:
+        with spec.source.open("rb") as source:
+            source.seek(last.start)
+            rows_total = last.first_row + source.read(last.stop - last.start).count(b"\n")
+    parts = [StoredPart(p.index, p.start, p.stop, p.first_row, p.columns, None) for p in planned]
+    store.plan(job.id, parts, rows_total)
+    return parts
+
+
+def run_job(
+    store: JobStore,
+    settings: Settings,
+    pool: Executor,
+    job: Job,
+    owner: str,
+    stopping: threading.Event,
+) -> None:
+    """Scores the parts of `job` not yet done, then joins them into the result."""
+    folder = store.job_folder(job.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = Path(job.input_path).stat().st_size
+    # At least one part per scoring process, so that a small file is scored in parallel too.
+    count = max(settings.jobs_processes or os.cpu_count() or 1, size // settings.jobs_part_bytes)
+    spec = _score_file(settings, job, result_path(store, job), count)
+    model = cached_model(spec.reference)  # fails fast, before any process starts
+    feature_names(model)
+    parts = _plan(store, job, spec)
+    if parts[0].columns is not None:
+        spec.check_columns(model, parts[0].columns)
+    if score_parts(store, pool, spec, job, parts, owner, stopping) == 0:
+        raise InvalidInput(f"the input of job {job.id} has no rows to score")
+    joined = folder / f"result.{job.attempts}.partial"
+    whole = [Part(p.index, p.start, p.stop, p.columns, p.first_row) for p in parts]
+    join_parts(spec, whole, folder, joined)
+    os.replace(joined, result_path(store, job))
+    for path in folder.glob("part-*"):  # stale partial files of a dead owner too
+        path.unlink(missing_ok=True)
+
+
+def _remove_files(store: JobStore, job: Job) -> None:
+    """A cancelled or failed job's files: its result is never coming."""
+    folder = store.job_folder(job.id)
+    for path in folder.glob("part-*"):
+        path.unlink(missing_ok=True)
+    for path in folder.glob("result.*.partial"):
+        path.unlink(missing_ok=True)
+    if job.owned_input:
+        Path(job.input_path).unlink(missing_ok=True)
+
+
+def execute(
+    store: JobStore,
+    settings: Settings,
+    pool: Executor,
+    job: Job,
+    owner: str,
+    stopping: threading.Event,
+) -> None:
+    """Runs a claimed job to its end state (in a thread; its parts in the pool's processes)."""
+    started = time.perf_counter()
+    try:
+        run_job(store, settings, pool, job, owner, stopping)
+    except Stopped:
+        now = store.get(job.id)
+        if now is not None and now.state == "cancelled":
+            _remove_files(store, job)
+            logger.info("job %s stopped: cancelled", job.id)
+        elif stopping.is_set():
+            store.release(job.id, owner)
+            logger.info("job %s handed back to the queue: the server is stopping", job.id)
+        else:  # its heartbeat went quiet and another worker took it over: its files are theirs
+            logger.warning("job %s was taken over by %s", job.id, now and now.owner)
+        return
+    except PartFailed as exc:
+        _fail(store, job, owner, exc.message)
+        return
+    except ServiceError as exc:
+        _fail(store, job, owner, exc.message)
+        return
+    except Exception as exc:  # the runner's boundary: the job fails, the runner goes on
+        logger.exception("job %s failed", job.id)
+        _fail(store, job, owner, f"internal error ({type(exc).__name__}); see the server log")
+        return
+    store.finish(job.id, owner, "succeeded")
+    if job.owned_input:
+        Path(job.input_path).unlink(missing_ok=True)
+    logger.info("job %s succeeded in %.3f s", job.id, time.perf_counter() - started)
+
+
+def _fail(store: JobStore, job: Job, owner: str, message: str) -> None:
+    store.finish(job.id, owner, "failed", message)
+    _remove_files(store, job)
+    logger.info("job %s failed: %s", job.id, message)
+
+
+def remove_expired(store: JobStore, retention_s: float) -> None:
+    for job_id in store.expired(time.time() - retention_s):
+        store.delete(job_id)
+        logger.info("job %s removed: past its retention", job_id)
+
+
+Recorder = Callable[[Job, float], None]  # a job in its end state, and its run's seconds
+
+
+async def run_jobs(
+    store: JobStore, settings: Settings, stopping: threading.Event, record: Recorder
+) -> None:
+    """The runner of one server worker: one job at a time, its parts in a pool of processes."""
+    owner = this_owner()
+    cleaned = 0.0
+    pool: Executor | None = None  # started with the first job, kept warm after
+    try:
+        while not stopping.is_set():
+            if time.monotonic() - cleaned > min(_CLEANUP_S, settings.jobs_retention_s / 2):
+                cleaned = time.monotonic()
+                await asyncio.to_thread(remove_expired, store, settings.jobs_retention_s)
+            job = await asyncio.to_thread(store.claim, owner)
+            if job is None:
+                await asyncio.sleep(_IDLE_S)
+                continue
+            logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
+            pool = pool or new_pool(settings)
+            started = time.perf_counter()
+            await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
+            final = await asyncio.to_thread(store.get, job.id)
+            if final is not None and final.state in FINISHED and final.owner == owner:
+                record(final, time.perf_counter() - started)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,470 @@
+"""Batch jobs through real server processes: submit, poll, download, cancel, crash and resume."""
+
+import os
+import pty
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_iris
+
+from tests.serving import RunningServer, run_server, wait_for
+
+ROWS = 30_000
+BIG_ROWS = 600_000
+
+
+def write_iris_csv(path: Path, rows: int) -> Path:
+    data = np.resize(load_iris().data, (rows, 4))
+    lines = ["id,petal_width,sepal_length,petal_length,sepal_width"]
+    lines += [f"{i:07d},{r[3]},{r[0]},{r[2]},{r[1]}" for i, r in enumerate(data.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def score_offline(repository: Path, model: str, source: Path, target: Path) -> bytes:
+    command = [sys.executable, "-m", "service", "score", model, str(source), str(target)]
+    command += ["--model-repository", str(repository)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return target.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    write_iris_csv(folder / "iris.csv", ROWS)
+    write_iris_csv(folder / "big.csv", BIG_ROWS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(trained_repository: Path, inputs: Path) -> dict[str, bytes]:
+    """What `modelserve score` writes for the same files: the reference a job must match."""
+    out = inputs.parent / "expected"
+    out.mkdir(exist_ok=True)
+    return {
+        "iris:2": score_offline(trained_repository, "iris:2", inputs / "iris.csv", out / "a.csv"),
+        "iris:1": score_offline(trained_repository, "iris:1", inputs / "iris.csv", out / "b.csv"),
+        "big": score_offline(trained_repository, "iris:2", inputs / "big.csv", out / "c.csv"),
+    }
+
+
+def jobs_env(jobs: Path, inputs: Path, **extra: str) -> dict[str, str]:
+    return {
+        "MODELSERVE_JOBS_DIR": str(jobs),
+        "MODELSERVE_JOBS_INPUT_ROOTS": str(inputs),
+        # Small parts, so that a job has several and a restart has some left to do.
+        "MODELSERVE_JOBS_PART_BYTES": "200000",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def jobs_server(
+    trained_repository: Path, inputs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    jobs = tmp_path_factory.mktemp("jobs")
+    with run_server(
+        trained_repository, tmp_path_factory.mktemp("jobs-logs"), env=jobs_env(jobs, inputs)
+    ) as running:
+        yield running
+
+
+def scrape(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def submit_body(url: str, source: Path, query: str = "model=iris") -> httpx.Response:
+    with source.open("rb") as body:
+        return httpx.post(
+            f"{url}/v1/jobs?{query}",
+            content=body,
+            headers={"Content-Type": "text/csv"},
+            timeout=120,
+        )
+
+
+def wait_state(
+    url: str, job_id: str, states: tuple[str, ...], timeout: float = 120
+) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        nonlocal seen
+        seen = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        return seen["state"] in states
+
+    wait_for(reached, timeout, f"job {job_id} in {states}")
+    return seen
+
+
+def test_a_csv_body_becomes_a_job_whose_result_equals_modelserve_score(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes]
+) -> None:
+    url = jobs_server.url
+    submitted = submit_body(url, inputs / "iris.csv", "model=iris&version=2")
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert submitted.headers["location"] == f"/v1/jobs/{job_id}"
+    assert submitted.json()["state"] in ("queued", "running")
+    done = wait_state(url, job_id, ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["rows_done"] == done["rows_total"] == ROWS
+    assert done["version"] == 2
+    assert done["attempts"] == 1
+    result = httpx.get(f"{url}{done['result']}", timeout=60)
+    assert result.status_code == 200
+    assert result.headers["content-type"].startswith("text/csv")
+    assert result.content == expected["iris:2"]
+    documented = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert set(documented["/v1/jobs/{id}"]) == {"get", "delete"}
+    assert "206" in documented["/v1/jobs/{id}/result"]["get"]["responses"]
+    listed = httpx.get(f"{url}/v1/jobs?state=succeeded&model=iris", timeout=10).json()
+    assert job_id in [job["id"] for job in listed["jobs"]]
+    metrics = scrape(url)
+    assert metrics[("modelserve_job_rows_total", (("model", "iris"), ("version", "2")))] >= ROWS
+    assert metrics[("modelserve_jobs", (("state", "succeeded"),))] >= 1
+    assert ("modelserve_jobs", (("state", "queued"),)) in metrics
+    assert metrics[("modelserve_job_duration_seconds_count", (("state", "succeeded"),))] >= 1
+
+    # A download resumes where it stopped: one range, a suffix, and one past the end.
+    whole = expected["iris:2"]
+    part = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": "bytes=100-4099"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 100-4099/{len(whole)}"
+    assert part.content == whole[100:4100]
+    tail = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": "bytes=-50"})
+    assert tail.status_code == 206
+    assert tail.content == whole[-50:]
+    past = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": f"bytes={len(whole)}-"})
+    assert past.status_code == 416
+    assert "past the end" in past.json()["error"]
+
+    # A finished job is deleted with its files.
+    assert httpx.delete(f"{url}/v1/jobs/{job_id}").status_code == 204
+    gone = httpx.get(f"{url}/v1/jobs/{job_id}")
+    assert gone.status_code == 404
+    assert job_id in gone.json()["error"]
+
+
+def test_a_job_on_an_alias_runs_the_version_the_alias_named(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes]
+) -> None:
+    submitted = submit_body(jobs_server.url, inputs / "iris.csv", "model=iris&version=stable")
+    assert submitted.status_code == 202, submitted.text
+    done = wait_state(jobs_server.url, submitted.json()["id"], ("succeeded", "failed"))
+    assert done["version"] == 1, done
+    result = httpx.get(f"{jobs_server.url}{done['result']}", timeout=60)
+    assert result.content == expected["iris:1"]
+
+
+def test_input_path_is_read_under_the_allowed_roots_only(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    inside = httpx.post(
+        f"{url}/v1/jobs", json={"model": "iris", "input_path": str(inputs / "iris.csv")}
+    )
+    assert inside.status_code == 202, inside.text
+    done = wait_state(url, inside.json()["id"], ("succeeded", "failed"))
+    assert httpx.get(f"{url}{done['result']}", timeout=60).content == expected["iris:2"]
+    assert (inputs / "iris.csv").exists()  # a path's input is the user's: never removed
+
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_bytes((inputs / "iris.csv").read_bytes())
+    link = inputs / "link.csv"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside)
+    for path in (outside, link, inputs / ".." / outside.parent.name / "elsewhere.csv"):
+        refused = httpx.post(f"{url}/v1/jobs", json={"model": "iris", "input_path": str(path)})
+        assert refused.status_code == 403, (path, refused.text)
+        assert "outside the allowed roots" in refused.json()["error"]
+    link.unlink()
+
+
+def test_cancelling_a_running_job_stops_it_and_removes_its_files(
+    jobs_server: RunningServer, inputs: Path, tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    submitted = submit_body(url, inputs / "big.csv")
+    job_id = submitted.json()["id"]
+    wait_state(url, job_id, ("running",), 60)
+    cancelled = httpx.delete(f"{url}/v1/jobs/{job_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["state"] == "cancelled"
+    jobs = Path(jobs_env_of(jobs_server)) / job_id
+    wait_for(lambda: not any(jobs.glob("*")), 30, "the cancelled job's files removed")
+    result = httpx.get(f"{url}/v1/jobs/{job_id}/result")
+    assert result.status_code == 409
+    assert "cancelled" in result.json()["error"]
+
+
+def jobs_env_of(server: RunningServer) -> str:
+    for line in server.output().splitlines():
+        if "jobs in " in line:
+            return line.rsplit("jobs in ", 1)[1].strip()
+    raise AssertionError("the server did not log its jobs folder")
+
+
+def test_a_submission_past_the_disk_limit_answers_507_and_old_jobs_expire(
+    trained_repository: Path, inputs: Path, tmp_path: Path
+) -> None:
+    env = jobs_env(
+        tmp_path / "jobs",
+        inputs,
+        MODELSERVE_JOBS_MAX_BYTES="300000",
+        MODELSERVE_JOBS_RETENTION_S="2",
+    )
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        refused = submit_body(running.url, inputs / "big.csv")
+        assert refused.status_code == 507, refused.text
+        assert "MODELSERVE_JOBS_MAX_BYTES" in refused.json()["error"]
+        # Streamed without a declared length, it is refused as it passes the limit.
+        chunks = (inputs / "big.csv").read_bytes()
+        streamed = httpx.post(
+            f"{running.url}/v1/jobs?model=iris",
+            content=iter([chunks[i : i + 65536] for i in range(0, 1 << 20, 65536)]),
+            headers={"Content-Type": "text/csv"},
+        )
+        assert streamed.status_code == 507, streamed.text
+        assert httpx.get(f"{running.url}/v1/jobs").json()["jobs"] == []
+
+        # Finished jobs are removed with their files once past MODELSERVE_JOBS_RETENTION_S.
+        small = write_iris_csv(tmp_path / "small.csv", 1000)
+        job_id = submit_body(running.url, small).json()["id"]
+        assert wait_state(running.url, job_id, ("succeeded", "failed"))["state"] == "succeeded"
+        wait_for(
+            lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").status_code == 404,
+            30,
+            "the job removed after its retention",
+        )
+        assert not (tmp_path / "jobs" / job_id).exists()
+
+
+def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        job_id = submit_body(running.url, inputs / "big.csv").json()["id"]
+        wait_for(
+            lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").json()["rows_done"] > 0,
+            60,
+            "the job under way",
+        )
+        running.process.kill()
+        running.process.wait()
+    with run_server(trained_repository, tmp_path, env=env) as restarted:
+        done = wait_state(restarted.url, job_id, ("succeeded", "failed"))
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert done["rows_done"] == BIG_ROWS
+        result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
+        assert result.content == expected["big"]
+
+
+def test_two_server_workers_run_each_job_once(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with run_server(trained_repository, tmp_path, env=env, args=("--workers", "2")) as running:
+        wait_for(lambda: running.output().count("Application startup complete") >= 2)
+        ids = [submit_body(running.url, inputs / "iris.csv").json()["id"] for _ in range(6)]
+        for job_id in ids:
+            done = wait_state(running.url, job_id, ("succeeded", "failed"))
+            assert done["state"] == "succeeded", done
+            assert done["attempts"] == 1, done
+            result = httpx.get(f"{running.url}{done['result']}", timeout=60)
+            assert result.content == expected["iris:2"]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_bad_row_fails_the_job_or_is_marked_by_on_error(
+    jobs_server: RunningServer, tmp_path: Path, on_error: str
+) -> None:
+    # Several parts, scored at once: the bad row is in a later one.
+    source = write_iris_csv(tmp_path / "bad.csv", ROWS)
+    lines = source.read_text().splitlines()
+    lines[20001] = lines[20001].replace(lines[20001].split(",")[1], "oops", 1)
+    source.write_text("\n".join(lines) + "\n")
+    job_id = submit_body(jobs_server.url, source, f"model=iris&on_error={on_error}").json()["id"]
+    done = wait_state(jobs_server.url, job_id, ("succeeded", "failed"))
+    if on_error == "fail":
+        assert done["state"] == "failed"
+        assert "row 20001" in done["error"], done["error"]
+        assert "petal_width" in done["error"], done["error"]
+        return
+    assert done["state"] == "succeeded", done
+    rows = httpx.get(f"{jobs_server.url}{done['result']}").text.splitlines()
+    assert len(rows) == ROWS + 1
+    assert "petal_width" in rows[20001]
+    assert rows[20002].split(",")[0] == "0020001"
+
+
+def modelserve_jobs(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "service", "jobs", "--url", url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    submitted = modelserve_jobs(url, "submit", "iris", str(inputs / "iris.csv"))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert len(job_id) == 32  # nothing but the id on a pipe
+    waited = modelserve_jobs(url, "wait", job_id)
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout == "succeeded\n"
+    assert waited.stderr == ""  # no progress bar off a terminal
+    target = tmp_path / "scored.csv"
+    target.write_bytes(expected["iris:2"][:1000])  # a download that stopped
+    fetched = modelserve_jobs(url, "result", job_id, str(target), "--resume")
+    assert fetched.returncode == 0, fetched.stderr
+    assert target.read_bytes() == expected["iris:2"]
+    listed = modelserve_jobs(url, "list", "--state", "succeeded")
+    assert job_id in listed.stdout
+
+    by_path = modelserve_jobs(url, "submit", "iris", "/etc/passwd", "--input-path")
+    assert by_path.returncode == 1
+    assert "outside the allowed roots" in by_path.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,petal_width,sepal_length,petal_length,sepal_width\n1,x,1,1,1\n")
+    failing = modelserve_jobs(url, "submit", "iris", str(bad)).stdout.strip()
+    failed = modelserve_jobs(url, "wait", failing)
+    assert failed.returncode == 1
+    assert failed.stdout.startswith("failed: ")
+    assert "petal_width" in failed.stdout
+
+
+def test_job_routes_go_through_the_request_boundary(
+    trained_repository: Path, inputs: Path, tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs, MODELSERVE_API_KEYS="jobs-key")
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        for method, path in (("POST", "/v1/jobs?model=iris"), ("GET", "/v1/jobs")):
+            refused = httpx.request(
+                method, f"{running.url}{path}", content=b"a\n", headers={"X-Request-ID": "r1"}
+            )
+            assert refused.status_code == 401, refused.text
+            assert "API key" in refused.json()["error"]
+            assert refused.headers["x-request-id"] == "r1"
+        key = {"X-API-Key": "jobs-key", "Content-Type": "text/csv"}
+        body = (inputs / "iris.csv").read_bytes()
+        accepted = httpx.post(f"{running.url}/v1/jobs?model=iris", content=body, headers=key)
+        assert accepted.status_code == 202, accepted.text
+        unknown = httpx.post(f"{running.url}/v1/jobs?model=nope", content=body, headers=key)
+        assert unknown.status_code == 404
+        assert "nope" in unknown.json()["error"]
+        wrong = httpx.put(f"{running.url}/v1/jobs", headers=key)
+        assert wrong.status_code == 405
+        counted = scrape(running.url, key)
+        labels = (("code", "202"), ("model", "iris"), ("protocol", "jobs"), ("version", "2"))
+        assert counted[("modelserve_requests_total", labels)] == 1
+
+
+@pytest.mark.parametrize(
+    ("source_name", "output_format"),
+    [("iris.csv", "ndjson"), ("iris.parquet", "parquet"), ("iris.parquet", "csv")],
+)
+def test_ndjson_and_parquet_jobs_equal_modelserve_score(
+    jobs_server: RunningServer,
+    trained_repository: Path,
+    inputs: Path,
+    tmp_path: Path,
+    source_name: str,
+    output_format: str,
+) -> None:
+    source = inputs / source_name
+    if not source.exists():  # Parquet in several row groups, so that the job has several parts
+        as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+        table = pa_csv.read_csv(inputs / "iris.csv", convert_options=as_text)
+        pq.write_table(table, source, row_group_size=4000)
+    want = score_offline(trained_repository, "iris:2", source, tmp_path / f"want.{output_format}")
+    fields = {"model": "iris", "input_path": str(source), "output_format": output_format}
+    submitted = httpx.post(f"{jobs_server.url}/v1/jobs", json=fields)
+    assert submitted.status_code == 202, submitted.text
+    done = wait_state(jobs_server.url, submitted.json()["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["rows_total"] == ROWS
+    got = httpx.get(f"{jobs_server.url}{done['result']}", timeout=60).content
+    if output_format != "parquet":
+        assert got == want
+        return
+    (tmp_path / "got.parquet").write_bytes(got)
+    assert pq.read_table(tmp_path / "got.parquet").equals(pq.read_table(tmp_path / "want.parquet"))
+
+
+def test_with_a_dask_scheduler_the_parts_run_on_its_workers(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        env = jobs_env(
+            tmp_path / "jobs", inputs, MODELSERVE_JOBS_DASK_SCHEDULER=cluster.scheduler_address
+        )
+        with run_server(trained_repository, tmp_path, env=env) as running:
+            job_id = submit_body(running.url, inputs / "iris.csv").json()["id"]
+            done = wait_state(running.url, job_id, ("succeeded", "failed"))
+            assert done["state"] == "succeeded", done
+            result = httpx.get(f"{running.url}{done['result']}", timeout=60)
+            assert result.content == expected["iris:2"]
+        # The parts ran on both workers, each of which loaded the model once.
+        loads = client.run(_model_loads)
+        assert len(loads) == 2
+        assert all(misses == 1 for misses in loads.values()), loads
+
+
+def _model_loads() -> int:
+    from service.scoring import cached_model
+
+    return int(cached_model.cache_info().misses)
+
+
+def test_the_cli_waits_with_a_progress_bar_on_a_terminal(
+    jobs_server: RunningServer, inputs: Path
+) -> None:
+    job_id = submit_body(jobs_server.url, inputs / "big.csv").json()["id"]
+    primary, secondary = pty.openpty()
+    command = [sys.executable, "-m", "service", "jobs", "--url", jobs_server.url]
+    command += ["wait", job_id, "--interval", "0.1"]
+    process = subprocess.Popen(command, stderr=secondary, stdout=subprocess.DEVNULL)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not data:
+            break
+        shown += data
+    os.close(primary)
+    assert process.wait(timeout=120) == 0
+    text = shown.decode()
+    assert "rows/s" in text
+    assert "ETA" in text
+    assert f"{BIG_ROWS:,} rows" in text
