@@ -11,6 +11,8 @@ GRPC_CODES: dict[type[errors.ServiceError], StatusCode] = {
     errors.Forbidden: StatusCode.PERMISSION_DENIED,
     errors.ModelNotFound: StatusCode.NOT_FOUND,
     errors.Conflict: StatusCode.ABORTED,
+    errors.RangeNotSatisfiable: StatusCode.OUT_OF_RANGE,
+    errors.StorageFull: StatusCode.RESOURCE_EXHAUSTED,
     errors.RouteNotFound: StatusCode.UNIMPLEMENTED,
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
     errors.PayloadTooLarge: StatusCode.RESOURCE_EXHAUSTED,

@@ -60,7 +60,7 @@ def job_paths() -> dict[str, Any]:
             "column_types": {"type": "string"},
         },
     }
-    return {
+    paths: dict[str, Any] = {
         "/v1/jobs": {
             "post": {
                 "summary": "submit a batch job",
@@ -132,3 +132,18 @@ def job_paths() -> dict[str, Any]:
             },
         },
     }
+    # What every job route may answer, as every inference-like route may (the request boundary).
+    common = {
+        "400": "Invalid input: the message names the parameter",
+        "401": "No credentials (when MODELSERVE_API_KEYS or tokens are required)",
+        "403": "Wrong credentials",
+        "404": "Unknown model, version or job",
+        "413": "Body too large",
+        "415": "Unsupported content type or encoding",
+        "503": "Shutting down, or overloaded (see Retry-After)",
+    }
+    for operations in paths.values():
+        for operation in operations.values():
+            for code, text in common.items():
+                operation["responses"].setdefault(code, _json(text, error))
+    return paths
