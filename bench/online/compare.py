@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.online.raw import load_runtime
-from bench.online.servers import Server, prepare_repository, start_modelserve
+from bench.online.servers import ROOT, Server, prepare_repository, start_modelserve
 from bench.online.workload import Artifact, build_request
 from bench.online.workload import features as make_features
 from bench.online.wrk import run_wrk
@@ -48,7 +48,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelserve-compare-"))
     repository, _ = prepare_repository(work)
-    env = {"baseline": {"PYTHONPATH": str(args.baseline.resolve())}, "current": {}}
+    # Each server imports its own tree first (the servers run from a work folder, where the
+    # installed package would otherwise be found).
+    env = {
+        "baseline": {"PYTHONPATH": str(args.baseline.resolve())},
+        "current": {"PYTHONPATH": str(ROOT)},
+    }
     rows: list[dict[str, float]] = []
     for rep in range(args.repeat):
         order = ["baseline", "current"] if rep % 2 == 0 else ["current", "baseline"]
