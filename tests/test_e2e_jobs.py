@@ -468,3 +468,19 @@ def test_the_cli_waits_with_a_progress_bar_on_a_terminal(
     assert "rows/s" in text
     assert "ETA" in text
     assert f"{BIG_ROWS:,} rows" in text
+
+
+def test_a_jobs_folder_that_cannot_be_written_turns_jobs_off_not_the_server(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """As on a read-only root filesystem: inference serves, jobs answer 403 saying why."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {"MODELSERVE_JOBS_DIR": str(blocker / "jobs")}
+    with run_server(trained_repository, tmp_path, env=env) as server:
+        row = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+        assert httpx.post(f"{server.url}/v1/models/iris:predict", json=row).status_code == 200
+        refused = httpx.get(f"{server.url}/v1/jobs")
+        assert refused.status_code == 403
+        assert "MODELSERVE_JOBS_DIR" in refused.json()["error"]
+        assert "batch jobs are off" in server.output()

@@ -4,10 +4,12 @@ import asyncio
 import gc
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
@@ -94,8 +96,24 @@ def _http_error(request: Request, exc: Exception) -> Response:
     return Response(error_body(error), status_code=status, headers=headers)
 
 
+def _open_jobs(folder: Path) -> JobStore | None:
+    """The job store; a folder that cannot be written turns batch jobs off, not the server."""
+    try:
+        store = JobStore(folder)
+    except (OSError, sqlite3.Error) as exc:
+        logger.error(
+            "batch jobs are off: %s cannot be written (%s); set MODELSERVE_JOBS_DIR to a "
+            "writable folder",
+            folder,
+            exc,
+        )
+        return None
+    logger.info("batch jobs in %s", folder)
+    return store
+
+
 def _background_tasks(
-    state: ServiceState, jobs: JobStore, jobs_stopping: threading.Event
+    state: ServiceState, jobs: JobStore | None, jobs_stopping: threading.Event
 ) -> list["asyncio.Task[None]"]:
     """What every worker runs beside its requests: the routing sync, the job runner, and
     repository polling and drift binning when they are on."""
@@ -106,10 +124,9 @@ def _background_tasks(
         if job.state == "succeeded":
             metrics.job_rows.labels(job.model, str(job.version)).inc(job.rows_done)
 
-    tasks = [
-        asyncio.create_task(follow_routing(state, settings.routing_sync_s)),
-        asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job)),
-    ]
+    tasks = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
+    if jobs is not None:
+        tasks.append(asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job)))
     if settings.repository_poll_s > 0:
         tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
     if state.router.drift is not None:
@@ -162,9 +179,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         for entry in registry.models.values():
             record_model(metrics, entry)
         state.router.registry = registry
-        state.jobs = await asyncio.to_thread(JobStore, settings.jobs_folder())
+        state.jobs = await asyncio.to_thread(_open_jobs, settings.jobs_folder())
         jobs_stopping = threading.Event()
-        logger.info("batch jobs in %s", settings.jobs_folder())
         # What startup built (the app, the models) lives as long as the process: frozen, it is
         # left out of every garbage collection that request garbage triggers. With it in, each
         # full collection walks every loaded tree and layer, and a 10,000-row JSON request
@@ -182,8 +198,10 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         restore_signals = install_drain_hook(start_draining, settings.shutdown_delay_s)
         logger.info("serving %d models from %s", len(registry.models), settings.model_repository)
         write_status(state)
-        job_states = JobStates(state.jobs.count_by_state)
-        prometheus.register(job_states)
+        job_states = None
+        if state.jobs is not None:
+            job_states = JobStates(state.jobs.count_by_state)
+            prometheus.register(job_states)
         watches = _background_tasks(state, state.jobs, jobs_stopping)
         try:
             yield
@@ -198,7 +216,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 # HTTP has drained by now; calls still running get the same grace period.
                 await grpc_server.stop(settings.graceful_shutdown_s)
             await asyncio.gather(*watches, return_exceptions=True)
-            prometheus.unregister(job_states)
+            if job_states is not None:
+                prometheus.unregister(job_states)
             executor.shutdown(wait=True)
             if directory is not None:
                 worker_exited(directory)

@@ -57,7 +57,11 @@ def _query(exchange: Exchange) -> dict[str, str]:
 def _store(exchange: Exchange) -> JobStore:
     store = exchange.state.jobs
     if store is None:
-        raise errors.ServiceError("the job store is not open")
+        folder = exchange.state.settings.jobs_folder()
+        raise errors.Forbidden(
+            f"batch jobs are off on this server: {folder} cannot be written; set "
+            "MODELSERVE_JOBS_DIR to a writable folder (see the server log)"
+        )
     return store
 
 
