@@ -236,11 +236,13 @@ def test_a_submission_past_the_disk_limit_answers_507_and_old_jobs_expire(
         refused = submit_body(running.url, inputs / "big.csv")
         assert refused.status_code == 507, refused.text
         assert "MODELSERVE_JOBS_MAX_BYTES" in refused.json()["error"]
-        # Streamed without a declared length, it is refused as it passes the limit.
+        # Streamed without a declared length, it is refused as it passes the limit. Only a
+        # little over the limit is sent, so the whole body is written before the answer and
+        # the client never writes to a connection the server has closed.
         chunks = (inputs / "big.csv").read_bytes()
         streamed = httpx.post(
             f"{running.url}/v1/jobs?model=iris",
-            content=iter([chunks[i : i + 65536] for i in range(0, 1 << 20, 65536)]),
+            content=iter([chunks[i : i + 65536] for i in range(0, 400_000, 65536)]),
             headers={"Content-Type": "text/csv"},
         )
         assert streamed.status_code == 507, streamed.text
