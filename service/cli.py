@@ -369,6 +369,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _repository_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modelserve", description="Serve scikit-learn and ONNX models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -428,12 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="the version number (default: the next free one)",
     )
-    package.add_argument(
-        "--model-repository",
-        type=Path,
-        metavar="DIR",
-        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
-    )
+    _repository_option(package)
     package.add_argument(
         "--features",
         metavar="A,B,…",
@@ -516,12 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "model", metavar="MODEL:VERSION", help="the version to convert: a number or an alias"
     )
-    convert.add_argument(
-        "--model-repository",
-        type=Path,
-        metavar="DIR",
-        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
-    )
+    _repository_option(convert)
     convert.add_argument(
         "--version",
         type=_positive,
@@ -554,12 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sign.add_argument("model", metavar="MODEL:VERSION", help="the version to sign (a number)")
     sign.add_argument("--key", type=Path, required=True, metavar="KEY.pem", help="private key")
-    sign.add_argument(
-        "--model-repository",
-        type=Path,
-        metavar="DIR",
-        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
-    )
+    _repository_option(sign)
     sign.set_defaults(run=_sign)
 
     profile = commands.add_parser(
@@ -580,12 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a CSV or Parquet file with the feature columns (other columns are ignored)",
     )
-    profile.add_argument(
-        "--model-repository",
-        type=Path,
-        metavar="DIR",
-        help="the repository folder (default: MODELSERVE_MODEL_REPOSITORY or models)",
-    )
+    _repository_option(profile)
     profile.set_defaults(run=_profile)
     jobclient.add_parser(commands)
     return parser
