@@ -32,8 +32,13 @@ def _workers(server: RunningServer) -> set[int]:
 
 
 def _sockets(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except FileNotFoundError:  # closed between listing and reading: not open now
+            continue
+    return count
 
 
 def _closed(connection: socket.socket) -> bool:
