@@ -150,7 +150,7 @@ def start_modelserve(
     port = free_port()
     command = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository)]
     command += ["--port", str(port), "--workers", str(workers)]
-    environment = {"MODELSERVE_LOG_LEVEL": "warning", **(env or {})}
+    environment = dict(env or {})  # as a user starts it: access log on at info
     server = _start(name, "modelserve", command, work, port, environment, cores, "/v2/health/ready")
     server.large_requests = large_requests
     return server
