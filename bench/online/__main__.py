@@ -14,13 +14,22 @@ import httpx
 import numpy as np
 
 from bench.online.raw import load_runtime, measure_raw
-from bench.online.report import OURS, OURS_UNBATCHED, write_report
+from bench.online.report import (
+    MLSERVER,
+    MLSERVER_AB,
+    OURS,
+    OURS_UNBATCHED,
+    TRITON,
+    TUTORIAL,
+    write_report,
+)
 from bench.online.servers import (
     ROOT,
     Server,
     prepare_repository,
     start_mlserver,
     start_modelserve,
+    start_triton,
     start_tutorial,
 )
 from bench.online.workload import ARTIFACTS, Artifact, Encoding, build_request, decode_answer
@@ -237,23 +246,31 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
     return records
 
 
-def start_servers(batched: Path, unbatched: Path, work: Path, peers: bool) -> list[Server]:
-    starts: list[Callable[[], Server]] = [
-        lambda: start_modelserve(OURS, batched, work),
-        lambda: start_modelserve(OURS_UNBATCHED, unbatched, work, large_requests=False),
-    ]
+def start_servers(
+    batched: Path, unbatched: Path, work: Path, peers: bool, only: list[str] | None
+) -> list[Server]:
+    starts: dict[str, Callable[[], Server]] = {
+        OURS: lambda: start_modelserve(OURS, batched, work),
+        OURS_UNBATCHED: lambda: start_modelserve(
+            OURS_UNBATCHED, unbatched, work, large_requests=False
+        ),
+    }
     if peers:
-        starts += [
-            lambda: start_mlserver("MLServer", batched, work, adaptive_batching=False),
-            lambda: start_mlserver(
-                "MLServer (adaptive batching)", batched, work, adaptive_batching=True
-            ),
-            lambda: start_tutorial("tutorial FastAPI", batched, work),
-        ]
+        starts |= {
+            MLSERVER: lambda: start_mlserver(MLSERVER, batched, work, adaptive_batching=False),
+            MLSERVER_AB: lambda: start_mlserver(MLSERVER_AB, batched, work, adaptive_batching=True),
+            TUTORIAL: lambda: start_tutorial(TUTORIAL, batched, work),
+            TRITON: lambda: start_triton(TRITON, batched, work),
+        }
+    unknown = set(only or ()) - starts.keys()
+    if unknown:
+        known = ", ".join(repr(name) for name in starts)
+        raise SystemExit(f"--only {sorted(unknown)}: not among the servers of this run ({known})")
     servers: list[Server] = []
     try:
-        for start in starts:
-            servers.append(start())
+        for name, start in starts.items():
+            if not only or name in only:
+                servers.append(start())
     except BaseException:
         for server in servers:
             server.stop()
@@ -263,18 +280,26 @@ def start_servers(batched: Path, unbatched: Path, work: Path, peers: bool) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.online", description=__doc__)
-    parser.add_argument("--peers", action="store_true", help="also measure MLServer and FastAPI")
+    parser.add_argument(
+        "--peers", action="store_true", help="also measure MLServer, FastAPI and Triton"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="repetitions (medians reported)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 workers run")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="SERVER",
+        help="run only this server (repeatable; a name as in the report, e.g. Triton)",
+    )
     args = parser.parse_args()
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     batched, unbatched = prepare_repository(work)
     started = time.time()
     records: list[Record] = []
-    servers = start_servers(batched, unbatched, work, args.peers)
+    servers = start_servers(batched, unbatched, work, args.peers, args.only)
     try:
         with pinned({1}):
             for server in servers:

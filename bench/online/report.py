@@ -11,7 +11,7 @@ Record = dict[str, Any]
 Table = dict[tuple[Any, ...], Record]
 OURS, OURS_UNBATCHED = "modelserve", "modelserve (no batching)"
 MLSERVER, MLSERVER_AB = "MLServer", "MLServer (adaptive batching)"
-TUTORIAL = "tutorial FastAPI"
+TUTORIAL, TRITON = "tutorial FastAPI", "Triton"
 IRIS, IRIS_ONNX = "iris v1 (joblib)", "iris v2 (onnx)"
 FOREST = "breast_cancer v1 (joblib)"
 TIMES = "\N{MULTIPLICATION SIGN}"
@@ -39,6 +39,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _onnx_of(artifact: str) -> str:
+    """Triton serves the ONNX version only: joblib rows compare with it through that."""
+    return artifact.replace("v1 (joblib)", "v2 (onnx)")
 
 
 def _peer_of(artifact: str) -> str:
@@ -138,6 +143,12 @@ def _goals(r: Results) -> list[Goal]:
             1.1,
         ),
         (
+            f"iris ONNX, 1 row, c=64: {TIMES} Triton",
+            _ratio(r.one(IRIS_ONNX, OURS, 64), r.one(IRIS_ONNX, TRITON, 64)),
+            ">=",
+            3.0,
+        ),
+        (
             f"forest joblib, 1 row, c=64: {TIMES} MLServer with adaptive batching",
             _ratio(r.one(FOREST, OURS, 64), r.one(FOREST, MLSERVER_AB, 64)),
             ">=",
@@ -204,17 +215,19 @@ def _targets(repetitions: list[Results]) -> list[str]:
 
 def _single_table(r: Results) -> list[str]:
     lines = [
-        f"| model | server | c | req/s | p50 ms | p99 ms | server CPU µs/req | {TIMES} MLServer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | server | c | req/s | p50 ms | p99 ms | server CPU µs/req "
+        f"| {TIMES} MLServer | {TIMES} Triton |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (artifact, server, c), record in sorted(
         r.single.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])
     ):
         ratio = _ratio(record["rate"], r.one(_peer_of(artifact), MLSERVER, c))
+        triton = _ratio(record["rate"], r.one(_onnx_of(artifact), TRITON, c))
         lines.append(
             f"| {artifact} | {server} | {c} | {_fmt(record['rate'])} "
             f"| {_fmt(record['p50_ms'], 2)} | {_fmt(record['p99_ms'], 2)} "
-            f"| {_fmt(record['cpu_us'])} | {_fmt(ratio, 2)} |"
+            f"| {_fmt(record['cpu_us'])} | {_fmt(ratio, 2)} | {_fmt(triton, 2)} |"
         )
     return lines
 
@@ -222,16 +235,18 @@ def _single_table(r: Results) -> list[str]:
 def _bulk_table(r: Results) -> list[str]:
     lines = [
         f"| model | rows/request | server | body | rows/s | p50 ms | % of raw call "
-        f"| {TIMES} MLServer |",
-        "|---|---:|---|---|---:|---:|---:|---:|",
+        f"| {TIMES} MLServer | {TIMES} Triton (same body) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for (artifact, server, n, encoding), record in sorted(r.bulk.items()):
         share = _ratio(record["rows_per_s"], r.raw_rows(artifact, n))
         peer = r.rows(_peer_of(artifact), MLSERVER, n, "json")
+        triton = r.rows(_onnx_of(artifact), TRITON, n, encoding)
         lines.append(
             f"| {artifact} | {n:,} | {server} | {encoding} | {_fmt(record['rows_per_s'])} "
             f"| {_fmt(record['p50_ms'], 1)} | {_fmt(None if share is None else share * 100)} % "
-            f"| {_fmt(_ratio(record['rows_per_s'], peer), 2)} |"
+            f"| {_fmt(_ratio(record['rows_per_s'], peer), 2)} "
+            f"| {_fmt(_ratio(record['rows_per_s'], triton), 2)} |"
         )
     return lines
 
@@ -280,8 +295,8 @@ def _plot(single: Table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    servers = [OURS, OURS_UNBATCHED, MLSERVER, MLSERVER_AB, TUTORIAL]
-    colours = dict(zip(servers, ("C2", "C1", "C0", "C9", "C4"), strict=True))
+    servers = [OURS, OURS_UNBATCHED, MLSERVER, MLSERVER_AB, TUTORIAL, TRITON]
+    colours = dict(zip(servers, ("C2", "C1", "C0", "C9", "C4", "C3"), strict=True))
     artifacts = sorted({key[0] for key in single})
     figure, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
     for axis, artifact in zip(axes.flat, artifacts, strict=False):
@@ -315,8 +330,11 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         f"Written by `bench/run.sh`: medians of {repeat} interleaved repetitions "
         f"({minutes:.0f} min). Each server is pinned to core 0 and wrk to core 1; every "
         "response is checked for its status and its label. Server CPU is the user + system "
-        "time of the server's processes per request. MLServer and the tutorial server serve "
-        "the joblib versions only, so ONNX rows compare with their joblib numbers. Targets "
+        "time of the server's processes per request (for Triton: the PyTriton process, "
+        "tritonserver and its Python-backend stubs). MLServer and the tutorial server serve "
+        "the joblib versions only, so ONNX rows compare with their joblib numbers; Triton "
+        "(through PyTriton, an onnxruntime session in the bound function, dynamic batching) "
+        "serves the ONNX versions only, so joblib rows compare with its ONNX numbers. Targets "
         "are medians over the repetitions of values (and ratios) taken within each one. The "
         "batching on / off targets come from paired c=1 runs: six 1 s runs each, in the order "
         "on, off, off, on, ..., medians.",

@@ -19,6 +19,7 @@ from training.examples import EXAMPLES, train_example
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_VENV = ROOT / "bench" / ".peers-venv"
+TRITON_VENV = ROOT / "bench" / ".triton-venv"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -182,7 +183,7 @@ def start_mlserver(
     server.versions, server.binary = frozenset({1}), False
     server.large_requests = not adaptive_batching
     for model in ("iris", "breast_cancer"):
-        _wait_model(server, f"/v2/models/{model}/ready")
+        wait_for_model(server, f"/v2/models/{model}/ready")
     return server
 
 
@@ -205,10 +206,33 @@ def start_tutorial(name: str, repository: Path, work: Path, cores: str = "0") ->
     return server
 
 
-def _wait_model(server: Server, path: str) -> None:
-    deadline = time.monotonic() + 120
+def start_triton(name: str, repository: Path, work: Path, cores: str = "0") -> Server:
+    """Triton through PyTriton, serving the ONNX versions from an onnxruntime session.
+
+    tritonserver and its Python-backend stubs are children of the PyTriton process, so they
+    run on the same core and their CPU time is counted; SIGINT stops them all.
+    """
+    workspace = work / "triton-workspace"
+    shutil.rmtree(workspace, ignore_errors=True)  # PyTriton refuses an existing one
+    port = free_port()
+    command = [str(TRITON_VENV / "bin" / "python"), str(ROOT / "bench" / "peers" / "triton_app.py")]
+    command += ["--repository", str(repository), "--version", "2"]
+    command += ["--model", "iris", "--model", "breast_cancer", "--workspace", str(workspace)]
+    command += ["--http-port", str(port), "--grpc-port", str(free_port())]
+    command += ["--metrics-port", str(free_port())]
+    server = _start(name, "triton", command, work, port, {}, cores, "/v2/health/ready")
+    server.versions = frozenset({2})
+    for model in ("iris", "breast_cancer"):
+        wait_for_model(server, f"/v2/models/{model}/versions/2/ready")
+    return server
+
+
+def wait_for_model(server: Server, path: str, timeout: float = 120.0) -> None:
+    """Until `path` answers 200; a server whose model is not ready by then is stopped."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if httpx.get(server.url + path, timeout=2.0).status_code == 200:
             return
         time.sleep(0.2)
-    raise TimeoutError(f"{server.name}: {path} not ready")
+    server.stop()
+    raise TimeoutError(f"{server.name}: {path} not ready; see {server.log}")

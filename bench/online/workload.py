@@ -10,7 +10,8 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn import datasets
 
-Kind = Literal["modelserve", "mlserver", "tutorial"]
+# Triton speaks V2 at the same paths and with the same output names as modelserve.
+Kind = Literal["modelserve", "mlserver", "tutorial", "triton"]
 Encoding = Literal["json", "binary"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATASETS = {"iris": datasets.load_iris, "breast_cancer": datasets.load_breast_cancer}
