@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.errors import PredictionFailed
-from service.prediction.batching import Batcher
+from service.prediction.batching import INLINE_WALL_S, Batcher
 from service.store.runtimes import Arrays, Prediction
 
 
@@ -148,3 +148,51 @@ def test_a_cancelled_request_keeps_the_model_busy_until_its_call_returns(
     results = asyncio.run(main())
     assert recorder.calls == [1, 3]
     np.testing.assert_array_equal(results[1]["y"], np.full((2, 2), 6.0))
+
+
+def test_a_fast_model_runs_on_the_loop_after_its_first_call(executor: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+
+    def fast(inputs: Arrays) -> Prediction:
+        threads.append(threading.current_thread().name)
+        return Prediction({"y": inputs["x"]}, label_index=inputs["x"][:, 0].astype(np.intp))
+
+    batcher = Batcher(fast, executor, max_rows=8)
+    main = threading.main_thread().name
+    # Measured in a worker thread, far under INLINE_CALL_S (a cold first call may not be),
+    # calls move to the loop; requests that are ready together then share one inline call.
+    for _ in range(10):
+        before = len(threads)
+        results = run(batcher, [np.full((1, 1), i) for i in range(5)])
+        if threads[before:] == [main]:
+            break
+    assert threads[0] != main
+    assert threads[before:] == [main]
+    assert [r["y"].tolist() for r in results if not isinstance(r, BaseException)] == [
+        [[i]] for i in range(5)
+    ]
+
+
+def test_a_model_that_slows_down_goes_back_to_a_thread(executor: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+    delay = [0.0]
+
+    def varying(inputs: Arrays) -> Prediction:
+        threads.append(threading.current_thread().name)
+        time.sleep(delay[0])
+        return Prediction({"y": inputs["x"]}, label_index=inputs["x"][:, 0].astype(np.intp))
+
+    batcher = Batcher(varying, executor, max_rows=8)
+    main = threading.main_thread().name
+    for _ in range(10):
+        run(batcher, [np.ones((1, 1))])
+        if threads[-1] == main:
+            break
+    assert threads[-1] == main
+    delay[0] = 2 * INLINE_WALL_S  # waiting, as on I/O: no CPU time, but the loop stalls
+    threads.clear()
+    for _ in range(4):
+        run(batcher, [np.ones((1, 1))])
+    # At most once more inline, measured slow by the clock; then in a thread, where it stays.
+    assert threads.count(main) <= 1
+    assert main not in threads[-3:]

@@ -1,6 +1,9 @@
 """Logging set up once at startup: plain text or JSON lines."""
 
+import asyncio
+import atexit
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -26,11 +29,14 @@ class Clock:
         self._stamp = ""
 
     def stamp(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+        return self.stamp_at(record.created)
+
+    def stamp_at(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._stamp}.{int(record.msecs):03d}Z"
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,15 +96,132 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+ACCESS_LOGGER = "service.access"  # named as before the package was split: pipelines filter on it
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "model",
+    "version",
+    "protocol",
+    "rows",
+    "error",
+)
+
+
+class AccessLines:
+    """Access lines as the handler's formatter would write them, but without a LogRecord each,
+    and written once per turn of the event loop rather than once per request.
+
+    At thousands of requests per second, building a record, passing it through the logging
+    machinery and writing it alone cost a request as much as the model call. Only in force
+    while logging is as `configure_logging` left it (see `active`); otherwise access lines
+    take the standard path, so a handler or filter added later sees every line.
+    """
+
+    def __init__(self, handler: logging.StreamHandler[Any], fmt: str) -> None:
+        self._handler = handler
+        self._json = fmt == "json"
+        self._clock = Clock()
+        self._pending: list[str] = []
+        self._bare: dict[str, str] = {}  # text values seen before (paths, names), as written
+        self._root = logging.getLogger()
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+
+    def active(self) -> bool:
+        handlers, logger = self._root.handlers, self._logger
+        return (
+            len(handlers) == 1
+            and handlers[0] is self._handler
+            and not logger.handlers
+            and not logger.filters
+            and not self._handler.filters
+            and logger.propagate
+        )
+
+    def _text(self, value: str) -> str:
+        text = self._bare.get(value)
+        if text is None:
+            text = _text_value(value)
+            if len(self._bare) < 4096:  # paths and names repeat; unknown paths cannot grow it
+                self._bare[value] = text
+        return text
+
+    def write(self, level: int, values: tuple[Any, ...]) -> None:
+        """One line of ACCESS_FIELDS `values`, at `level`."""
+        now = time.time()
+        if self._json:
+            entry: dict[str, Any] = {
+                "time": self._clock.stamp_at(now),
+                "level": logging.getLevelName(level).lower(),
+                "logger": ACCESS_LOGGER,
+                "message": "request",
+                "pid": os.getpid(),
+            }
+            entry.update(zip(ACCESS_FIELDS, values, strict=True))
+            line = orjson.dumps(entry, default=str).decode()
+        else:
+            parts = [self._clock.stamp_at(now), logging.getLevelName(level), "service.access:"]
+            parts.append("request")
+            for key, value in zip(ACCESS_FIELDS, values, strict=True):
+                if value is None:
+                    continue
+                if isinstance(value, str):
+                    # The request id is new on every line: checked, not remembered.
+                    text = _text_value(value) if key == "request_id" else self._text(value)
+                else:
+                    text = _text_value(value)
+                parts.append(f"{key}={text}")
+            line = " ".join(parts)
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is scheduled already
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: written at once
+            self.flush()
+            return
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write("\n".join(lines) + "\n")
+            handler.stream.flush()
+        except Exception:  # as in logging: a failing log stream never fails a request
+            pass
+        finally:
+            handler.release()
+
+
+access_lines: AccessLines | None = None
+
+
+@atexit.register
+def _flush_access_lines() -> None:
+    if access_lines is not None:
+        access_lines.flush()
+
+
 def configure_logging(level: str, fmt: str, access_log: bool = True) -> None:
+    global access_lines
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
+    if access_lines is not None:
+        access_lines.flush()
+    access_lines = AccessLines(handler, fmt)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Off, the access logger stops at its level check: no record is built per request.
-    logging.getLogger("service.access").setLevel(logging.NOTSET if access_log else logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     log_warnings()

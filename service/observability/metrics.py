@@ -1,7 +1,8 @@
 """Every Prometheus metric of the service, defined once, on a registry the app injects."""
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.core import GaugeMetricFamily
@@ -66,6 +67,25 @@ class Metrics:
     feature_missing: Counter
     job_rows: Counter
     job_duration: Histogram
+    # Labelled children of `requests` and `request_duration` by (model, version, protocol,
+    # status): looking a child up through `labels` costs a request more than counting it.
+    _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def request_done(
+        self, model: str, version: str, protocol: str, status: int, seconds: float
+    ) -> None:
+        """Count one answered request; its time only when it succeeded (errors would blur it)."""
+        key = (model, version, protocol, status)
+        children = self._request_children.get(key)
+        if children is None:
+            count = self.requests.labels(model, version, protocol, str(status))
+            duration = self.request_duration.labels(model, version, protocol)
+            children = self._request_children[key] = (count, duration if status == 200 else None)
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(seconds)
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:

@@ -16,6 +16,13 @@ from service.store.runtimes import Arrays, Prediction
 
 logger = logging.getLogger(__name__)
 
+# A call that takes less CPU time than this runs on the event loop itself: handing it to a
+# thread and back costs more CPU (a wake-up each way, the GIL passed twice) than such a call.
+INLINE_CALL_S = 100e-6
+# ... and less wall time than this: a call that waits (on threads of its own, on I/O) would
+# stall every other request on the loop meanwhile.
+INLINE_WALL_S = 4 * INLINE_CALL_S
+
 
 class BatchObserver(Protocol):
     def call_done(self, rows: int, seconds: float) -> None: ...
@@ -67,6 +74,12 @@ class Batcher:
         self._waiting: deque[_Waiting] = deque()
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
+        # Calls of up to this many rows were measured faster than INLINE_CALL_S: they run
+        # inline. Learnt from calls in the executor, lowered again by a slow inline call.
+        self._inline_rows = 0
+        # Set once an inline call took too long by the clock: from then on a call in a thread
+        # must be fast by the clock as well (not only in CPU time) to move back to the loop.
+        self._waits = False
 
     async def submit(self, inputs: Arrays, rows: int) -> Timed:
         if self._max_queue is not None and len(self._waiting) >= self._max_queue:
@@ -75,11 +88,13 @@ class Batcher:
                 "retry later"
             )
         loop = asyncio.get_running_loop()
-        if not self._running and self._max_delay_s == 0:
+        if not self._running and self._max_delay_s == 0 and rows > self._inline_rows:
             # The model is idle: call it from this request's own task, with no queue, future
             # or drainer task in between, so batching costs nothing at low load.
             self._running = True
             return await self._call_alone(loop, inputs, rows)
+        # A fast model's drainer runs its calls inline; started now, its task runs after the
+        # request tasks already scheduled, so the requests that are ready share one call.
         future: asyncio.Future[Timed] = loop.create_future()
         self._waiting.append(_Waiting(inputs, rows, future, time.perf_counter()))
         self._queue_changed()
@@ -96,11 +111,28 @@ class Batcher:
         # Kept referenced: the event loop holds tasks only weakly.
         self._drainer = loop.create_task(self._drain())
 
+    def _measured(self, inputs: Arrays, rows: int) -> Prediction:
+        """The model call, in a worker thread, timed there: a call fast enough runs inline next.
+
+        Timed in the thread's CPU time: its wall time counts the loop's turns on a busy core.
+        """
+        started, wall_started = time.thread_time(), time.perf_counter()
+        prediction = self._predict(inputs)
+        seconds = time.thread_time() - started
+        if seconds < INLINE_CALL_S and (
+            not self._waits or time.perf_counter() - wall_started < INLINE_WALL_S
+        ):
+            # A call's cost grows at most in proportion to its rows (a fixed part is most of a
+            # small call), so this many rows stay under the bound; a slow inline call corrects it.
+            scaled = rows if seconds <= 0 else int(rows * INLINE_CALL_S / seconds)
+            self._inline_rows = max(self._inline_rows, min(scaled, self._max_rows))
+        return prediction
+
     async def _call_alone(
         self, loop: asyncio.AbstractEventLoop, inputs: Arrays, rows: int
     ) -> Timed:
         started = time.perf_counter()
-        call = self._executor.submit(self._predict, inputs)
+        call = self._executor.submit(self._measured, inputs, rows)
         try:
             prediction = await asyncio.wrap_future(call, loop=loop)
         except asyncio.CancelledError:
@@ -162,8 +194,21 @@ class Batcher:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         merged = batch[0].inputs if len(batch) == 1 else _concatenate([w.inputs for w in batch])
+        rows = sum(w.rows for w in batch)
+        inline = rows <= self._inline_rows
         try:
-            prediction = await loop.run_in_executor(self._executor, self._predict, merged)
+            if inline:
+                cpu_started, wall_started = time.thread_time(), time.perf_counter()
+                prediction = self._predict(merged)
+                if time.perf_counter() - wall_started >= INLINE_WALL_S:
+                    self._waits = True
+                    self._inline_rows = min(self._inline_rows, rows - 1)
+                elif time.thread_time() - cpu_started >= INLINE_CALL_S:
+                    self._inline_rows = min(self._inline_rows, rows - 1)
+            else:
+                prediction = await loop.run_in_executor(
+                    self._executor, self._measured, merged, rows
+                )
         except Exception as exc:  # the batcher boundary: a failing call fails its requests only
             if len(batch) > 1:
                 # Run each request alone, so one bad request cannot fail its neighbours.
@@ -175,16 +220,23 @@ class Batcher:
                 batch[0].future, exc=PredictionFailed(f"the model failed: {type(exc).__name__}")
             )
             return
-        finished = time.perf_counter()
-        compute = finished - started
-        rows = sum(w.rows for w in batch)
+        self._settle_batch(batch, prediction, started, time.perf_counter() - started)
+
+    def _settle_batch(
+        self, batch: list[_Waiting], prediction: Prediction, started: float, compute: float
+    ) -> None:
+        """Each request of a call gets its own rows of the prediction."""
         if self._observer is not None:
-            self._observer.call_done(rows, compute)
+            self._observer.call_done(sum(w.rows for w in batch), compute)
+        if len(batch) == 1:
+            _settle(batch[0].future, Timed(prediction, started - batch[0].enqueued, compute))
+            return
         start = 0
         for item in batch:
             stop = start + item.rows
-            part = prediction if len(batch) == 1 else prediction.rows(start, stop)
-            _settle(item.future, Timed(part, started - item.enqueued, compute))
+            _settle(
+                item.future, Timed(prediction.rows(start, stop), started - item.enqueued, compute)
+            )
             start = stop
 
 

@@ -30,6 +30,7 @@ class _VersionObserver:
         self.rows = metrics.inference_rows.labels(*labels)
         self.queue = metrics.queue_duration.labels(*labels)
         self._predictions = metrics.predictions
+        self._label_children: dict[str, Any] = {}
         self._labels = labels
         self._known = model.labels
         # Sorted, as searchsorted needs; None when labels must be counted the slow way.
@@ -43,16 +44,25 @@ class _VersionObserver:
     def queue_changed(self, depth: int) -> None:
         self._depth.set(depth)
 
+    def _label_child(self, value: Any) -> Any:
+        text = str(value)
+        child = self._label_children.get(text)
+        if child is None:
+            child = self._predictions.labels(*self._labels, text)
+            if len(self._label_children) < 1024:  # a regressor's outputs are not class labels
+                self._label_children[text] = child
+        return child
+
     def count_labels(self, label: NDArray[Any], index: NDArray[np.intp] | None) -> None:
         if label.size == 1:
-            self._predictions.labels(*self._labels, str(label.reshape(-1)[0])).inc()
+            self._label_child(label.reshape(-1)[0]).inc()
             return
         if index is not None and self._known is not None:
             counts = self._known.counts(index)
         else:
             counts = _label_counts(label, self._classes)
         for value, count in counts:
-            self._predictions.labels(*self._labels, str(value)).inc(count)
+            self._label_child(value).inc(count)
 
 
 def _label_counts(label: NDArray[Any], classes: NDArray[Any] | None) -> list[tuple[Any, int]]:

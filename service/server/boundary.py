@@ -224,16 +224,14 @@ def record(call: Call, seconds: float) -> None:
     version: str | None
     if model is not None:
         name, version = model.name, str(model.version)
-        metrics = call.state.metrics
-        metrics.requests.labels(name, version, protocol, str(status)).inc()
-        if status == 200:  # errors are counted by code; their time would blur the latency
-            metrics.request_duration.labels(name, version, protocol).observe(seconds)
+        call.state.metrics.request_done(name, version, protocol, status, seconds)
     else:
         name, version = call.names
     rows = call.rows if status == 200 else 0
     access.log_request(
         call.request_id,
-        {"method": call.method, "path": call.path},
+        call.method,
+        call.path,
         status,
         seconds,
         name,

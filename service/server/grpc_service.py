@@ -89,7 +89,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             access.log_request(
                 request_id,
-                {"method": "POST", "path": f"/{SERVICE}/{method}"},
+                "POST",
+                f"/{SERVICE}/{method}",
                 status,
                 time.perf_counter() - started,
                 protocol="grpc",
