@@ -96,8 +96,12 @@ def test_a_handler_added_later_sees_every_access_line(
 ) -> None:
     logs.configure_logging("info", "text")
     seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Keep()
     logging.getLogger("service.access").addHandler(handler)
     try:
         lines = _access_lines(capsys)
