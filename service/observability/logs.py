@@ -163,18 +163,19 @@ class AccessLines:
             entry.update(zip(ACCESS_FIELDS, values, strict=True))
             line = orjson.dumps(entry, default=str).decode()
         else:
-            parts = [self._clock.stamp_at(now), logging.getLevelName(level), "service.access:"]
-            parts.append("request")
-            for key, value in zip(ACCESS_FIELDS, values, strict=True):
-                if value is None:
-                    continue
-                if isinstance(value, str):
-                    # The request id is new on every line: checked, not remembered.
-                    text = _text_value(value) if key == "request_id" else self._text(value)
-                else:
-                    text = _text_value(value)
-                parts.append(f"{key}={text}")
-            line = " ".join(parts)
+            request, method, path, status, duration, *rest = values
+            # The request id is new on every line: checked, not remembered (ours are hex).
+            request = request if request.isalnum() else _text_value(request)
+            line = (
+                f"{self._clock.stamp_at(now)} {logging.getLevelName(level)} service.access: "
+                f"request request_id={request} method={self._text(method)} "
+                f"path={self._text(path)} status={status} duration_ms={duration}"
+            )
+            for key, value in zip(ACCESS_FIELDS[5:], rest, strict=True):
+                if value is not None:
+                    # Numbers never need quotes; names and versions repeat.
+                    text = self._text(value) if isinstance(value, str) else value
+                    line += f" {key}={text}"
         self._pending.append(line)
         if len(self._pending) > 1:
             return  # a flush is scheduled already

@@ -97,7 +97,8 @@ class Batcher:
         # request tasks already scheduled, so the requests that are ready share one call.
         future: asyncio.Future[Timed] = loop.create_future()
         self._waiting.append(_Waiting(inputs, rows, future, time.perf_counter()))
-        self._queue_changed()
+        if rows > self._inline_rows:  # an inline call empties the queue within this turn
+            self._queue_changed()
         if not self._running:
             self._running = True
             self._start_draining(loop)
