@@ -2,6 +2,7 @@
 
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -120,7 +121,7 @@ class Router:
         batcher = self._batchers.get(model)
         if batcher is None:
             batcher = Batcher(
-                model.runtime.predict,
+                self._predictor(model),
                 self._executor,
                 model.max_batch_rows,
                 model.max_delay_ms,
@@ -137,9 +138,23 @@ class Router:
             raise Overloaded(f"{pending} requests are already pending for this model version")
         self._unbatched[model] = pending + 1
         try:
-            return await predict_unbatched(model.runtime.predict, self._executor, inputs)
+            return await predict_unbatched(self._predictor(model), self._executor, inputs)
         finally:
             self._unbatched[model] -= 1
+
+    def _predictor(self, model: ModelVersion) -> Callable[[Arrays], Prediction]:
+        """The version's model call, its rows and prediction counted in the drift window once
+        per call (a batch of requests, mirrored ones included), not once per request."""
+        predict, drift = model.runtime.predict, self.drift
+        if drift is None:
+            return predict
+
+        def predict_and_watch(inputs: Arrays) -> Prediction:
+            prediction = predict(inputs)
+            drift.observe(model, inputs, prediction)
+            return prediction
+
+        return predict_and_watch
 
     async def predict(self, model: ModelVersion, tensors: dict[str, NDArray[Any]]) -> Prediction:
         """Check the tensors against the signature, run them, and count what came out."""
@@ -154,8 +169,6 @@ class Router:
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
             observer.count_labels(label, prediction.label_index)
-        if self.drift is not None:
-            self.drift.observe(model, inputs, prediction)
         self._shadows.mirror(self.registry.models.get(model.name), model, inputs, rows, prediction)
         return prediction
 
