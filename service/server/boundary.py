@@ -18,6 +18,7 @@ from typing import TypeVar
 from service import errors
 from service.server import access
 from service.server.auth import Identity
+from service.server.deadlines import Deadline, deadline
 from service.server.http import (
     Headers,
     Receive,
@@ -54,7 +55,7 @@ class Call:
     # When the request arrived on the event loop's clock, for deadlines the client shortens.
     arrived: float
     started: float = field(default_factory=time.perf_counter)
-    budget: asyncio.Timeout | None = None
+    budget: Deadline | None = None
     model: ModelVersion | None = None
     rows: int = 0
     # The outcome the metrics record, as an HTTP status whatever the transport, so that one
@@ -140,7 +141,7 @@ async def run(
     try:
         # The deadline covers reading the body too, so a client that trickles its body in
         # cannot hold a request open for longer than any other.
-        async with asyncio.timeout(state.settings.request_timeout_s) as call.budget:
+        async with deadline(state.settings.request_timeout_s) as call.budget:
             if state.draining:
                 raise errors.Overloaded(
                     "the server is shutting down; send the request to another instance"
