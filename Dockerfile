@@ -42,7 +42,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODELSERVE_JOBS_DIR=/tmp/modelserve-jobs
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+# HTTP, and gRPC (Open Inference Protocol; MODELSERVE_GRPC_PORT, 0 turns it off).
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('MODELSERVE_PORT', '8000'), timeout=2)"]
