@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from bench.online.workload import Artifact, Kind
+from service.store.conversion import convert_version
 from tests.serving import free_port
 from training.examples import EXAMPLES, train_example
 
@@ -34,11 +35,22 @@ def prepare_repository(work: Path) -> tuple[Path, Path]:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / "models" / example.name / "model.toml", folder / "model.toml")
             train_example(example, batched)
+    _serve_converted_forest(batched / "breast_cancer")
     shutil.rmtree(unbatched, ignore_errors=True)
     shutil.copytree(batched, unbatched)
     for config in unbatched.glob("*/model.toml"):
         config.write_text("[batching]\nmax_batch_rows = 0\n")
     return batched, unbatched
+
+
+def _serve_converted_forest(folder: Path) -> None:
+    """The forest's ONNX version as `modelserve convert` makes it from the joblib version
+    (double-precision thresholds, parity-checked), not as the training script exports it."""
+    metadata = folder / "2" / "metadata.json"
+    if json.loads(metadata.read_text()).get("converted_from"):
+        return
+    shutil.rmtree(folder / "2")
+    convert_version(folder.parent, folder.name, "1", new_version=2)
 
 
 @dataclass
