@@ -64,10 +64,12 @@ class Call:
     error: str | None = None
     # Who is calling, once the credentials are checked (for rate limits and audit lines).
     identity: Identity | None = None
+    # The client's network address, when a rate limit needs it (HTTP reads it from the scope).
+    peer: str | None = None
 
     def address(self) -> str:
         """The client's network address, which names an anonymous client for rate limits."""
-        return "unknown"
+        return self.peer or "unknown"
 
     def shorten_deadline(self, seconds: float) -> None:
         """Counted from when the request arrived; a client may shorten the server's deadline,

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Never, TypeVar
 
 from grpc import aio
@@ -45,14 +44,10 @@ T = TypeVar("T")
 Context = aio.ServicerContext[object, object]
 
 
-@dataclass(eq=False, kw_only=True)
-class _GrpcCall(boundary.Call):
-    context: Context
-
-    def address(self) -> str:
-        # "ipv4:127.0.0.1:52044", "ipv6:[::1]:52044": the host, without the port.
-        peer = self.context.peer() or "unknown"
-        return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+def _peer_host(context: Context) -> str:
+    # "ipv4:127.0.0.1:52044", "ipv6:[::1]:52044": the host, without the port.
+    peer = context.peer() or "unknown"
+    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def _metadata(context: Context) -> dict[str, str]:
@@ -172,7 +167,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         metadata = _metadata(context)
-        call = _GrpcCall(
+        call = boundary.Call(
             self.state,
             "grpc",
             (request.model_name, request.model_version or None),
@@ -180,7 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             "POST",
             _INFER_PATH,
             asyncio.get_running_loop().time(),
-            context=context,
+            peer=_peer_host(context) if self.state.limiter is not None else None,
         )
         # The client's gRPC deadline, as it stands when the call arrives.
         remaining = context.time_remaining()
