@@ -1,7 +1,8 @@
 """Settings: every option, read from MODELSERVE_* environment variables."""
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -10,6 +11,38 @@ from service.store.registry import LoadOptions
 from service.store.repository import is_model_name
 from service.store.runtimes import RuntimeOptions
 from service.store.signing import TrustedKeys
+
+# "100/s", "6000/min", "100/s burst 200": a count per unit of time, then the burst allowed.
+_RATE = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*(?:burst\s+(\d+))?\s*",
+    re.IGNORECASE,
+)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+
+
+class Rate(NamedTuple):
+    """A token bucket's rule: tokens added per second, and the most it holds."""
+
+    per_second: float
+    burst: float
+
+
+def parse_rate(text: str) -> Rate:
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"rate limit {text!r} is not of the form '100/s', '6000/min' or '100/s burst 200'"
+        )
+    count, unit, burst = float(match[1]), match[2].lower(), match[3]
+    if count <= 0:
+        raise ValueError(f"rate limit {text!r} must allow more than 0 requests")
+    # Without a burst, a client may spend one unit's worth at once (at least one request).
+    rule = Rate(count / _UNIT_SECONDS.get(unit, 3600), max(1.0, count))
+    if burst is not None:
+        if int(burst) < 1:
+            raise ValueError(f"rate limit {text!r}: the burst must be at least 1")
+        rule = rule._replace(burst=float(burst))
+    return rule
 
 
 class Settings(BaseSettings):
@@ -94,6 +127,19 @@ class Settings(BaseSettings):
     )
     require_signatures: bool = Field(
         False, description="Versions must be signed by a trusted key to load."
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests each client may send, per worker: '100/s', '6000/min', or with a "
+        "burst, '100/s burst 200' (default burst: one unit's worth); a client is its API key, "
+        "its token's subject, or its address when anonymous; past it: 429 with Retry-After; "
+        "unset: no limit.",
+    )
+    rate_limit_clients: int = Field(
+        10_000,
+        ge=1,
+        description="Clients whose rate limit is tracked at once, per worker; past it the "
+        "least recently seen is forgotten (and starts again with a full burst).",
     )
     allow_unverified_pickle: bool = Field(
         False, description="Load pickles without a verified sha256 (unpickling runs code)."
@@ -241,6 +287,18 @@ class Settings(BaseSettings):
         if name is not None and not is_model_name(name):
             raise ValueError(f"{name!r} is not a model name: use letters, digits, '_', '.', '-'")
         return name
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_is_valid(cls, text: str | None) -> str | None:
+        if text is not None and text.strip():
+            parse_rate(text)
+            return text
+        return None
+
+    def rate(self) -> Rate | None:
+        """The per-client rate limit, or None when there is none."""
+        return parse_rate(self.rate_limit) if self.rate_limit is not None else None
 
     @model_validator(mode="after")
     def _signatures_have_keys(self) -> "Settings":

@@ -14,6 +14,7 @@
     ├── Forbidden            wrong credentials, or an endpoint that is switched off
     ├── Conflict             a change based on a state that has moved on
     ├── Overloaded           queue full; retry later
+    │   └── RateLimited      a client over its rate limit; retry later
     ├── RangeNotSatisfiable  a Range header past the end of what it asks for
     ├── StorageFull          a job's files would take disk use past its limit
     ├── DeadlineExceeded     the request's deadline passed
@@ -92,6 +93,10 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(Overloaded):
+    pass
 
 
 class RangeNotSatisfiable(ServiceError):

@@ -3,6 +3,7 @@ missing (if required), bad, or by an untrusted key."""
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -151,3 +152,17 @@ def test_the_server_reports_the_refused_version_and_serves_the_other(
         assert served.status_code == 200
         assert served.json()["model_version"] == "1"
         assert "not loaded (unsigned)" in server.output()
+
+
+def test_a_signature_failure_is_an_audit_line(
+    signed: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, _, public = signed
+    (root / "iris" / "2" / "signature.json").unlink()
+    with caplog.at_level(logging.INFO, logger="service.audit"):
+        _failures(root, TrustedKeys.read([public], required=True))
+    [record] = [r for r in caplog.records if r.name == "service.audit"]
+    assert vars(record)["action"] == "signature_check"
+    assert (vars(record)["model"], vars(record)["version"]) == ("iris", 2)
+    assert vars(record)["result"].startswith("unsigned: ")
+    assert vars(record)["who"] == "loader"

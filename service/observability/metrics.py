@@ -67,6 +67,7 @@ class Metrics:
     feature_missing: Counter
     job_rows: Counter
     job_duration: Histogram
+    rate_limited: Counter
     # Labelled children of `requests` and `request_duration` by (model, version, protocol,
     # status): looking a child up through `labels` costs a request more than counting it.
     _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = field(
@@ -251,6 +252,14 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "cancelled).",
             ["state"],
             buckets=JOB_BUCKETS,
+            registry=registry,
+        ),
+        # By the class of client only: a key, subject or address would be a credential's trace
+        # and an unbounded label.
+        rate_limited=Counter(
+            "modelserve_rate_limited",
+            "Requests refused (429) because their client was over MODELSERVE_RATE_LIMIT.",
+            ["client_class"],
             registry=registry,
         ),
         # "max" keeps the time of exited workers too: it is the last inference of any of them.

@@ -64,6 +64,12 @@ class Call:
     error: str | None = None
     # Who is calling, once the credentials are checked (for rate limits and audit lines).
     identity: Identity | None = None
+    # The client's network address, when a rate limit needs it (HTTP reads it from the scope).
+    peer: str | None = None
+
+    def address(self) -> str:
+        """The client's network address, which names an anonymous client for rate limits."""
+        return self.peer or "unknown"
 
     def shorten_deadline(self, seconds: float) -> None:
         """Counted from when the request arrived; a client may shorten the server's deadline,
@@ -101,6 +107,10 @@ class Exchange(Call):
                 "headers": [*headers, *self._closing_headers()],
             }
         )
+
+    def address(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else "unknown"
 
     def _closing_headers(self) -> Headers:
         headers = [(access.REQUEST_ID, self.request_id.encode())]
@@ -149,6 +159,8 @@ async def run(
             call.identity = await state.credentials.check_inference(
                 authorization, api_key, call.names[0]
             )
+            if state.limiter is not None:
+                state.limiter.admit(call.identity, call.address())
             return await work()
     except TimeoutError:
         call.error = "DeadlineExceeded"

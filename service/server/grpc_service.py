@@ -44,6 +44,12 @@ T = TypeVar("T")
 Context = aio.ServicerContext[object, object]
 
 
+def _peer_host(context: Context) -> str:
+    # "ipv4:127.0.0.1:52044", "ipv6:[::1]:52044": the host, without the port.
+    peer = context.peer() or "unknown"
+    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 def _metadata(context: Context) -> dict[str, str]:
     return {
         key: value
@@ -169,6 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             "POST",
             _INFER_PATH,
             asyncio.get_running_loop().time(),
+            peer=_peer_host(context) if self.state.limiter is not None else None,
         )
         # The client's gRPC deadline, as it stands when the call arrives.
         remaining = context.time_remaining()

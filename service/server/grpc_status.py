@@ -22,6 +22,8 @@ GRPC_CODES: dict[type[errors.ServiceError], StatusCode] = {
     # loading, a full queue and a server that is draining alike.
     errors.ModelNotReady: StatusCode.UNAVAILABLE,
     errors.Overloaded: StatusCode.UNAVAILABLE,
+    # Over a client's own limit: retrying at once would not help, unlike UNAVAILABLE.
+    errors.RateLimited: StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: StatusCode.DEADLINE_EXCEEDED,
     errors.HeadersTimeout: StatusCode.DEADLINE_EXCEEDED,
 }

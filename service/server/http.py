@@ -30,6 +30,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.RangeNotSatisfiable: 416,
+    errors.RateLimited: 429,
     errors.HeadersTooLarge: 431,
     errors.PredictionFailed: 500,
     errors.ModelLoadError: 500,

@@ -14,8 +14,9 @@ from fastapi import APIRouter
 
 from service.errors import InvalidInput, ModelNotFound
 from service.protocols.schemas import ErrorResponse, Routing, RoutingChange
+from service.server.audit import audited
 from service.server.polling import reload_models, worker_statuses
-from service.server.routes import ERRORS, Admin, State
+from service.server.routes import ERRORS, Admin, AdminIdentity, State
 from service.server.state import ServiceState
 from service.store.repository import CONFIG_NAME, model_dir, read_model_config
 from service.store.routing import change_config, routing_document, set_routing, set_unloaded
@@ -99,42 +100,60 @@ def get_routing(state: State, name: str) -> Routing:
 
 
 @router.put("/v2/repository/models/{name}/routing", response_model=RoutingChange)
-async def put_routing(state: State, name: str, routing: Routing) -> RoutingChange:
-    folder = _folder(state, name)
-    _check_versions(state, name, routing)
+async def put_routing(
+    state: State, who: AdminIdentity, name: str, routing: Routing
+) -> RoutingChange:
     changes = routing.model_dump(
         include=routing.model_fields_set - {"revision", "unloaded", "workers"}, mode="json"
     )
-    async with state.repository_lock:
-        await asyncio.to_thread(
-            change_config, folder, lambda doc: set_routing(doc, changes), routing.revision
-        )
-        await reload_models(state, [name], "routing changed through the API")
-    return _answer(state, name, folder)
+
+    async def change() -> RoutingChange:
+        folder = _folder(state, name)
+        _check_versions(state, name, routing)
+        async with state.repository_lock:
+            await asyncio.to_thread(
+                change_config, folder, lambda doc: set_routing(doc, changes), routing.revision
+            )
+            await reload_models(state, [name], "routing changed through the API")
+        return _answer(state, name, folder)
+
+    return await audited(who, "routing", name, change(), change=changes)
 
 
 @router.post("/v2/repository/models/{name}/load", response_model=RoutingChange)
-async def repository_load(state: State, name: str) -> RoutingChange:
-    folder = _folder(state, name)
-    async with state.repository_lock:
-        await asyncio.to_thread(change_config, folder, set_unloaded(False))
-        await reload_models(state, [name], "loaded through the API")
-        entry = state.registry.model(name)
-        if not entry.versions:
-            reasons = "; ".join(f"version {v}: {f.reason}" for v, f in entry.failures.items())
-            raise InvalidInput(
-                f"model {name!r} has no version that loads ({reasons or 'no versions'})"
-            )
-    load_s = max((v.load_seconds for v in entry.versions.values()), default=0.0)
-    return _answer(state, name, folder, load_s)
+async def repository_load(state: State, who: AdminIdentity, name: str) -> RoutingChange:
+    async def load() -> RoutingChange:
+        folder = _folder(state, name)
+        async with state.repository_lock:
+            await asyncio.to_thread(change_config, folder, set_unloaded(False))
+            await reload_models(state, [name], "loaded through the API")
+            entry = state.registry.model(name)
+            if not entry.versions:
+                reasons = "; ".join(f"version {v}: {f.reason}" for v, f in entry.failures.items())
+                raise InvalidInput(
+                    f"model {name!r} has no version that loads ({reasons or 'no versions'})"
+                )
+        load_s = max((v.load_seconds for v in entry.versions.values()), default=0.0)
+        return _answer(state, name, folder, load_s)
+
+    return await audited(
+        who,
+        "load",
+        name,
+        load(),
+        lambda _: {"versions": sorted(state.registry.model(name).versions)},
+    )
 
 
 @router.post("/v2/repository/models/{name}/unload", response_model=RoutingChange)
-async def repository_unload(state: State, name: str) -> RoutingChange:
-    folder = _folder(state, name)
-    async with state.repository_lock:
-        if name not in state.registry.models:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        await asyncio.to_thread(change_config, folder, set_unloaded(True))
-        await reload_models(state, [name], "unloaded through the API")
-    return _answer(state, name, folder)
+async def repository_unload(state: State, who: AdminIdentity, name: str) -> RoutingChange:
+    async def unload() -> RoutingChange:
+        folder = _folder(state, name)
+        async with state.repository_lock:
+            if name not in state.registry.models:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            await asyncio.to_thread(change_config, folder, set_unloaded(True))
+            await reload_models(state, [name], "unloaded through the API")
+        return _answer(state, name, folder)
+
+    return await audited(who, "unload", name, unload())

@@ -66,6 +66,8 @@ async def require_metrics_access(request: Request, state: State) -> None:
 
 
 Admin = Depends(require_admin)
+# For handlers that name who acted (the audit log); cached, so checked once per request.
+AdminIdentity = Annotated[Identity, Admin]
 ApiKey = Depends(require_api_key)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 503)

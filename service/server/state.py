@@ -13,6 +13,7 @@ from service.observability.metrics import Metrics
 from service.prediction.router import Router
 from service.server.auth import Credentials
 from service.server.memory import MemoryBudget
+from service.server.ratelimit import RateLimiter
 from service.store.registry import LoadOptions, Registry
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ class ServiceState:
     @cached_property
     def credentials(self) -> Credentials:
         return Credentials.from_settings(self.settings)
+
+    @cached_property
+    def limiter(self) -> RateLimiter | None:
+        """Per-client rate limits, or None without MODELSERVE_RATE_LIMIT (a cached attribute:
+        the boundary's whole cost when unset is reading it)."""
+        rate = self.settings.rate()
+        if rate is None:
+            return None
+        return RateLimiter(rate, self.metrics.rate_limited, self.settings.rate_limit_clients)
 
     def serving_ready(self) -> bool:
         """Ready once the repository is loaded; a model whose versions all failed is reported

@@ -29,9 +29,11 @@ from service.store.repository import (
 )
 from service.store.routing import pick_version, split_point
 from service.store.runtimes import Arrays, Runtime, RuntimeOptions, Signature, runtime_module
-from service.store.signing import TrustedKeys
+from service.store.signing import SIGNATURE_FAILURES, TrustedKeys
 
 logger = logging.getLogger(__name__)
+# The admin actions' log (service/server/audit.py); named here, as the store sits below it.
+audit_logger = logging.getLogger("service.audit")
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,22 @@ def _load_logged(
             exc.message,
             extra={"model": source.name, "version": number, "reason": exc.reason},
         )
+        if exc.reason in SIGNATURE_FAILURES:
+            # Someone may have tampered with the repository: an audit line too (the store knows
+            # no requests, so no one is named; an API load has its own line with its caller).
+            audit_logger.warning(
+                "audit: signature check of %s version %s failed: %s",
+                source.name,
+                number,
+                exc.reason,
+                extra={
+                    "who": "loader",
+                    "action": "signature_check",
+                    "model": source.name,
+                    "version": number,
+                    "result": f"{exc.reason}: {exc.message}",
+                },
+            )
         return VersionFailure(number, exc.reason, exc.message)
     except Exception as exc:  # a broken artifact must not stop the server
         logger.exception(

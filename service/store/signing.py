@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.serialization import (
 from service.errors import ModelLoadError
 
 SIGNATURE_FILE = "signature.json"
+# The load failure reasons that a signature check gives.
+SIGNATURE_FAILURES = frozenset({"unsigned", "bad_signature", "untrusted_signer"})
 # Bound to its purpose, so a signature over these bytes means nothing elsewhere.
 _CONTEXT = b"modelserve version signature v1\n"
 
