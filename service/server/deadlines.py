@@ -11,6 +11,10 @@ import asyncio
 import weakref
 from types import TracebackType
 
+# uvloop's clock reads in milliseconds, cached once per turn of the loop: a deadline closer
+# than that cannot be told from one already passed, and counts as passed.
+RESOLUTION_S = 1e-3
+
 
 class Deadline:
     """An `async with` block that times out at a loop time, which may be moved (reschedule)."""
@@ -30,7 +34,7 @@ class Deadline:
     def reschedule(self, when: float | None) -> None:
         self._when = when
         if self._task is not None and when is not None:
-            self._clock.due(when)
+            self._clock.due(when, self)
 
     async def __aenter__(self) -> "Deadline":
         task = asyncio.current_task()
@@ -75,13 +79,18 @@ class _Clock:
         self._live[deadline] = None
         when = deadline.when()
         if when is not None:
-            self.due(when)
+            self.due(when, deadline)
 
     def leave(self, deadline: Deadline) -> None:
         self._live.pop(deadline, None)
 
-    def due(self, when: float) -> None:
-        """Wake up by `when` at the latest."""
+    def due(self, when: float, deadline: Deadline) -> None:
+        """Wake up by `when` at the latest; a deadline already past expires now, so that no
+        work the block starts meanwhile (a model call on the loop, say) can finish first."""
+        if when <= self._loop.time() + RESOLUTION_S:
+            self._live.pop(deadline, None)
+            deadline._expire()
+            return
         timer = self._timer
         if timer is None or when < timer.when():
             if timer is not None:
@@ -96,13 +105,13 @@ class _Clock:
             when = deadline.when()
             if when is None:
                 continue
-            if when <= now:
+            if when <= now + RESOLUTION_S:
                 self._live.pop(deadline, None)
                 deadline._expire()
             elif earliest is None or when < earliest:
                 earliest = when
         if earliest is not None:
-            self.due(earliest)
+            self._timer = self._loop.call_at(earliest, self._sweep)
 
 
 _clocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock]" = (
