@@ -62,22 +62,23 @@ def test_the_status_page_lists_models_answers_a_row_and_shows_routing(
     # The script ran: the first refresh fills in the latency columns and the time.
     wait_until_shown(browser, "#updated", "updated")
 
-    Select = browser.find_element(By.ID, "infer-model")
-    Select.find_element(By.CSS_SELECTOR, 'option[value="iris"]').click()
+    models = browser.find_element(By.ID, "infer-model")
+    models.find_element(By.CSS_SELECTOR, 'option[value="iris"]').click()
     row = browser.find_element(By.ID, "infer-row")
-    assert "sepal length" in (row.get_attribute("placeholder") or ""), (
+    assert "sepal_length" in (row.get_attribute("placeholder") or ""), (
         "the form does not name iris's features"
     )
     row.send_keys("5.1, 3.5, 1.4, 0.2")
     browser.find_element(By.CSS_SELECTOR, "#infer button").click()
     wait_until_shown(browser, "#infer-answer", "setosa")
 
-    # The row is in iris's drift window now: its features get a PSI, coloured by threshold.
-    wait_until_shown(browser, "#drift-body", "iris version 2")
-    coloured = browser.find_elements(
-        By.CSS_SELECTOR, '#drift-body table[data-model="iris"] td.psi.alert'
-    )
-    assert coloured, f"no PSI coloured past 0.25 for one row: {text_of(browser, '#drift-body')}"
+    # The row joins iris's drift window within a second: one row is far from the training
+    # distribution, so its features' PSI is past 0.25, in red.
+    alert = '#drift-body table[data-model="iris"][data-version="2"] td.psi.alert'
+    try:
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, alert))
+    except TimeoutException:
+        pytest.fail(f"no PSI coloured past 0.25 for one row: {text_of(browser, '#drift-body')}")
 
     assert not browser.find_element(By.ID, "routing").is_displayed(), "routing without the token"
     browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)

@@ -120,14 +120,14 @@ def render_status_page(state: ServiceState) -> str:
 <p class="note">Rates over the last refresh; latency percentiles since the server started.</p>
 </section>
 <section id="routing" hidden><h2>Routing</h2><div id="routing-body"></div></section>
-<section id="drift"><h2>Drift</h2>
-<p class="note">Population Stability Index per feature: <span class="psi ok">&lt; 0.1</span>
-<span class="psi warn">0.1&ndash;0.25</span> <span class="psi alert">&gt; 0.25</span></p>
-<div id="drift-body"></div></section>
 <section id="try"><h2>Send one row</h2>
 <form id="infer"><select id="infer-model">{options}</select>
 <input id="infer-row" size="60" required><button type="submit">Infer</button></form>
 <pre id="infer-answer"></pre></section>
+<section id="drift"><h2>Drift</h2>
+<p class="note">Population Stability Index per feature: <span class="psi ok">&lt; 0.1</span>
+<span class="psi warn">0.1&ndash;0.25</span> <span class="psi alert">&gt; 0.25</span></p>
+<div id="drift-body"></div></section>
 </body>
 </html>
 """
