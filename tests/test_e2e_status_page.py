@@ -13,6 +13,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import chromium, console_errors
+from tests.conftest import ADMIN_TOKEN as FAULT_ADMIN_TOKEN
+from tests.conftest import API_KEY
 from tests.serving import RunningServer
 
 ADMIN_TOKEN = "test-admin-token"  # the `server` fixture's
@@ -90,5 +92,50 @@ def test_the_status_page_lists_models_answers_a_row_and_shows_routing(
     browser.set_window_size(1400, 1600)
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000, "the screenshot is empty"
+    severe = console_errors(browser)
+    assert not severe, f"console errors on /: {severe}"
+
+
+def test_reasons_need_the_admin_token(
+    workers_server: RunningServer, browser: webdriver.Chrome
+) -> None:
+    """iris version 3's artifact is truncated: listed as unavailable to all, and why to the
+    admin only."""
+    browser.get(workers_server.url + "/")
+    broken = '#model-rows tr[data-model="iris"][data-version="3"]'
+    wait_until_shown(browser, broken, "UNAVAILABLE")
+    assert text_of(browser, f"{broken} .reason") == "", "a reason shown without the admin token"
+
+    browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#credential button").click()
+    wait_until_shown(browser, f"{broken} .reason", "model")
+    severe = console_errors(browser)
+    assert not severe, f"console errors on /: {severe}"
+
+
+def test_a_server_with_credentials_lists_its_models_to_the_admin_only(
+    fault_server: RunningServer, browser: webdriver.Chrome
+) -> None:
+    browser.get(fault_server.url + "/")
+    wait_until_shown(browser, "#models", "needs a credential")
+    wait_until_shown(browser, "#updated", "updated")
+    assert text_of(browser, "#model-rows") == "", "models listed without a credential"
+    # Nothing the page asked for was refused (protected /metrics is not asked for unasked).
+    severe = console_errors(browser)
+    assert not severe, f"console errors on /: {severe}"
+
+    browser.find_element(By.ID, "token").send_keys(FAULT_ADMIN_TOKEN)
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#credential button").click()
+    wait_until_shown(browser, "#model-rows", "iris")
+    wait_until_shown(browser, "#routing", "stable → 1")
+    # The form gains the models the server did not list, and answers with the API key.
+    WebDriverWait(browser, 20).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#infer-model option[value="iris"]')
+    )
+    browser.find_element(By.CSS_SELECTOR, '#infer-model option[value="iris"]').click()
+    browser.find_element(By.ID, "infer-row").send_keys("6.7, 3.0, 5.2, 2.3")
+    browser.find_element(By.CSS_SELECTOR, "#infer button").click()
+    wait_until_shown(browser, "#infer-answer", "virginica")
     severe = console_errors(browser)
     assert not severe, f"console errors on /: {severe}"

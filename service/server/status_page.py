@@ -96,8 +96,10 @@ def render_status_page(state: ServiceState) -> str:
         ""
         if _is_open(state)
         else '<p class="note">This server needs a credential to list its models: enter the '
-        "admin token.</p>"
+        "admin token (and an API key to send a row).</p>"
     )
+    # A request the page knows will be refused would show as an error in the console.
+    metrics = "protected" if state.settings.protect_metrics else "open"
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -107,10 +109,12 @@ def render_status_page(state: ServiceState) -> str:
 <link rel="stylesheet" href="{STATIC_URL}/status.css">
 <script src="{STATIC_URL}/status.js" defer></script>
 </head>
-<body data-drift="{"on" if drift_on else "off"}">
+<body data-drift="{"on" if drift_on else "off"}" data-metrics="{metrics}"
+ data-inference="{"open" if _is_open(state) else "closed"}">
 <header><h1>modelserve {escape(__version__)}</h1>
-<form id="credential"><label>Admin token or API key
+<form id="credential"><label>Admin token
 <input id="token" type="password" autocomplete="off"></label>
+<label>API key <input id="api-key" type="password" autocomplete="off"></label>
 <button type="submit">Use</button></form>
 <span id="updated"></span></header>
 <section id="models"><h2>Models</h2>{note}

@@ -1,15 +1,17 @@
 // The status page's live parts: rates and latency from /metrics, drift per version, reasons and
-// routing with the admin token, and the one-row inference form. The token lives in this
-// script's memory only; it is sent as a bearer header and never stored.
+// routing with the admin token, and the one-row inference form. The credentials live in this
+// script's memory only; they are sent as headers and never stored.
 "use strict";
 
 const REFRESH_MS = 3000;
-let token = "";
+let token = ""; // the admin token, sent as a bearer token to the repository endpoints
+let apiKey = ""; // an API key, for inference, metadata, drift and /metrics when they need one
 let previous = null; // the last scrape's request counts and its time
 
-function headers(extra) {
+function headers(extra, admin) {
   const all = Object.assign({}, extra || {});
-  if (token) all.Authorization = "Bearer " + token;
+  if (apiKey && !admin) all["X-API-Key"] = apiKey;
+  else if (token) all.Authorization = "Bearer " + token;
   return all;
 }
 
@@ -83,6 +85,7 @@ function milliseconds(seconds) {
 }
 
 async function refreshRates() {
+  if (document.body.dataset.metrics === "protected" && !token && !apiKey) return;
   const response = await fetch("/metrics", { headers: headers() });
   if (!response.ok) return;
   const now = parseMetrics(await response.text());
@@ -150,7 +153,7 @@ async function refreshDrift() {
 async function refreshIndex() {
   const entries = await getJSON("/v2/repository/index", {
     method: "POST",
-    headers: headers({ "Content-Type": "application/json" }),
+    headers: headers({ "Content-Type": "application/json" }, true),
     body: "{}",
   });
   const old = new Map();
@@ -197,7 +200,8 @@ function describeRouting(name, routing) {
 async function refreshRouting(names) {
   const boxes = [];
   for (const name of names) {
-    boxes.push(describeRouting(name, await getJSON(`/v2/repository/models/${encodeURIComponent(name)}/routing`)));
+    const path = `/v2/repository/models/${encodeURIComponent(name)}/routing`;
+    boxes.push(describeRouting(name, await getJSON(path, { headers: headers({}, true) })));
   }
   document.getElementById("routing-body").replaceChildren(...boxes);
   document.getElementById("routing").hidden = false;
@@ -205,6 +209,7 @@ async function refreshRouting(names) {
 
 // Models the server did not list (it needs a credential for that) join the form once known.
 async function completeForm(names) {
+  if (document.body.dataset.inference === "closed" && !apiKey) return;
   const select = document.getElementById("infer-model");
   const known = new Set([...select.options].map((option) => option.value));
   for (const name of names.filter((n) => !known.has(n))) {
@@ -286,6 +291,7 @@ document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("credential").addEventListener("submit", (event) => {
     event.preventDefault();
     token = document.getElementById("token").value.trim();
+    apiKey = document.getElementById("api-key").value.trim();
     refresh();
   });
   document.getElementById("infer-model").addEventListener("change", showFeatures);
