@@ -297,6 +297,7 @@ document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("infer-model").addEventListener("change", showFeatures);
   document.getElementById("infer").addEventListener("submit", infer);
   showFeatures();
-  refresh();
-  setInterval(refresh, REFRESH_MS);
+  // The next refresh is timed from the end of this one, so slow answers never pile up.
+  const loop = () => refresh().finally(() => setTimeout(loop, REFRESH_MS));
+  loop();
 });
