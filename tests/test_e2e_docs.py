@@ -1,9 +1,7 @@
 """GET /docs in a real headless Chromium: the API docs render the served OpenAPI document."""
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -12,54 +10,23 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.browser import chromium, console_errors
 from tests.serving import RunningServer
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Every host but the server's fails to resolve, so an asset fetched from a CDN is an error.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
 INFERENCE_SUFFIXES = ("/infer", ":predict", ":score")
 V2_INFER = "/v2/models/{name}/infer"
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium, "chromium is missing; scripts/chromium.sh installs it"
-    assert chromedriver, "chromedriver is missing; scripts/chromium.sh installs it"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(
-        executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log")
-    )
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
+    with chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def page_text(driver: webdriver.Chrome) -> str:
     # Swagger UI breaks paths with zero-width spaces after each slash.
     text: str = driver.execute_script("return document.body.innerText")
     return text.replace("\u200b", "")
-
-
-def console_errors(driver: webdriver.Chrome) -> list[str]:
-    """The console's error entries since the last call (reading the log empties it)."""
-    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
-    return [e["message"] for e in entries if e["level"] == "SEVERE"]
 
 
 def test_the_api_docs_render_every_inference_operation(

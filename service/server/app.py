@@ -48,6 +48,8 @@ from service.server.rollout import router as rollout
 from service.server.routes import router as routes
 from service.server.shutdown import install_drain_hook
 from service.server.state import ServiceState
+from service.server.status_page import STATIC_URL, static_files
+from service.server.status_page import router as status_page
 from service.store.registry import Registry, load_registry
 
 if TYPE_CHECKING:
@@ -232,7 +234,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         redoc_url=None,
         static_url="/docs/static",
     )
+    app.include_router(status_page)
     app.include_router(routes)
+    app.mount(STATIC_URL, static_files(), name="status-static")
     app.include_router(rollout)
     # Guards the routes FastAPI serves; the fast path in front has its own limit.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)

@@ -1,5 +1,5 @@
 """Control-plane routes: health, metadata, statistics, the repository extension, V1 status and
-metrics."""
+metrics (`/`, liveness or the status page, is in status_page.py)."""
 
 from typing import Annotated, Any
 
@@ -21,7 +21,6 @@ from service.protocols.schemas import (
     RepositoryEntry,
     RepositoryIndexRequest,
     ServerMetadata,
-    ServerStatus,
     VersionDrift,
     VersionStatus,
 )
@@ -76,12 +75,6 @@ NOT_READY_STATUS: dict[int | str, dict[str, Any]] = {
     503: {"model": ModelStatusError, "description": "Not ready: the status and the reason"}
 }
 router = APIRouter(responses=ERRORS)
-
-
-@router.get("/", response_model=ServerStatus, tags=["health"])
-def root_live() -> ServerStatus:
-    """Liveness where KServe's V1 protocol and its client (`is_server_live`) look for it."""
-    return ServerStatus(status="alive")
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["v2"])
