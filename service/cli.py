@@ -301,7 +301,7 @@ def _score(args: argparse.Namespace) -> int:
     try:
         rows = score_file(job, bar)
     except ServiceError as exc:
-        print(f"\nerror: {exc.message}" if bar.rows else f"error: {exc.message}", file=sys.stderr)
+        print(f"\nerror: {exc.message}" if bar.drawn else f"error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from service.scoring import ModelReference, score
+from service.scoring.files import ScoreFile, plan_parts, score_part
 
 ROWS = 30_000
 
@@ -89,13 +90,93 @@ def test_a_bad_row_in_a_later_part_fails_with_its_row_and_no_output(
     repository = ("--model-repository", trained_repository)
     done = run_score("iris", source, target, *repository, "--workers", "2")
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: row 25001, column 'petal_length': missing value"
+    # On its own line only after a progress bar: here, none was drawn (not a terminal).
+    assert done.stderr == "error: row 25001, column 'petal_length': missing value\n"
     assert not target.exists()
-    done = run_score("iris", source, target, *repository, "--on-error", "skip")
+    done = run_score("iris", source, target, *repository, "--on-error", "skip", "--workers", "2")
     assert done.returncode == 0, done.stderr
-    errors = pa_csv.read_csv(target)["error"].to_pylist()
+    scored = pa_csv.read_csv(target)
+    errors = scored["error"].to_pylist()
     assert errors[25_000] == "row 25001, column 'petal_length': missing value"
     assert sum(bool(e) for e in errors) == 1
+    assert scored["label"].to_pylist().count("") == 1  # CSV writes a missing label empty
+    assert scored["label"][25_000].as_py() == ""
+    assert scored.num_rows == ROWS
+
+
+def _bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_planning_the_parts_does_not_read_the_file(
+    trained_repository: Path, iris_csv: Path
+) -> None:
+    """Workers start at once: nothing reads the whole file before them, to count its rows."""
+    job = ScoreFile(
+        ModelReference(str(trained_repository), "iris"), iris_csv, iris_csv, "csv", "csv", workers=4
+    )
+    before = _bytes_read()
+    parts = plan_parts(job)
+    assert _bytes_read() - before < 64 * 1024 < iris_csv.stat().st_size // 10
+    assert [part.first_row for part in parts] == [0, None, None, None]
+    assert parts[0].start == iris_csv.read_bytes().index(b"\n") + 1
+    assert parts[-1].stop == iris_csv.stat().st_size
+
+
+def test_a_part_counts_the_rows_before_it_only_to_name_a_bad_row(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    lines = iris_csv.read_bytes().splitlines(keepends=True)
+    lines[20_001] = b"020000,0.2,5.1,,3.5\n"
+    source = tmp_path / "bad.csv"
+    source.write_bytes(b"".join(lines))
+    job = ScoreFile(
+        ModelReference(str(trained_repository), "iris"), source, source, "csv", "csv",
+        chunk_rows=4000, workers=2, on_error="skip",
+    )  # fmt: skip
+    last = plan_parts(job)[1]
+    assert last.first_row is None
+    reported = [0, 0]
+
+    def report(rows: int, consumed: int) -> None:
+        reported[0] += rows
+        reported[1] += consumed
+
+    rows = score_part(job, last, tmp_path / "part-1", report)
+    first_row = sum(line.count(b"\n") for line in lines[1:]) - rows
+    scored = pa_csv.read_csv(tmp_path / "part-1", read_options=pa_csv.ReadOptions(
+        column_names=[*pa_csv.read_csv(iris_csv).column_names, "label", "p0", "p1", "p2", "error"]
+    ))  # fmt: skip
+    errors = [e for e in scored["error"].to_pylist() if e]
+    assert errors == ["row 20001, column 'petal_length': missing value"]
+    assert scored["id"][20_000 - first_row].as_py() == 20_000
+    # Scored a second time once the error needed the row count; its progress counts once.
+    assert reported == [rows, last.stop - last.start]
+
+
+def test_the_score_command_imports_only_what_it_needs(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    """Start-up is part of every run: pandas (which pyarrow imports on its first conversion
+    to look for pandas objects), the server and the job client's HTTP stack stay out."""
+    program = f"""
+import sys
+from service.cli import main
+code = main(["score", "iris:2", {str(iris_csv)!r}, {str(tmp_path / "o.csv")!r},
+             "--model-repository", {str(trained_repository)!r}, "--workers", "1"])
+unneeded = ["pandas", "fastapi", "starlette", "uvicorn", "grpc", "prometheus_client",
+            "urllib.request", "onnx", "sklearn"]
+print(code, [name for name in unneeded if name in sys.modules])
+import pandas  # still there for whoever needs it
+print(pandas.DataFrame({{"a": [1]}}).shape)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.splitlines() == ["0 []", "(1, 1)"], done.stderr
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,15 @@ from service.config import Settings
 from service.errors import InvalidInput, ServiceError
 from service.jobs.parts import Stopped, new_pool, score_parts
 from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
-from service.protocols.files import open_parquet
 from service.scoring import ModelReference, cached_model
-from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts
+from service.scoring.files import (
+    Part,
+    PartFailed,
+    ScoreFile,
+    count_rows,
+    join_parts,
+    plan_parts,
+)
 from service.scoring.tabular import feature_names
 
 logger = logging.getLogger(__name__)
@@ -56,14 +62,11 @@ def _plan(store: JobStore, job: Job, spec: ScoreFile) -> list[StoredPart]:
     if stored:
         return stored
     planned = plan_parts(spec)
-    last = planned[-1]
-    if spec.input_format == "parquet":
-        rows_total = int(open_parquet(spec.source).metadata.num_rows)
-    else:
-        with spec.source.open("rb") as source:
-            source.seek(last.start)
-            rows_total = last.first_row + source.read(last.stop - last.start).count(b"\n")
-    parts = [StoredPart(p.index, p.start, p.stop, p.first_row, p.columns, None) for p in planned]
+    first_rows, rows_total = count_rows(spec, planned)
+    parts = [
+        StoredPart(p.index, p.start, p.stop, first, p.columns, None)
+        for p, first in zip(planned, first_rows, strict=True)
+    ]
     store.plan(job.id, parts, rows_total)
     return parts
 

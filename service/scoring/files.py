@@ -1,22 +1,26 @@
 """`modelserve score`: a file scored offline by worker processes, each over its own part.
 
 A CSV or NDJSON file is split into byte ranges at line starts, a Parquet file into runs of
-row groups. Each worker loads the model itself (hash checks included), streams its part
-chunk by chunk into a part file, and reports progress; the parts are joined in order at the
-end, so OUTPUT only appears once every row is scored.
+row groups; nothing reads the file but the workers. Each worker streams its part chunk by
+chunk into a part file and reports progress; the parts are joined in order at the end
+(joining.py), so OUTPUT only appears once every row is scored. Rows are counted from the
+start of the file only when an error has to name one.
 """
 
+import importlib.abc
 import itertools
 import logging
 import multiprocessing
 import os
-import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any
+
+import pyarrow as pa
 
 from service.errors import InvalidInput, ServiceError
 from service.protocols.files import (
@@ -29,11 +33,11 @@ from service.protocols.files import (
     parse_csv_header,
 )
 from service.protocols.lines import LineChunks
-from service.scoring import ModelReference, cached_model
+from service.scoring import ModelReference, cached_model, joining
 from service.scoring.chunks import score_chunk
 from service.scoring.columns import ColumnTypes, check_declared, job_column_types
 from service.scoring.progress import ProgressBar
-from service.scoring.tabular import check_columns, feature_names
+from service.scoring.tabular import ERROR_COLUMN, check_columns, feature_names
 from service.store.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -65,7 +69,9 @@ class Part:
     start: int  # byte offset, or first row group for Parquet
     stop: int
     columns: list[str] | None  # the CSV header, read once by the parent
-    first_row: int = 0  # rows before this part, so that errors name rows of the whole file
+    # Rows before this part, so that errors name rows of the whole file; None when not counted
+    # yet (the part counts them itself if an error needs them).
+    first_row: int | None = 0
 
 
 class PartFailed(Exception):
@@ -97,12 +103,7 @@ def _line_parts(job: ScoreFile, workers: int) -> list[Part]:
             bounds.append(max(source.tell(), bounds[-1]))
     bounds.append(size)
     spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a] or [(start, start)]
-    parts: list[Part] = []
-    first_row = 0
-    for i, (a, b) in enumerate(spans):
-        parts.append(Part(i, a, b, columns, first_row))
-        first_row += _count_lines(job.source, a, b)
-    return parts
+    return [Part(i, a, b, columns, None if i else 0) for i, (a, b) in enumerate(spans)]
 
 
 def _count_lines(path: Path, start: int, stop: int) -> int:
@@ -132,9 +133,31 @@ def _parquet_parts(job: ScoreFile, workers: int) -> list[Part]:
 
 
 def plan_parts(job: ScoreFile) -> list[Part]:
+    """The parts of the input, one per worker. The rows before a CSV or NDJSON part are not
+    counted (first_row None): that would read the whole file before any worker starts."""
     if job.input_format == "parquet":
         return _parquet_parts(job, job.workers)
     return _line_parts(job, job.workers)
+
+
+def count_rows(job: ScoreFile, parts: list[Part]) -> tuple[list[int], int]:
+    """The rows before each part, and in the whole input (for CSV and NDJSON, its lines:
+    this reads the file)."""
+    if job.input_format == "parquet":
+        metadata = open_parquet(job.source).metadata
+        rows = [0]
+        for group in range(metadata.num_row_groups):
+            rows.append(rows[-1] + metadata.row_group(group).num_rows)
+        return [rows[part.start] for part in parts], rows[-1]
+    first_rows = [0]
+    for part in parts:
+        first_rows.append(first_rows[-1] + _count_lines(job.source, part.start, part.stop))
+    return first_rows[:-1], first_rows[-1]
+
+
+def _rows_before(job: ScoreFile, part: Part) -> int:
+    lines = _count_lines(job.source, 0, part.start)
+    return lines - 1 if job.input_format == "csv" else lines  # the CSV header is not a row
 
 
 def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
@@ -152,7 +175,7 @@ def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
             return decode_ndjson(block)
         return decode_csv(block, part.columns)
 
-    lines = LineChunks(job.chunk_rows, job.max_row_bytes, first_row=part.first_row)
+    lines = LineChunks(job.chunk_rows, job.max_row_bytes, first_row=part.first_row or 0)
     with job.source.open("rb") as source:
         source.seek(part.start)
         remaining = part.stop - part.start
@@ -168,29 +191,79 @@ def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
             yield decode(rest), len(rest)
 
 
+class _Unnumbered(Exception):
+    """An error names a row of a part whose first row is not counted yet."""
+
+    def __init__(self, rows: int, consumed: int) -> None:
+        super().__init__()
+        self.rows = rows  # the progress reported before it
+        self.consumed = consumed
+
+
+class _Again:
+    """The progress of a part scored a second time: what the first time reported is skipped."""
+
+    def __init__(self, report: Report, rows: int, consumed: int) -> None:
+        self._report = report
+        self._rows = rows
+        self._consumed = consumed
+
+    def __call__(self, rows: int, consumed: int) -> None:
+        skip_rows, skip_bytes = min(rows, self._rows), min(consumed, self._consumed)
+        self._rows -= skip_rows
+        self._consumed -= skip_bytes
+        if rows > skip_rows or consumed > skip_bytes:
+            self._report(rows - skip_rows, consumed - skip_bytes)
+
+
+def _names_rows(job: ScoreFile, scored: pa.Table) -> bool:
+    """Whether a scored chunk's error column (on_error=skip) names rows."""
+    return job.on_error == "skip" and scored[ERROR_COLUMN].null_count < scored.num_rows
+
+
+def _score_rows(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
+    model = cached_model(job.reference)
+    encoder = make_encoder(job.output_format, header=part.index == 0)
+    types = job_column_types(
+        feature_names(model), job.column_types, job.input_format, job.output_format
+    )
+    unnumbered = part.first_row is None
+    first_row = part.first_row or 0
+    rows = consumed = 0
+    with path.open("wb") as out:
+        try:
+            for chunk, used in _chunks(job, part):
+                table = chunk.table
+                if table.num_rows:
+                    if rows == 0:  # the CSV header was checked already; this finds NDJSON's
+                        job.check_columns(model, table.column_names)
+                    predict = model.runtime.predict
+                    table = score_chunk(
+                        model, chunk, first_row + rows, job.on_error, predict, types
+                    )
+                    if unnumbered and _names_rows(job, table):
+                        raise _Unnumbered(rows, consumed)
+                    out.write(encoder.encode(table))
+                rows += table.num_rows
+                consumed += used
+                report(table.num_rows, used)
+        except ServiceError:
+            if unnumbered:
+                raise _Unnumbered(rows, consumed) from None
+            raise
+        out.write(encoder.close())
+    return rows
+
+
 def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
     """Scores one part into `path`; returns its rows. Raises PartFailed."""
     try:
-        model = cached_model(job.reference)
-        encoder = make_encoder(job.output_format, header=part.index == 0)
-        types = job_column_types(
-            feature_names(model), job.column_types, job.input_format, job.output_format
-        )
-        rows = 0
-        with path.open("wb") as out:
-            for chunk, consumed in _chunks(job, part):
-                if chunk.table.num_rows:
-                    if rows == 0:  # the CSV header was checked already; this finds NDJSON's
-                        job.check_columns(model, chunk.table.column_names)
-                    first_row = part.first_row + rows
-                    table = score_chunk(
-                        model, chunk, first_row, job.on_error, model.runtime.predict, types
-                    )
-                    out.write(encoder.encode(table))
-                rows += chunk.table.num_rows
-                report(chunk.table.num_rows, consumed)
-            out.write(encoder.close())
-        return rows
+        try:
+            return _score_rows(job, part, path, report)
+        except _Unnumbered as again:
+            # Rare: an error names a row. Count the rows before the part, and score it again.
+            numbered = replace(part, first_row=_rows_before(job, part))
+            return _score_rows(job, numbered, path, _Again(report, again.rows, again.consumed))
     except ServiceError as exc:
         raise PartFailed(part.index, exc.message) from None
     except OSError as exc:
@@ -198,6 +271,8 @@ def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
 
 
 def _worker(job: ScoreFile, part: Part, path: Path, queue: Any) -> None:
+    skip_pandas()  # a spawned worker starts afresh
+
     def report(rows: int, consumed: int) -> None:
         queue.put(("progress", part.index, rows, consumed))
 
@@ -277,23 +352,37 @@ class _Workers:
 
 
 def join_parts(job: ScoreFile, parts: list[Part], folder: Path, target: Path) -> None:
-    with target.open("wb") as out:
-        if job.output_format != "parquet" or len(parts) == 1:
-            for part in parts:
-                with (folder / f"part-{part.index}").open("rb") as piece:
-                    shutil.copyfileobj(piece, out, _READ_BYTES)
-            return
-        # Parquet parts cannot be concatenated as bytes: their row groups are copied over.
-        encoder = make_encoder("parquet")
-        for part in parts:
-            piece = open_parquet(folder / f"part-{part.index}")
-            for chunk in parquet_chunks(piece, job.chunk_rows):
-                out.write(encoder.encode(chunk.table))
-        out.write(encoder.close())
+    """The parts' files (part-N in `folder`) joined into `target`; they stay as they are."""
+    paths = [folder / f"part-{part.index}" for part in parts]
+    joining.join_parts(job.output_format, paths, target, job.chunk_rows)
+
+
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name == "pandas":
+            raise ImportError("pandas is not needed here")
+
+
+def skip_pandas() -> None:
+    """Has pyarrow take pandas for absent in this process.
+
+    On its first conversion of any value, pyarrow imports pandas (0.15 s, as long as scoring
+    150,000 rows) only to ask whether the value is a pandas object; this command never gives
+    it one. pandas itself stays importable (a scikit-learn pipeline may use it).
+    """
+    if "pandas" in sys.modules:
+        return
+    blocker = _NoPandas()
+    sys.meta_path.insert(0, blocker)
+    try:
+        pa.array([0])  # pyarrow looks for pandas once per process, on its first conversion
+    finally:
+        sys.meta_path.remove(blocker)
 
 
 def score_file(job: ScoreFile, bar: ProgressBar) -> int:
     """Scores INPUT into OUTPUT; returns the rows scored. Raises ServiceError on failure."""
+    skip_pandas()
     model = cached_model(job.reference)  # fail fast, before any worker starts
     feature_names(model)
     parts = plan_parts(job)
@@ -302,9 +391,10 @@ def score_file(job: ScoreFile, bar: ProgressBar) -> int:
     target = job.target.resolve()
     with tempfile.TemporaryDirectory(prefix=".score-", dir=target.parent) as tmp:
         folder = Path(tmp)
+        paths = [folder / f"part-{part.index}" for part in parts]
         if len(parts) == 1:
             try:
-                rows = score_part(job, parts[0], folder / "part-0", bar.advance)
+                rows = score_part(job, parts[0], paths[0], bar.advance)
             except PartFailed as exc:
                 raise InvalidInput(exc.message) from None
         else:
@@ -314,8 +404,8 @@ def score_file(job: ScoreFile, bar: ProgressBar) -> int:
                 raise InvalidInput(workers.failed.message)
         if rows == 0:
             raise InvalidInput(f"{job.source} has no rows to score")
-        partial = folder / "joined"
-        join_parts(job, parts, folder, partial)
-        os.replace(partial, target)
+        # The first part becomes OUTPUT: the others are appended to it, it is not copied.
+        joining.append_parts(job.output_format, paths[0], paths[1:], job.chunk_rows)
+        os.replace(paths[0], target)
     bar.close()
     return rows
