@@ -272,7 +272,8 @@ def _score(args: argparse.Namespace) -> int:
     from service.errors import ServiceError
     from service.protocols.files import format_of_path
     from service.scoring import ModelReference
-    from service.scoring.files import ScoreFile, score_file
+    from service.scoring.files import score_file
+    from service.scoring.parts import ScoreFile
     from service.scoring.progress import ProgressBar
 
     settings = Settings()

@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from service.scoring import ModelReference, score
-from service.scoring.files import ScoreFile, plan_parts, score_part
+from service.scoring.parts import ScoreFile, plan_parts, score_part
 
 ROWS = 30_000
 
@@ -285,3 +285,78 @@ def test_a_row_longer_than_the_limit_fails_naming_it(
     assert done.stderr.startswith(
         "error: row 2 is longer than 1048576 bytes, the limit of one row (MODELSERVE_MAX_ROW_BYTES)"
     )
+
+
+def _quoted_csv(path: Path, value_lines: int) -> list[str]:
+    """ROWS iris rows; row 15,000's id is a quoted value of `value_lines` lines (across the
+    middle of the file, where it splits), row 100's a quoted one with a comma."""
+    data = np.resize(load_iris().data, (ROWS, 4)).tolist()
+    ids = [str(i) for i in range(ROWS)]
+    ids[100] = "a, b"
+    ids[15_000] = "\n".join(f"line {k}" for k in range(value_lines))
+    lines = ["id,sepal_length,sepal_width,petal_length,petal_width"]
+    cells = [f'"{i}"' if "," in i or "\n" in i else i for i in ids]
+    lines += [f"{cell},{r[0]},{r[1]},{r[2]},{r[3]}" for cell, r in zip(cells, data, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return ids
+
+
+@pytest.mark.parametrize("value_lines", [2, 3000])
+def test_quoted_values_holding_newlines_are_rows_however_the_file_splits(
+    trained_repository: Path, tmp_path: Path, value_lines: int
+) -> None:
+    """Lines are not rows here: a part finds out, and the file is read as one that follows
+    the quotes, so every row comes back once, as with one worker."""
+    source = tmp_path / "quoted.csv"
+    ids = _quoted_csv(source, value_lines)
+    outputs = {}
+    for workers in ("1", "2"):
+        target = tmp_path / f"out-{workers}.csv"
+        done = run_score(
+            "iris", source, target, "--model-repository", trained_repository,
+            "--workers", workers, "--chunk-rows", "4000",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs[workers] = target.read_bytes()
+    assert outputs["1"] == outputs["2"]
+    quoted = pa_csv.ParseOptions(newlines_in_values=True)
+    as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    scored = pa_csv.read_csv(tmp_path / "out-2.csv", parse_options=quoted, convert_options=as_text)
+    assert scored["id"].to_pylist() == ids
+    assert scored["label"].null_count == 0
+
+
+def test_after_a_quoted_newline_errors_name_rows_not_lines(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "quoted.csv"
+    _quoted_csv(source, 3000)
+    lines = source.read_bytes().splitlines(keepends=True)
+    lines[-10] = b"29990,5.1,x,1.4,0.2\n"  # row 29,991 on line 32,991 of the file
+    source.write_bytes(b"".join(lines))
+    done = run_score(
+        "iris", source, tmp_path / "out.csv", "--model-repository", trained_repository,
+        "--workers", "2",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "error: row 29991, column 'sepal_width': not a number: 'x'\n"
+
+
+def test_a_quote_inside_a_value_that_is_not_quoted_stays_in_it(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "inches.csv"
+    rows = ["id,sepal_length,sepal_width,petal_length,petal_width"]
+    rows += [f"{i},5.1,3.5,1.4,0.2" for i in range(20_000)]
+    rows[15_001] = "5'10\",5.1,3.5,1.4,0.2"
+    source.write_text("\n".join(rows) + "\n")
+    target = tmp_path / "out.csv"
+    done = run_score(
+        "iris", source, target, "--model-repository", trained_repository, "--workers", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    scored = pa_csv.read_csv(
+        target, convert_options=pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    )
+    assert scored.num_rows == 20_000
+    assert scored["id"][15_000].as_py() == "5'10\""

@@ -32,7 +32,8 @@ def test_a_parquet_footer_is_written_back_as_it_was_read() -> None:
     assert metadata.get(3) == 45  # FileMetaData.num_rows
     groups = metadata.get(4)
     # More than 14 row groups: the list's size is a varint after its header.
-    assert isinstance(groups, Items) and len(groups.values) == 23
+    assert isinstance(groups, Items)
+    assert len(groups.values) == 23
 
 
 def test_every_kind_of_value_survives_a_round_trip() -> None:

@@ -112,3 +112,21 @@ class LineChunks:
         if self._wants_header and self.header is None:
             self.header, rest = rest, b""
         return rest if rest.strip() else b""
+
+
+def quotes_span_lines(block: bytes, rows: int) -> bool:
+    """Whether a quoted CSV value in this block of whole lines may hold a line end, so that its
+    lines are not its rows: a line with an odd number of quotes, or fewer `rows` (as parsed)
+    than lines with text. Blocks without a quote are answered at memchr speed."""
+    if b'"' not in block:
+        return False
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)
+    quotes = np.bincount(np.searchsorted(ends, np.flatnonzero(data == 34)), minlength=len(ends))
+    if (quotes % 2).any():
+        return True
+    starts = np.concatenate(([0], ends + 1))
+    stops = np.concatenate((ends, [len(data)]))
+    lengths = stops - starts
+    return_ended = (lengths > 0) & (data[np.maximum(stops - 1, 0)] == 13)  # \r\n line ends
+    return rows < int(np.count_nonzero(lengths - return_ended > 0))

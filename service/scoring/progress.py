@@ -33,6 +33,10 @@ class ProgressBar:
             self._shown = now
             self._draw(now)
 
+    def restart(self) -> None:
+        """Back to no rows: the input is scored again from its start."""
+        self.rows = self.done = 0
+
     @property
     def drawn(self) -> bool:
         """Whether the line is on the terminal (a message after it starts on a line of its own)."""
