@@ -83,8 +83,16 @@ def timed(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
-def _tree_rss_mb(root: int) -> float:
-    """The summed RSS of a process and its descendants (pages shared after fork count twice)."""
+def _pss_mb(pid: int) -> float:
+    """A process's proportional set size: its pages, shared ones split among their sharers."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _tree_pss_mb(root: int) -> float:
+    """The memory of a process and its descendants (pages shared after fork counted once)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -97,17 +105,17 @@ def _tree_rss_mb(root: int) -> float:
         pid = todo.pop()
         todo += children.get(pid, [])
         with contextlib.suppress(OSError):  # it ended meanwhile
-            total += rss_mb(pid)
+            total += _pss_mb(pid)
     return total
 
 
 def timed_with_memory(command: list[str]) -> tuple[float, float]:
-    """Wall time of a fresh process, and the peak summed RSS of it and its workers (MB)."""
+    """Wall time of a fresh process, and the peak memory of it and its workers (PSS, MB)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     peak = 0.0
     while process.poll() is None:
-        peak = max(peak, _tree_rss_mb(process.pid))
+        peak = max(peak, _tree_pss_mb(process.pid))
         time.sleep(0.05)
     seconds = time.perf_counter() - started
     if process.returncode:
@@ -234,12 +242,12 @@ def measure_workers(repository: Path, folder: Path, rows: int, runs: int) -> dic
     source = folder / "big.csv"
     write_csv(source, rows)
     cli = cli_command(repository, source, folder / "big-out.csv")
-    found: dict[str, list[float]] = {"1": [], "2": [], "rss-1": [], "rss-2": []}
+    found: dict[str, list[float]] = {"1": [], "2": [], "memory-1": [], "memory-2": []}
     for _ in range(runs):
         for workers in ("1", "2"):
             seconds, peak = timed_with_memory([*cli, "--workers", workers])
             found[workers].append(seconds)
-            found[f"rss-{workers}"].append(peak)
+            found[f"memory-{workers}"].append(peak)
     source.unlink()
     (folder / "big-out.csv").unlink()
     return found
@@ -305,7 +313,7 @@ def report(
             "",
             f"{args.big_rows:,}-row CSV, `modelserve score` as a whole command:",
             "",
-            "| workers | rows/s | runs (s) | peak RSS, summed over its processes (MB) |",
+            "| workers | rows/s | runs (s) | peak memory of its processes (PSS, MB) |",
             "|---|---:|---|---:|",
         ]
         for workers in ("1", "2"):
@@ -313,7 +321,7 @@ def report(
             runs = ", ".join(f"{t:.2f}" for t in big[workers])
             lines.append(
                 f"| `--workers {workers}` | {rate:,.0f} | {runs} "
-                f"| {max(big[f'rss-{workers}']):.0f} |"
+                f"| {max(big[f'memory-{workers}']):.0f} |"
             )
     return lines
 
