@@ -320,6 +320,30 @@ def test_a_bad_row_fails_the_job_or_is_marked_by_on_error(
     assert rows[20002].split(",")[0] == "0020001"
 
 
+def test_a_file_whose_quoted_values_span_lines_is_scored_as_one_part(
+    jobs_server: RunningServer, trained_repository: Path, tmp_path: Path
+) -> None:
+    """A value of 30,000 lines (bigger than a part) lies across a boundary between parts: a
+    part finds it out, and the job is planned again as one part, read following the quotes."""
+    source = write_iris_csv(tmp_path / "quoted.csv", ROWS)
+    lines = source.read_text().splitlines()
+    value = "\n".join(f"line {k}" for k in range(30_000))
+    lines[15_001] = f'"{value}",' + lines[15_001].split(",", 1)[1]
+    source.write_text("\n".join(lines) + "\n")
+    job_id = submit_body(jobs_server.url, source, "model=iris&version=2").json()["id"]
+    done = wait_state(jobs_server.url, job_id, ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["rows_done"] == ROWS
+    result = httpx.get(f"{jobs_server.url}{done['result']}", timeout=60).content
+    assert result == score_offline(trained_repository, "iris:2", source, tmp_path / "out.csv")
+    quoted = pa_csv.ParseOptions(newlines_in_values=True)
+    as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    table = pa_csv.read_csv(pa.py_buffer(result), parse_options=quoted, convert_options=as_text)
+    ids = table["id"].to_pylist()
+    assert ids[15_000] == value
+    assert len(ids) == ROWS
+
+
 def modelserve_jobs(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "service", "jobs", "--url", url, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)

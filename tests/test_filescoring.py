@@ -14,6 +14,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from service.scoring import ModelReference, score
+from service.scoring.parts import ScoreFile, plan_parts, score_part
 
 ROWS = 30_000
 
@@ -89,13 +90,93 @@ def test_a_bad_row_in_a_later_part_fails_with_its_row_and_no_output(
     repository = ("--model-repository", trained_repository)
     done = run_score("iris", source, target, *repository, "--workers", "2")
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: row 25001, column 'petal_length': missing value"
+    # On its own line only after a progress bar: here, none was drawn (not a terminal).
+    assert done.stderr == "error: row 25001, column 'petal_length': missing value\n"
     assert not target.exists()
-    done = run_score("iris", source, target, *repository, "--on-error", "skip")
+    done = run_score("iris", source, target, *repository, "--on-error", "skip", "--workers", "2")
     assert done.returncode == 0, done.stderr
-    errors = pa_csv.read_csv(target)["error"].to_pylist()
+    scored = pa_csv.read_csv(target)
+    errors = scored["error"].to_pylist()
     assert errors[25_000] == "row 25001, column 'petal_length': missing value"
     assert sum(bool(e) for e in errors) == 1
+    assert scored["label"].to_pylist().count("") == 1  # CSV writes a missing label empty
+    assert scored["label"][25_000].as_py() == ""
+    assert scored.num_rows == ROWS
+
+
+def _bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_planning_the_parts_does_not_read_the_file(
+    trained_repository: Path, iris_csv: Path
+) -> None:
+    """Workers start at once: nothing reads the whole file before them, to count its rows."""
+    job = ScoreFile(
+        ModelReference(str(trained_repository), "iris"), iris_csv, iris_csv, "csv", "csv", workers=4
+    )
+    before = _bytes_read()
+    parts = plan_parts(job)
+    assert _bytes_read() - before < 64 * 1024 < iris_csv.stat().st_size // 10
+    assert [part.first_row for part in parts] == [0, None, None, None]
+    assert parts[0].start == iris_csv.read_bytes().index(b"\n") + 1
+    assert parts[-1].stop == iris_csv.stat().st_size
+
+
+def test_a_part_counts_the_rows_before_it_only_to_name_a_bad_row(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    lines = iris_csv.read_bytes().splitlines(keepends=True)
+    lines[20_001] = b"020000,0.2,5.1,,3.5\n"
+    source = tmp_path / "bad.csv"
+    source.write_bytes(b"".join(lines))
+    job = ScoreFile(
+        ModelReference(str(trained_repository), "iris"), source, source, "csv", "csv",
+        chunk_rows=4000, workers=2, on_error="skip",
+    )  # fmt: skip
+    last = plan_parts(job)[1]
+    assert last.first_row is None
+    reported = [0, 0]
+
+    def report(rows: int, consumed: int) -> None:
+        reported[0] += rows
+        reported[1] += consumed
+
+    rows = score_part(job, last, tmp_path / "part-1", report)
+    first_row = sum(line.count(b"\n") for line in lines[1:]) - rows
+    scored = pa_csv.read_csv(tmp_path / "part-1", read_options=pa_csv.ReadOptions(
+        column_names=[*pa_csv.read_csv(iris_csv).column_names, "label", "p0", "p1", "p2", "error"]
+    ))  # fmt: skip
+    errors = [e for e in scored["error"].to_pylist() if e]
+    assert errors == ["row 20001, column 'petal_length': missing value"]
+    assert scored["id"][20_000 - first_row].as_py() == 20_000
+    # Scored a second time once the error needed the row count; its progress counts once.
+    assert reported == [rows, last.stop - last.start]
+
+
+def test_the_score_command_imports_only_what_it_needs(
+    trained_repository: Path, iris_csv: Path, tmp_path: Path
+) -> None:
+    """Start-up is part of every run: pandas (which pyarrow imports on its first conversion
+    to look for pandas objects), the server and the job client's HTTP stack stay out."""
+    program = f"""
+import sys
+from service.cli import main
+code = main(["score", "iris:2", {str(iris_csv)!r}, {str(tmp_path / "o.csv")!r},
+             "--model-repository", {str(trained_repository)!r}, "--workers", "1"])
+unneeded = ["pandas", "fastapi", "starlette", "uvicorn", "grpc", "prometheus_client",
+            "urllib.request", "cryptography", "tomlkit", "sklearn"]
+print(code, [name for name in unneeded if name in sys.modules])
+import pandas  # still there for whoever needs it
+print(pandas.DataFrame({{"a": [1]}}).shape)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.splitlines() == ["0 []", "(1, 1)"], done.stderr
 
 
 @pytest.mark.parametrize(
@@ -204,3 +285,78 @@ def test_a_row_longer_than_the_limit_fails_naming_it(
     assert done.stderr.startswith(
         "error: row 2 is longer than 1048576 bytes, the limit of one row (MODELSERVE_MAX_ROW_BYTES)"
     )
+
+
+def _quoted_csv(path: Path, value_lines: int) -> list[str]:
+    """ROWS iris rows; row 15,000's id is a quoted value of `value_lines` lines (across the
+    middle of the file, where it splits), row 100's a quoted one with a comma."""
+    data = np.resize(load_iris().data, (ROWS, 4)).tolist()
+    ids = [str(i) for i in range(ROWS)]
+    ids[100] = "a, b"
+    ids[15_000] = "\n".join(f"line {k}" for k in range(value_lines))
+    lines = ["id,sepal_length,sepal_width,petal_length,petal_width"]
+    cells = [f'"{i}"' if "," in i or "\n" in i else i for i in ids]
+    lines += [f"{cell},{r[0]},{r[1]},{r[2]},{r[3]}" for cell, r in zip(cells, data, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return ids
+
+
+@pytest.mark.parametrize("value_lines", [2, 3000])
+def test_quoted_values_holding_newlines_are_rows_however_the_file_splits(
+    trained_repository: Path, tmp_path: Path, value_lines: int
+) -> None:
+    """Lines are not rows here: a part finds out, and the file is read as one that follows
+    the quotes, so every row comes back once, as with one worker."""
+    source = tmp_path / "quoted.csv"
+    ids = _quoted_csv(source, value_lines)
+    outputs = {}
+    for workers in ("1", "2"):
+        target = tmp_path / f"out-{workers}.csv"
+        done = run_score(
+            "iris", source, target, "--model-repository", trained_repository,
+            "--workers", workers, "--chunk-rows", "4000",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs[workers] = target.read_bytes()
+    assert outputs["1"] == outputs["2"]
+    quoted = pa_csv.ParseOptions(newlines_in_values=True)
+    as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    scored = pa_csv.read_csv(tmp_path / "out-2.csv", parse_options=quoted, convert_options=as_text)
+    assert scored["id"].to_pylist() == ids
+    assert scored["label"].null_count == 0
+
+
+def test_after_a_quoted_newline_errors_name_rows_not_lines(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "quoted.csv"
+    _quoted_csv(source, 3000)
+    lines = source.read_bytes().splitlines(keepends=True)
+    lines[-10] = b"29990,5.1,x,1.4,0.2\n"  # row 29,991 on line 32,991 of the file
+    source.write_bytes(b"".join(lines))
+    done = run_score(
+        "iris", source, tmp_path / "out.csv", "--model-repository", trained_repository,
+        "--workers", "2",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "error: row 29991, column 'sepal_width': not a number: 'x'\n"
+
+
+def test_a_quote_inside_a_value_that_is_not_quoted_stays_in_it(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "inches.csv"
+    rows = ["id,sepal_length,sepal_width,petal_length,petal_width"]
+    rows += [f"{i},5.1,3.5,1.4,0.2" for i in range(20_000)]
+    rows[15_001] = "5'10\",5.1,3.5,1.4,0.2"
+    source.write_text("\n".join(rows) + "\n")
+    target = tmp_path / "out.csv"
+    done = run_score(
+        "iris", source, target, "--model-repository", trained_repository, "--workers", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    scored = pa_csv.read_csv(
+        target, convert_options=pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    )
+    assert scored.num_rows == 20_000
+    assert scored["id"][15_000].as_py() == "5'10\""

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from service.errors import InvalidInput
-from service.protocols.lines import BLOCK_BYTES, LineChunks
+from service.protocols.lines import BLOCK_BYTES, LineChunks, quotes_span_lines
 
 CSV = b"a,b\n1,2\n3,4\n5,6\n7,8\n9,10"
 
@@ -52,3 +52,21 @@ def test_a_line_past_the_limit_is_refused_naming_its_row(
 
 def test_a_line_of_exactly_the_limit_passes() -> None:
     assert cut([b"a\n", b"12345", b"67890\n"], header=True) == ([b"1234567890\n"], b"a\n")
+
+
+@pytest.mark.parametrize(
+    ("block", "rows", "spans"),
+    [
+        (b"1,a\n2,b\n", 2, False),  # no quotes: answered without looking at lines
+        (b'1,"a, b"\n2,"c ""d"""\n', 2, False),  # quoted, on one line each
+        (b'1,"a\nb"\n2,c\n', 2, True),  # a quoted value holds a newline
+        (b'1,"a\n', 1, True),  # a block cut inside a quoted value
+        (b'1,a"b\n', 1, True),  # a literal quote: not a row end, but lines may not be rows
+        (b'1,"a"\n\n\r\n2,"b"\r\n', 2, False),  # empty lines are not rows
+        (b'x"a,"b\nc",d"e\n', 1, True),  # two lines that the parser reads as one row
+    ],
+)
+def test_a_block_tells_whether_quoted_values_may_span_lines(
+    block: bytes, rows: int, spans: bool
+) -> None:
+    assert quotes_span_lines(block, rows) is spans

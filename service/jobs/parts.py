@@ -20,7 +20,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.jobs.store import Job, JobStore, StoredPart
-from service.scoring.files import Part, PartFailed, ScoreFile, score_part
+from service.scoring.parts import Part, PartFailed, ScoreFile, Unsplittable, score_part
 
 _BEAT_S = 0.5
 _PR_SET_PDEATHSIG = 1
@@ -60,6 +60,8 @@ def _score_in_process(
         rows = score_part(spec, part, path, _PartProgress(store, job_id, owner, part.index))
     except PartFailed as exc:  # its constructor takes two arguments, so it does not unpickle
         return "failed", 0, exc.message
+    except Unsplittable:
+        return "unsplittable", 0, ""
     except Stopped as exc:
         return "stopped", 0, str(exc)
     return "done", rows, ""
@@ -104,6 +106,21 @@ def _submit(
     return running
 
 
+def _first_failure(
+    failure: PartFailed | Unsplittable | None, kind: str, index: int, message: str
+) -> PartFailed | Unsplittable | None:
+    """What the job fails with: a part that found quoted values spanning lines overrides any
+    failure (a part after it may have started inside such a value); else the first bad row in
+    the file."""
+    if kind == "unsplittable" and not isinstance(failure, Unsplittable):
+        return Unsplittable(index)
+    if kind == "failed" and (
+        failure is None or (isinstance(failure, PartFailed) and index < failure.index)
+    ):
+        return PartFailed(index, message)
+    return failure
+
+
 def score_parts(
     store: JobStore,
     pool: Executor,
@@ -113,10 +130,12 @@ def score_parts(
     owner: str,
     stopping: threading.Event,
 ) -> int:
-    """Scores the parts not done; returns the rows of every part. Raises PartFailed, Stopped."""
+    """Scores the parts not done; returns the rows of every part. Raises PartFailed, Stopped,
+    or Unsplittable when a part found quoted values spanning lines (it overrides failures,
+    which may come of a part starting inside such a value)."""
     folder = store.job_folder(job.id)
     running = _submit(store, pool, spec, job, parts, owner)
-    failure: PartFailed | None = None
+    failure: PartFailed | Unsplittable | None = None
     stop: Stopped | None = None
     rows_done = sum(p.rows or 0 for p in parts)
     while running:
@@ -132,8 +151,8 @@ def score_parts(
             if kind == "done" and stop is None:
                 os.replace(partial_path(store, job, index), folder / f"part-{index}")
                 rows_done = store.part_done(job.id, index, rows)
-            elif kind == "failed" and (failure is None or index < failure.index):
-                failure = PartFailed(index, message)  # the first bad row in the file wins
+            elif kind in ("failed", "unsplittable"):
+                failure = _first_failure(failure, kind, index, message)
                 for other in running:
                     other.cancel()
             elif kind == "stopped" and stop is None:

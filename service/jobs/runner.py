@@ -21,9 +21,9 @@ from service.config import Settings
 from service.errors import InvalidInput, ServiceError
 from service.jobs.parts import Stopped, new_pool, score_parts
 from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
-from service.protocols.files import open_parquet
 from service.scoring import ModelReference, cached_model
-from service.scoring.files import Part, PartFailed, ScoreFile, join_parts, plan_parts
+from service.scoring.joining import join_parts
+from service.scoring.parts import PartFailed, ScoreFile, Unsplittable, count_rows, plan_parts
 from service.scoring.tabular import feature_names
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,11 @@ def _plan(store: JobStore, job: Job, spec: ScoreFile) -> list[StoredPart]:
     if stored:
         return stored
     planned = plan_parts(spec)
-    last = planned[-1]
-    if spec.input_format == "parquet":
-        rows_total = int(open_parquet(spec.source).metadata.num_rows)
-    else:
-        with spec.source.open("rb") as source:
-            source.seek(last.start)
-            rows_total = last.first_row + source.read(last.stop - last.start).count(b"\n")
-    parts = [StoredPart(p.index, p.start, p.stop, p.first_row, p.columns, None) for p in planned]
+    first_rows, rows_total = count_rows(spec, planned)
+    parts = [
+        StoredPart(p.index, p.start, p.stop, first, p.columns, None)
+        for p, first in zip(planned, first_rows, strict=True)
+    ]
     store.plan(job.id, parts, rows_total)
     return parts
 
@@ -88,11 +85,18 @@ def run_job(
     parts = _plan(store, job, spec)
     if parts[0].columns is not None:
         spec.check_columns(model, parts[0].columns)
-    if score_parts(store, pool, spec, job, parts, owner, stopping) == 0:
+    try:
+        rows = score_parts(store, pool, spec, job, parts, owner, stopping)
+    except Unsplittable:
+        # Quoted values span lines: one part, read following the quotes, is scored instead.
+        parts = [StoredPart(0, parts[0].start, parts[-1].stop, 0, parts[0].columns, None)]
+        store.plan(job.id, parts, (store.get(job.id) or job).rows_total or 0)
+        rows = score_parts(store, pool, spec, job, parts, owner, stopping)
+    if rows == 0:
         raise InvalidInput(f"the input of job {job.id} has no rows to score")
     joined = folder / f"result.{job.attempts}.partial"
-    whole = [Part(p.index, p.start, p.stop, p.columns, p.first_row) for p in parts]
-    join_parts(spec, whole, folder, joined)
+    paths = [folder / f"part-{p.index}" for p in parts]
+    join_parts(spec.output_format, paths, joined, spec.chunk_rows)
     os.replace(joined, result_path(store, job))
     for path in folder.glob("part-*"):  # stale partial files of a dead owner too
         path.unlink(missing_ok=True)

@@ -124,6 +124,29 @@ def decode_csv(block: bytes, columns: list[str]) -> Chunk:
     return Chunk(table)
 
 
+def read_csv_rows(source: BinaryIO, columns: list[str], block_bytes: int) -> Iterator[pa.Table]:
+    """CSV rows as Arrow's streaming reader cuts them, following quotes across lines, every
+    cell as text: for files whose quoted values hold newlines, which blocks of lines would cut.
+    A row may be as long as a block."""
+    options = pa_csv.ReadOptions(column_names=columns, use_threads=False, block_size=block_bytes)
+    try:
+        reader = pa_csv.open_csv(
+            source,
+            read_options=options,
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string())),
+        )
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    except pa.ArrowInvalid as exc:
+        if "straddl" in str(exc):
+            raise InvalidInput(
+                f"a row is longer than {block_bytes} bytes, the limit of one row "
+                "(MODELSERVE_MAX_ROW_BYTES); end each row with a newline, or raise the limit"
+            ) from None
+        raise InvalidInput(f"malformed CSV: {str(exc).splitlines()[0]}") from None
+
+
 def _parse_lines(block: bytes) -> Chunk:
     """The slow path for NDJSON that Arrow refused as a whole: find the bad lines."""
     rows: list[dict[str, Any]] = []

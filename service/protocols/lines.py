@@ -1,6 +1,7 @@
 """CSV and NDJSON bodies as blocks of whole lines, cut from a byte stream as it arrives."""
 
 import numpy as np
+from numpy.typing import NDArray
 
 from service.errors import InvalidInput
 
@@ -30,18 +31,18 @@ class LineChunks:
         self._max_row_bytes = max_row_bytes
         self._block_bytes = max(block_bytes, max_row_bytes)
         self._buffer = bytearray()
-        self._lines = 0  # whole lines in the buffer
+        # Where the buffer's newlines are, found once as bytes arrive (cutting never scans
+        # again), kept per piece until a cut needs them together.
+        self._ends: list[NDArray[np.intp]] = []
+        self._lines = 0  # newlines in the buffer
         self._partial = 0  # bytes of the buffer after its last newline
         self._done = first_row  # lines already cut into blocks
         self._wants_header = header
         self.header: bytes | None = None
 
-    def _cut(self) -> int:
-        newlines = np.flatnonzero(np.frombuffer(self._buffer, dtype=np.uint8) == 10)
-        return int(newlines[self._rows - 1]) + 1
-
-    def _check_lengths(self, data: bytes) -> int:
-        """Refuses a line once it is longer than a row may be; returns the newlines in `data`."""
+    def _check_lengths(self, data: bytes) -> NDArray[np.intp]:
+        """Refuses a line once it is longer than a row may be; returns where `data`'s newlines
+        are."""
         ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
         lengths = np.diff(ends, prepend=-1) - 1  # of the lines that end in `data`
         if len(ends):
@@ -51,7 +52,7 @@ class LineChunks:
             self._partial += len(data)
         over = np.flatnonzero(lengths > self._max_row_bytes)
         if len(over) == 0 and self._partial <= self._max_row_bytes:
-            return len(ends)
+            return ends
         before = self._lines + int(over[0] if len(over) else len(ends))  # lines before it
         if self._wants_header and self.header is None:
             before -= 1
@@ -62,29 +63,47 @@ class LineChunks:
         )
 
     def feed(self, data: bytes) -> list[bytes]:
-        newlines = self._check_lengths(data)
+        ends = self._check_lengths(data)
+        if len(ends):
+            self._ends.append(ends + len(self._buffer))
+            self._lines += len(ends)
         self._buffer += data
-        self._lines += newlines
         if self._wants_header and self.header is None:
-            end = self._buffer.find(b"\n")
-            if end < 0:
+            if not self._lines:
                 return []
-            self.header = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            self._lines -= 1
+            end = int(self._newlines()[0]) + 1
+            self.header = bytes(self._buffer[:end])
+            self._drop(end, 1)
+        whole = len(self._buffer) - self._partial  # bytes up to the last newline
+        if self._lines < self._rows and (not self._lines or whole < self._block_bytes):
+            return []
+        newlines = self._newlines()
         blocks: list[bytes] = []
-        while self._lines >= self._rows:
-            blocks.append(self._take(self._cut(), self._rows))
-        if self._lines and len(self._buffer) - self._partial >= self._block_bytes:
-            blocks.append(self._take(len(self._buffer) - self._partial, self._lines))
+        cut = lines = 0
+        with memoryview(self._buffer) as buffer:
+            while self._lines - lines >= self._rows:
+                lines += self._rows
+                end = int(newlines[lines - 1]) + 1
+                blocks.append(bytes(buffer[cut:end]))
+                cut = end
+            if self._lines > lines and whole - cut >= self._block_bytes:
+                blocks.append(bytes(buffer[cut:whole]))
+                cut, lines = whole, self._lines
+        self._drop(cut, lines)
+        self._done += lines
         return blocks
 
-    def _take(self, cut: int, lines: int) -> bytes:
-        block = bytes(self._buffer[:cut])
+    def _newlines(self) -> NDArray[np.intp]:
+        if len(self._ends) > 1:
+            self._ends = [np.concatenate(self._ends)]
+        return self._ends[0]
+
+    def _drop(self, cut: int, lines: int) -> None:
+        """The buffer without its first `cut` bytes, which hold `lines` lines."""
         del self._buffer[:cut]
+        rest = self._newlines()[lines:] - cut if self._lines > lines else None
+        self._ends = [] if rest is None else [rest]
         self._lines -= lines
-        self._done += lines
-        return block
 
     def finish(self) -> bytes:
         """What is left: the last lines, without a newline at the end perhaps."""
@@ -93,3 +112,21 @@ class LineChunks:
         if self._wants_header and self.header is None:
             self.header, rest = rest, b""
         return rest if rest.strip() else b""
+
+
+def quotes_span_lines(block: bytes, rows: int) -> bool:
+    """Whether a quoted CSV value in this block of whole lines may hold a line end, so that its
+    lines are not its rows: a line with an odd number of quotes, or fewer `rows` (as parsed)
+    than lines with text. Blocks without a quote are answered at memchr speed."""
+    if b'"' not in block:
+        return False
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)
+    quotes = np.bincount(np.searchsorted(ends, np.flatnonzero(data == 34)), minlength=len(ends))
+    if (quotes % 2).any():
+        return True
+    starts = np.concatenate(([0], ends + 1))
+    stops = np.concatenate((ends, [len(data)]))
+    lengths = stops - starts
+    return_ended = (lengths > 0) & (data[np.maximum(stops - 1, 0)] == 13)  # \r\n line ends
+    return rows < int(np.count_nonzero(lengths - return_ended > 0))

@@ -46,7 +46,7 @@ def score_chunk(
     features = extract_features(model, chunk.table, chunk.errors)
     check_rows(features, first_row, on_error)
     if features.good.any():
-        outputs = predict({model.signature.inputs[0].name: features.matrix}).outputs
+        prediction = predict({model.signature.inputs[0].name: features.matrix})
     else:
-        outputs = empty_outputs(model.signature)
-    return scored_table(model, chunk.table, features, outputs, first_row, on_error)
+        prediction = Prediction(empty_outputs(model.signature))
+    return scored_table(model, chunk.table, features, prediction, first_row, on_error)

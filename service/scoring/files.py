@@ -1,203 +1,43 @@
 """`modelserve score`: a file scored offline by worker processes, each over its own part.
 
-A CSV or NDJSON file is split into byte ranges at line starts, a Parquet file into runs of
-row groups. Each worker loads the model itself (hash checks included), streams its part
-chunk by chunk into a part file, and reports progress; the parts are joined in order at the
-end, so OUTPUT only appears once every row is scored.
+Nothing reads the file but the workers (parts.py plans the parts). Each worker streams its part
+chunk by chunk into a part file and reports progress; the parts are joined in order at the end
+(joining.py), so OUTPUT only appears once every row is scored. A file whose quoted values
+span lines is scored again as one part, read following the quotes.
 """
 
-import itertools
+import importlib.abc
 import logging
 import multiprocessing
 import os
-import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from service.errors import InvalidInput, ServiceError
-from service.protocols.files import (
-    Chunk,
-    decode_csv,
-    decode_ndjson,
-    make_encoder,
-    open_parquet,
-    parquet_chunks,
-    parse_csv_header,
+import pyarrow as pa
+
+from service.errors import InvalidInput
+from service.scoring import cached_model, joining
+from service.scoring.parts import (
+    Part,
+    PartFailed,
+    Report,
+    ScoreFile,
+    Unsplittable,
+    plan_parts,
+    score_part,
 )
-from service.protocols.lines import LineChunks
-from service.scoring import ModelReference, cached_model
-from service.scoring.chunks import score_chunk
-from service.scoring.columns import ColumnTypes, check_declared, job_column_types
 from service.scoring.progress import ProgressBar
-from service.scoring.tabular import check_columns, feature_names
-from service.store.registry import ModelVersion
+from service.scoring.tabular import feature_names
 
 logger = logging.getLogger(__name__)
-_READ_BYTES = 1 << 22
-Report = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class ScoreFile:
-    reference: ModelReference
-    source: Path
-    target: Path
-    input_format: str
-    output_format: str
-    chunk_rows: int = 65536
-    workers: int = 1
-    on_error: str = "fail"
-    column_types: ColumnTypes = field(default_factory=dict)  # as declared by the caller
-    max_row_bytes: int = 1 << 20
-
-    def check_columns(self, model: ModelVersion, columns: list[str]) -> None:
-        check_columns(model, columns)
-        check_declared(self.column_types, columns)
-
-
-@dataclass(frozen=True)
-class Part:
-    index: int
-    start: int  # byte offset, or first row group for Parquet
-    stop: int
-    columns: list[str] | None  # the CSV header, read once by the parent
-    first_row: int = 0  # rows before this part, so that errors name rows of the whole file
-
-
-class PartFailed(Exception):
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
-        self.index = index
-        self.message = message
-
-
-def _line_parts(job: ScoreFile, workers: int) -> list[Part]:
-    size = job.source.stat().st_size
-    columns: list[str] | None = None
-    with job.source.open("rb") as source:
-        if job.input_format == "csv":
-            header = source.readline(job.max_row_bytes + 2)
-            if len(header.rstrip(b"\n")) > job.max_row_bytes:
-                raise InvalidInput(
-                    f"the header line is longer than {job.max_row_bytes} bytes, the limit of "
-                    "one row (MODELSERVE_MAX_ROW_BYTES)"
-                )
-            columns = parse_csv_header(header)
-        start = source.tell()
-        bounds = [start]
-        for i in range(1, workers):
-            source.seek(max(start + (size - start) * i // workers - 1, bounds[-1]))
-            # To the start of the next line, in pieces: a line may be longer than memory.
-            while (piece := source.readline(_READ_BYTES)) and not piece.endswith(b"\n"):
-                pass
-            bounds.append(max(source.tell(), bounds[-1]))
-    bounds.append(size)
-    spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a] or [(start, start)]
-    parts: list[Part] = []
-    first_row = 0
-    for i, (a, b) in enumerate(spans):
-        parts.append(Part(i, a, b, columns, first_row))
-        first_row += _count_lines(job.source, a, b)
-    return parts
-
-
-def _count_lines(path: Path, start: int, stop: int) -> int:
-    lines = 0
-    with path.open("rb") as source:
-        source.seek(start)
-        remaining = stop - start
-        while remaining > 0:
-            data = source.read(min(_READ_BYTES, remaining))
-            if not data:
-                break
-            remaining -= len(data)
-            lines += data.count(b"\n")
-    return lines
-
-
-def _parquet_parts(job: ScoreFile, workers: int) -> list[Part]:
-    parquet = open_parquet(job.source)
-    groups = parquet.num_row_groups
-    workers = max(1, min(workers, groups))
-    bounds = [groups * i // workers for i in range(workers + 1)]
-    metadata = parquet.metadata
-    rows = [0]
-    for group in range(groups):
-        rows.append(rows[-1] + metadata.row_group(group).num_rows)
-    return [Part(i, a, b, None, rows[a]) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
-
-
-def plan_parts(job: ScoreFile) -> list[Part]:
-    if job.input_format == "parquet":
-        return _parquet_parts(job, job.workers)
-    return _line_parts(job, job.workers)
-
-
-def _chunks(job: ScoreFile, part: Part) -> Iterator[tuple[Chunk, int]]:
-    """The part's rows chunk by chunk, with how many bytes (or row groups) each consumed."""
-    if job.input_format == "parquet":
-        parquet = open_parquet(job.source)
-        for group in range(part.start, part.stop):
-            for chunk in parquet_chunks(parquet, job.chunk_rows, [group]):
-                yield chunk, 0
-            yield Chunk(parquet.schema_arrow.empty_table()), 1
-        return
-
-    def decode(block: bytes) -> Chunk:
-        if part.columns is None:
-            return decode_ndjson(block)
-        return decode_csv(block, part.columns)
-
-    lines = LineChunks(job.chunk_rows, job.max_row_bytes, first_row=part.first_row)
-    with job.source.open("rb") as source:
-        source.seek(part.start)
-        remaining = part.stop - part.start
-        while remaining > 0:
-            data = source.read(min(_READ_BYTES, remaining))
-            if not data:
-                break
-            remaining -= len(data)
-            for block in lines.feed(data):
-                yield decode(block), len(block)
-        rest = lines.finish()
-        if rest:
-            yield decode(rest), len(rest)
-
-
-def score_part(job: ScoreFile, part: Part, path: Path, report: Report) -> int:
-    """Scores one part into `path`; returns its rows. Raises PartFailed."""
-    try:
-        model = cached_model(job.reference)
-        encoder = make_encoder(job.output_format, header=part.index == 0)
-        types = job_column_types(
-            feature_names(model), job.column_types, job.input_format, job.output_format
-        )
-        rows = 0
-        with path.open("wb") as out:
-            for chunk, consumed in _chunks(job, part):
-                if chunk.table.num_rows:
-                    if rows == 0:  # the CSV header was checked already; this finds NDJSON's
-                        job.check_columns(model, chunk.table.column_names)
-                    first_row = part.first_row + rows
-                    table = score_chunk(
-                        model, chunk, first_row, job.on_error, model.runtime.predict, types
-                    )
-                    out.write(encoder.encode(table))
-                rows += chunk.table.num_rows
-                report(chunk.table.num_rows, consumed)
-            out.write(encoder.close())
-        return rows
-    except ServiceError as exc:
-        raise PartFailed(part.index, exc.message) from None
-    except OSError as exc:
-        raise PartFailed(part.index, f"{type(exc).__name__}: {exc}") from None
 
 
 def _worker(job: ScoreFile, part: Part, path: Path, queue: Any) -> None:
+    skip_pandas()  # a spawned worker starts afresh
+
     def report(rows: int, consumed: int) -> None:
         queue.put(("progress", part.index, rows, consumed))
 
@@ -205,6 +45,9 @@ def _worker(job: ScoreFile, part: Part, path: Path, queue: Any) -> None:
         rows = score_part(job, part, path, report)
     except PartFailed as exc:
         queue.put(("failed", part.index, exc.message, 0))
+        return
+    except Unsplittable:
+        queue.put(("unsplittable", part.index, 0, 0))
         return
     except Exception as exc:  # the worker boundary: the parent reports it and stops
         logger.exception("scoring part %d failed", part.index)
@@ -215,7 +58,8 @@ def _worker(job: ScoreFile, part: Part, path: Path, queue: Any) -> None:
 
 class _Workers:
     """One process per part; on a failure, the parts after it stop and the ones before finish,
-    so the error reported is the first one in the file."""
+    so the error reported is the first one in the file. A part that finds quoted values
+    spanning lines stops them all (`unsplittable`): the file is to be scored as one part."""
 
     def __init__(self, job: ScoreFile, parts: list[Part], folder: Path) -> None:
         # Forked workers start at once with the model the parent loaded and checked; where
@@ -233,8 +77,11 @@ class _Workers:
         }
         self.rows: dict[int, int] = {}
         self.failed: PartFailed | None = None
+        self.unsplittable = False
 
     def waiting(self) -> list[int]:
+        if self.unsplittable:
+            return []
         limit = self.failed.index if self.failed is not None else len(self.processes)
         return [i for i in self.processes if i not in self.rows and i < limit]
 
@@ -266,6 +113,8 @@ class _Workers:
                     bar.advance(value, extra)
                 elif kind == "done":
                     self.rows[index] = value
+                elif kind == "unsplittable":
+                    self.unsplittable = True
                 else:
                     self.fail(PartFailed(index, value))
         finally:
@@ -276,24 +125,41 @@ class _Workers:
         return sum(self.rows.values())
 
 
-def join_parts(job: ScoreFile, parts: list[Part], folder: Path, target: Path) -> None:
-    with target.open("wb") as out:
-        if job.output_format != "parquet" or len(parts) == 1:
-            for part in parts:
-                with (folder / f"part-{part.index}").open("rb") as piece:
-                    shutil.copyfileobj(piece, out, _READ_BYTES)
-            return
-        # Parquet parts cannot be concatenated as bytes: their row groups are copied over.
-        encoder = make_encoder("parquet")
-        for part in parts:
-            piece = open_parquet(folder / f"part-{part.index}")
-            for chunk in parquet_chunks(piece, job.chunk_rows):
-                out.write(encoder.encode(chunk.table))
-        out.write(encoder.close())
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name == "pandas":
+            raise ImportError("pandas is not needed here")
+
+
+def skip_pandas() -> None:
+    """Has pyarrow take pandas for absent in this process.
+
+    On its first conversion of any value, pyarrow imports pandas (0.15 s, as long as scoring
+    150,000 rows) only to ask whether the value is a pandas object; this command never gives
+    it one. pandas itself stays importable (a scikit-learn pipeline may use it).
+    """
+    if "pandas" in sys.modules:
+        return
+    blocker = _NoPandas()
+    sys.meta_path.insert(0, blocker)
+    try:
+        pa.array([0])  # pyarrow looks for pandas once per process, on its first conversion
+    finally:
+        sys.meta_path.remove(blocker)
+
+
+def _score_alone(
+    job: ScoreFile, part: Part, path: Path, report: Report, quoted: bool = False
+) -> int:
+    try:
+        return score_part(job, part, path, report, quoted)
+    except PartFailed as exc:
+        raise InvalidInput(exc.message) from None
 
 
 def score_file(job: ScoreFile, bar: ProgressBar) -> int:
     """Scores INPUT into OUTPUT; returns the rows scored. Raises ServiceError on failure."""
+    skip_pandas()
     model = cached_model(job.reference)  # fail fast, before any worker starts
     feature_names(model)
     parts = plan_parts(job)
@@ -302,20 +168,23 @@ def score_file(job: ScoreFile, bar: ProgressBar) -> int:
     target = job.target.resolve()
     with tempfile.TemporaryDirectory(prefix=".score-", dir=target.parent) as tmp:
         folder = Path(tmp)
+        paths = [folder / f"part-{part.index}" for part in parts]
         if len(parts) == 1:
-            try:
-                rows = score_part(job, parts[0], folder / "part-0", bar.advance)
-            except PartFailed as exc:
-                raise InvalidInput(exc.message) from None
+            rows = _score_alone(job, parts[0], paths[0], bar.advance)
         else:
             workers = _Workers(job, parts, folder)
             rows = workers.run(bar)
-            if workers.failed is not None:
+            if workers.unsplittable:
+                bar.restart()
+                whole = Part(0, parts[0].start, parts[-1].stop, parts[0].columns, 0)
+                rows = _score_alone(job, whole, paths[0], bar.advance, quoted=True)
+                paths = paths[:1]
+            elif workers.failed is not None:
                 raise InvalidInput(workers.failed.message)
         if rows == 0:
             raise InvalidInput(f"{job.source} has no rows to score")
-        partial = folder / "joined"
-        join_parts(job, parts, folder, partial)
-        os.replace(partial, target)
+        # The first part becomes OUTPUT: the others are appended to it, it is not copied.
+        joining.append_parts(job.output_format, paths[0], paths[1:], job.chunk_rows)
+        os.replace(paths[0], target)
     bar.close()
     return rows

@@ -21,7 +21,7 @@ class ProgressBar:
         self._stream = stream
         self._enabled = stream.isatty() if enabled is None else enabled
         self._started = time.monotonic()
-        self._shown = 0.0
+        self._shown = 0.0  # when the line was last drawn
         self.rows = 0
         self.done = 0
 
@@ -32,6 +32,15 @@ class ProgressBar:
         if self._enabled and now - self._shown >= _EVERY_S:
             self._shown = now
             self._draw(now)
+
+    def restart(self) -> None:
+        """Back to no rows: the input is scored again from its start."""
+        self.rows = self.done = 0
+
+    @property
+    def drawn(self) -> bool:
+        """Whether the line is on the terminal (a message after it starts on a line of its own)."""
+        return self._shown > 0
 
     def _draw(self, now: float) -> None:
         elapsed = max(now - self._started, 1e-9)

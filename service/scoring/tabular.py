@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from service.errors import InvalidInput
 from service.protocols.files import RowError
 from service.store.registry import ModelVersion
-from service.store.runtimes import Arrays
+from service.store.runtimes import Prediction
 
 ERROR_COLUMN = "error"
 
@@ -153,14 +153,29 @@ def _spread(values: NDArray[Any], good: NDArray[np.bool_]) -> Any:
     return pa.array(full, mask=~good, type=kind)
 
 
+def _labels(classes: list[str], index: NDArray[np.intp], good: NDArray[np.bool_]) -> Any:
+    """Text labels taken from the classes by each row's position: no string object per row."""
+    if not good.all():
+        full = np.zeros(len(good), dtype=np.intp)
+        full[good] = index
+        return pa.array(classes).take(pa.array(full, mask=~good))
+    return pa.array(classes).take(pa.array(index))
+
+
 def prediction_columns(
-    model: ModelVersion, outputs: Arrays, good: NDArray[np.bool_]
+    model: ModelVersion, prediction: Prediction, good: NDArray[np.bool_]
 ) -> list[tuple[str, Any]]:
     """`label` and `probability_<class>` for classifiers, `prediction` for regressors."""
     signature = model.signature
+    outputs = prediction.outputs
     columns: list[tuple[str, Any]] = []
     if "label" in outputs:
-        columns.append(("label", _spread(np.asarray(outputs["label"]), good)))
+        texts = [c for c in signature.classes or [] if isinstance(c, str)]
+        positions = prediction.label_index
+        if positions is not None and texts and len(texts) == len(signature.classes or []):
+            columns.append(("label", _labels(texts, positions, good)))
+        else:
+            columns.append(("label", _spread(np.asarray(outputs["label"]), good)))
         probabilities = outputs.get("probabilities")
         if probabilities is not None:
             classes = signature.classes or list(range(probabilities.shape[1]))
@@ -205,12 +220,12 @@ def scored_table(
     model: ModelVersion,
     table: pa.Table,
     features: Features,
-    outputs: Arrays,
+    prediction: Prediction,
     first_row: int,
     on_error: str,
 ) -> pa.Table:
     """The input's columns with the prediction columns (and `error` when skipping) added."""
-    columns = prediction_columns(model, outputs, features.good)
+    columns = prediction_columns(model, prediction, features.good)
     if on_error == "skip":
         columns.append((ERROR_COLUMN, error_column(features.errors, table.num_rows, first_row)))
     return append_columns(table, columns)

@@ -13,13 +13,17 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tomlkit
 from pydantic import ValidationError
 
 from service.errors import Conflict, Forbidden, InvalidInput
 from service.store.repository import CONFIG_NAME, ModelConfig
+
+# tomlkit (which keeps a user's comments and layout) is imported where model.toml is written:
+# every command that loads a model imports this module, and few write routing.
+if TYPE_CHECKING:
+    from tomlkit import TOMLDocument
 
 # What GET .../routing shows and PUT .../routing accepts (besides `revision`).
 ROUTING_KEYS = ("default_version", "aliases", "traffic", "shadow", "version_policy", "batching")
@@ -64,7 +68,7 @@ def _write(folder: Path, text: str) -> None:
 
 def change_config(
     folder: Path,
-    change: Callable[[tomlkit.TOMLDocument], None],
+    change: Callable[["TOMLDocument"], None],
     expected_revision: int | None = None,
 ) -> ModelConfig:
     """Apply `change` to model.toml, bump its revision and write it; returns what was written.
@@ -72,6 +76,8 @@ def change_config(
     With `expected_revision`, the change is refused (Conflict) if the file moved on meanwhile,
     so a read-modify-write by a client cannot undo another client's change.
     """
+    import tomlkit
+
     path = folder / CONFIG_NAME
     with _locked(folder):
         document = tomlkit.parse(path.read_text()) if path.is_file() else tomlkit.document()
@@ -107,13 +113,15 @@ def _first_error(exc: Exception) -> str:
 
 
 def _table(values: Mapping[str, Any]) -> Any:
+    import tomlkit
+
     table = tomlkit.table()
     for key, value in values.items():
         table[str(key)] = value
     return table
 
 
-def set_routing(document: tomlkit.TOMLDocument, routing: Mapping[str, Any]) -> None:
+def set_routing(document: "TOMLDocument", routing: Mapping[str, Any]) -> None:
     """Replace the routing keys present in `routing`; None or empty removes a key."""
     for key in ROUTING_KEYS:
         if key not in routing:
@@ -127,8 +135,8 @@ def set_routing(document: tomlkit.TOMLDocument, routing: Mapping[str, Any]) -> N
             document[key] = value
 
 
-def set_unloaded(unloaded: bool) -> Callable[[tomlkit.TOMLDocument], None]:
-    def change(document: tomlkit.TOMLDocument) -> None:
+def set_unloaded(unloaded: bool) -> Callable[["TOMLDocument"], None]:
+    def change(document: "TOMLDocument") -> None:
         if unloaded:
             document["unloaded"] = True
         else:

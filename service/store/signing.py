@@ -13,17 +13,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_pem_private_key,
-    load_pem_public_key,
-)
+from typing import TYPE_CHECKING
 
 from service.errors import ModelLoadError
+
+# cryptography is imported where keys are read or a signature checked: every model load passes
+# through here, and most repositories are not signed (it costs 12 ms of a command's start).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 SIGNATURE_FILE = "signature.json"
 # The load failure reasons that a signature check gives.
@@ -32,12 +32,23 @@ SIGNATURE_FAILURES = frozenset({"unsigned", "bad_signature", "untrusted_signer"}
 _CONTEXT = b"modelserve version signature v1\n"
 
 
-def key_id(key: Ed25519PublicKey) -> str:
+def key_id(key: "Ed25519PublicKey") -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _read_key(path: Path, private: bool) -> Ed25519PublicKey | Ed25519PrivateKey:
+def _read_key(path: Path, private: bool) -> "Ed25519PublicKey | Ed25519PrivateKey":
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.serialization import (
+        load_pem_private_key,
+        load_pem_public_key,
+    )
+
     data = path.read_bytes()
     key = load_pem_private_key(data, password=None) if private else load_pem_public_key(data)
     if not isinstance(key, Ed25519PrivateKey | Ed25519PublicKey):
@@ -53,11 +64,13 @@ def _read_key(path: Path, private: bool) -> Ed25519PublicKey | Ed25519PrivateKey
 class TrustedKeys:
     """The public keys whose signatures are trusted, and whether a version must be signed."""
 
-    keys: dict[str, Ed25519PublicKey]
+    keys: dict[str, "Ed25519PublicKey"]
     required: bool = False
 
     @classmethod
     def read(cls, paths: list[Path], required: bool) -> "TrustedKeys":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         keys: dict[str, Ed25519PublicKey] = {}
         for path in paths:
             key = _read_key(path, private=False)
@@ -94,6 +107,8 @@ class TrustedKeys:
                 "MODELSERVE_TRUSTED_KEYS; not loaded",
                 reason="untrusted_signer",
             )
+        from cryptography.exceptions import InvalidSignature
+
         try:
             key.verify(signature, _CONTEXT + metadata)
         except InvalidSignature:
@@ -107,6 +122,8 @@ class TrustedKeys:
 
 def sign_version(version_dir: Path, private_key_file: Path) -> str:
     """Write `signature.json` for the version's `metadata.json`; returns the key id."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = _read_key(private_key_file, private=True)
     assert isinstance(key, Ed25519PrivateKey)
     metadata = (version_dir / "metadata.json").read_bytes()

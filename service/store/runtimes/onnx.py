@@ -5,7 +5,6 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
@@ -39,6 +38,8 @@ _ONNX_TYPES = {
 
 
 def framework_versions() -> dict[str, str]:
+    import onnx  # only packaging and graphs without metadata need it: loading one starts sooner
+
     return {
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,
@@ -72,6 +73,8 @@ def _spec(arg: Any) -> TensorSpec:
 
 def _class_labels(data: bytes) -> list[str | int] | None:
     """Class labels that skl2onnx stores in its classifier nodes, if any."""
+    import onnx
+
     graph = onnx.load_from_string(data).graph
     for node in graph.node:
         for attribute in node.attribute:
