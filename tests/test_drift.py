@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.errors import ModelNotFound
-from service.observability.drift import BLOCKS, REFRESH_S, DriftWatch, Window
+from service.observability.drift import BLOCKS, REFRESH_S, SAMPLED_ROWS, DriftWatch, Window
 from service.observability.metrics import create_metrics
 from service.store.profiles import FeatureProfile, PredictionProfile, Profile
 from service.store.registry import LoadOptions, ModelVersion, load_version
@@ -55,6 +55,32 @@ def test_a_large_batch_is_counted_as_its_rows_one_by_one(iris_v1: ModelVersion) 
     one_by_one.flush()
     assert at_once.report("iris", 1) == one_by_one.report("iris", 1)
     assert at_once.report("iris", 1).features[1].missing == 143
+
+
+def test_a_batch_past_the_sample_is_binned_on_a_sample_and_counts_the_rest_exactly(
+    iris_v1: ModelVersion,
+) -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.normal(4.0, 2.0, size=(10_000, 4)).astype(np.float32)
+    rows[::7, 1] = np.nan
+    rows[::13, 3] = 40.0  # beyond the training range
+    prediction = Prediction({}, np.arange(10_000, dtype=np.intp) % 3)
+    profile = iris_v1.profile
+    assert profile is not None
+    at_once = Window(profile, max_features=50, window_rows=10_000)
+    exact = Window(profile, max_features=50, window_rows=10_000)
+    at_once.record(rows, prediction)
+    for start in range(0, len(rows), SAMPLED_ROWS):
+        stop = start + SAMPLED_ROWS
+        exact.record(rows[start:stop], prediction.rows(start, stop))
+    sampled, counted = at_once.report("iris", 1), exact.report("iris", 1)
+    assert sampled.window_rows == counted.window_rows == 10_000
+    assert sampled.prediction == counted.prediction
+    for estimate, truth in zip(sampled.features, counted.features, strict=True):
+        assert (estimate.missing, estimate.out_of_range) == (truth.missing, truth.out_of_range)
+        np.testing.assert_allclose(estimate.live_shares, truth.live_shares, atol=0.03)
+    assert sampled.features[1].missing == 1_429
+    assert sampled.features[3].out_of_range >= 770
 
 
 def test_the_window_forgets_the_oldest_rows() -> None:
