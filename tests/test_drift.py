@@ -83,6 +83,24 @@ def test_a_batch_past_the_sample_is_binned_on_a_sample_and_counts_the_rest_exact
     assert sampled.features[3].out_of_range >= 770
 
 
+def test_float32_rows_fall_in_the_bins_their_float64_values_fall_in() -> None:
+    """Float32 batches are compared with float32 bounds; a value next to an edge that float32
+    cannot hold (0.1, 0.2, 0.3) lands on the same side as in float64."""
+    feature = FeatureProfile(name="x", edges=[0.1, 0.2], shares=[0.3, 0.4, 0.3], min=0.1, max=0.3)
+    profile = Profile(rows=10, features=[feature])
+    near = []
+    for bound in (0.1, 0.2, 0.3):
+        value = np.float32(bound)
+        near += [np.nextafter(value, np.float32(-1)), value, np.nextafter(value, np.float32(1))]
+    rows = np.resize(np.asarray(near, dtype=np.float32), (3 * SAMPLED_ROWS, 1))
+    single, double = (Window(profile, max_features=50, window_rows=100_000) for _ in range(2))
+    single.record(rows, NO_OUTPUTS)
+    double.record(rows.astype(np.float64), NO_OUTPUTS)
+    assert single.report("m", 1) == double.report("m", 1)
+    # Out of range: the float32 below 0.1, and float32(0.3), above 0.3, and the one after it.
+    assert single.report("m", 1).features[0].out_of_range == len(rows) // 3
+
+
 def test_the_window_forgets_the_oldest_rows() -> None:
     window = Window(one_feature_profile(), max_features=50, window_rows=100)
     low = np.full((10, 1), 0.5, dtype=np.float32)

@@ -40,6 +40,15 @@ BROADCAST_ROWS = 256
 SAMPLED_ROWS = 1024
 
 
+def _float32_at_or_above(values: NDArray[np.float64]) -> NDArray[np.float32]:
+    """The least float32 at or above each value (NaN stays NaN, beyond range infinity)."""
+    with np.errstate(over="ignore"):
+        rounded = values.astype(np.float32)
+    below = rounded < values
+    rounded[below] = np.nextafter(rounded[below], np.float32(np.inf))
+    return rounded
+
+
 class Window:
     """A version's drift counts over its recent rows, one block at a time."""
 
@@ -56,6 +65,13 @@ class Window:
         self.low = np.array([np.nan if f.min is None else f.min for f in self.features])
         self.high = np.array([np.nan if f.max is None else f.max for f in self.features])
         self.low_column, self.high_column = self.low[:, None], self.high[:, None]
+        # The same bounds for float32 values, compared without converting them: a float32 is
+        # at or above a bound exactly when it is at or above the least float32 at or above it.
+        self.float32_bounds = (
+            _float32_at_or_above(self.edges_by_column),
+            _float32_at_or_above(self.low),
+            -_float32_at_or_above(-self.high),
+        )
         self.missing_slot = width + 1
         self.slots = width + 2  # per feature: its bins, then missing values
         self.offsets = np.arange(count) * self.slots
@@ -144,21 +160,28 @@ class Window:
         usual answer (none) found from each feature's minimum and maximum.
         """
         columns = np.ascontiguousarray(values.T)
+        if columns.dtype == np.float32:
+            edges, low, high = self.float32_bounds
+        else:
+            columns = columns.astype(np.float64)
+            edges, low, high = self.edges_by_column, self.low, self.high
         features, rows = columns.shape
         counts = np.zeros(self.size, dtype=np.int64)
         per_feature = counts[: self.prediction_at].reshape(features, self.slots)
         # NaN fails both comparisons: a feature with a missing value is counted too.
-        clean = (columns.min(axis=1) >= self.low) & (columns.max(axis=1) <= self.high)
+        clean = (columns.min(axis=1) >= low) & (columns.max(axis=1) <= high)
         for i in np.flatnonzero(~clean):
             column = columns[i]
             per_feature[i, self.missing_slot] = np.count_nonzero(np.isnan(column))
-            below = np.count_nonzero(column < self.low[i])
-            counts[self.out_of_range_at + i] = below + np.count_nonzero(column > self.high[i])
+            below = np.count_nonzero(column < low[i])
+            counts[self.out_of_range_at + i] = below + np.count_nonzero(column > high[i])
         step = -(-rows // SAMPLED_ROWS)
-        sample = np.asarray(columns[:, ::step], dtype=np.float64)
+        sample = np.ascontiguousarray(columns[:, ::step])
         reached = np.zeros((self.slots, features), dtype=np.int64)
-        reached[0] = np.count_nonzero(~np.isnan(sample), axis=1)  # NaN reaches no edge
-        reached[1 : self.missing_slot] = np.sum(sample >= self.edges_by_column, axis=2)
+        reached[0] = sample.shape[1]
+        if not clean.all():
+            reached[0] -= np.count_nonzero(np.isnan(sample), axis=1)  # NaN reaches no edge
+        reached[1 : self.missing_slot] = np.sum(sample >= edges, axis=2)
         bins = (reached[:-1] - reached[1:]).T
         if step > 1:
             bins = np.rint(bins * (rows / sample.shape[1])).astype(np.int64)
@@ -180,7 +203,7 @@ class Window:
 
     def _prediction_slots(self, predicted: NDArray[np.float64]) -> NDArray[np.intp]:
         if self.classes:
-            return predicted.astype(np.intp)
+            return predicted.astype(np.intp, copy=False)
         # Values that are not numbers count in no bin: past the last one, where nothing reads.
         slots = bin_index(self.prediction_edges, predicted)
         return np.where(np.isnan(predicted), len(self.prediction_edges) + 1, slots)
