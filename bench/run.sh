@@ -2,6 +2,7 @@
 # The online benchmark: modelserve against the raw model call (and, with --peers, MLServer, a
 # tutorial FastAPI server and Triton). Writes bench/results/online.md and bench/results/online.png.
 # Usage: bench/run.sh [--peers] [--only SERVER]... [--repeat N] [--seconds S] [--skip-workers]
+#        [--large-only] [--out DIR]
 #
 # --peers installs MLServer and the tutorial server into bench/.peers-venv, and Triton (through
 # PyTriton, which ships the tritonserver binary and its Python backend) into bench/.triton-venv.

@@ -18,7 +18,7 @@ from service.store.runtimes import RuntimeOptions
 @pytest.mark.parametrize("version", [1, 2])
 def test_raw_call_measurement_gives_rows_per_second(iris_repository: Path, version: int) -> None:
     rates = measure_raw(iris_repository, Artifact("iris", version), 10, RuntimeOptions(), 0.02)
-    expected = {"runtime", "estimator"} if version == 1 else {"runtime"}
+    expected = {"runtime", "estimator"} if version == 1 else {"runtime", "session"}
     assert set(rates) == expected
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.errors import ModelNotFound
-from service.observability.drift import BLOCKS, REFRESH_S, DriftWatch, Window
+from service.observability.drift import BLOCKS, REFRESH_S, SAMPLED_ROWS, DriftWatch, Window
 from service.observability.metrics import create_metrics
 from service.store.profiles import FeatureProfile, PredictionProfile, Profile
 from service.store.registry import LoadOptions, ModelVersion, load_version
@@ -55,6 +55,50 @@ def test_a_large_batch_is_counted_as_its_rows_one_by_one(iris_v1: ModelVersion) 
     one_by_one.flush()
     assert at_once.report("iris", 1) == one_by_one.report("iris", 1)
     assert at_once.report("iris", 1).features[1].missing == 143
+
+
+def test_a_batch_past_the_sample_is_binned_on_a_sample_and_counts_the_rest_exactly(
+    iris_v1: ModelVersion,
+) -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.normal(4.0, 2.0, size=(10_000, 4)).astype(np.float32)
+    rows[::7, 1] = np.nan
+    rows[::13, 3] = 40.0  # beyond the training range
+    prediction = Prediction({}, np.arange(10_000, dtype=np.intp) % 3)
+    profile = iris_v1.profile
+    assert profile is not None
+    at_once = Window(profile, max_features=50, window_rows=10_000)
+    exact = Window(profile, max_features=50, window_rows=10_000)
+    at_once.record(rows, prediction)
+    for start in range(0, len(rows), SAMPLED_ROWS):
+        stop = start + SAMPLED_ROWS
+        exact.record(rows[start:stop], prediction.rows(start, stop))
+    sampled, counted = at_once.report("iris", 1), exact.report("iris", 1)
+    assert sampled.window_rows == counted.window_rows == 10_000
+    assert sampled.prediction == counted.prediction
+    for estimate, truth in zip(sampled.features, counted.features, strict=True):
+        assert (estimate.missing, estimate.out_of_range) == (truth.missing, truth.out_of_range)
+        np.testing.assert_allclose(estimate.live_shares, truth.live_shares, atol=0.03)
+    assert sampled.features[1].missing == 1_429
+    assert sampled.features[3].out_of_range >= 770
+
+
+def test_float32_rows_fall_in_the_bins_their_float64_values_fall_in() -> None:
+    """Float32 batches are compared with float32 bounds; a value next to an edge that float32
+    cannot hold (0.1, 0.2, 0.3) lands on the same side as in float64."""
+    feature = FeatureProfile(name="x", edges=[0.1, 0.2], shares=[0.3, 0.4, 0.3], min=0.1, max=0.3)
+    profile = Profile(rows=10, features=[feature])
+    near = []
+    for bound in (0.1, 0.2, 0.3):
+        value = np.float32(bound)
+        near += [np.nextafter(value, np.float32(-1)), value, np.nextafter(value, np.float32(1))]
+    rows = np.resize(np.asarray(near, dtype=np.float32), (3 * SAMPLED_ROWS, 1))
+    single, double = (Window(profile, max_features=50, window_rows=100_000) for _ in range(2))
+    single.record(rows, NO_OUTPUTS)
+    double.record(rows.astype(np.float64), NO_OUTPUTS)
+    assert single.report("m", 1) == double.report("m", 1)
+    # Out of range: the float32 below 0.1, and float32(0.3), above 0.3, and the one after it.
+    assert single.report("m", 1).features[0].out_of_range == len(rows) // 3
 
 
 def test_the_window_forgets_the_oldest_rows() -> None:

@@ -2,12 +2,16 @@
 
 from pathlib import Path
 
+import joblib
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
 
-from service.store.registry import LoadOptions, load_registry
+from service.store.packaging import package_artifact
+from service.store.registry import LoadOptions, load_registry, load_version
 from service.store.repository import read_verified
 from service.store.runtimes import RuntimeOptions, runtime_module
 
@@ -58,3 +62,27 @@ def test_general_onnx_graph_keeps_its_tensor_names(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         runtime.predict({"a": ones, "b": ones}).outputs["total"], ones * 2
     )
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_labels_where_probabilities_tie_are_the_ones_predict_gives(
+    tmp_path: Path, classes: int
+) -> None:
+    """Scores 1e-300 apart: predict_proba rounds the classes to equal probabilities, whose first
+    the argmax would take, while predict() orders them by their scores."""
+    iris = load_iris()
+    keep = iris.target < classes
+    rows = np.asarray(iris.data[keep], dtype=np.float32)
+    model = LogisticRegression().fit(rows, iris.target_names[iris.target[keep]])
+    model.coef_ = np.zeros(model.coef_.shape, dtype=np.float64)
+    model.coef_[-1, 0] = 1e-300
+    model.intercept_ = np.zeros(model.intercept_.shape, dtype=np.float64)
+    joblib.dump(model, tmp_path / "model.joblib")
+    package_artifact(tmp_path / "model.joblib", tmp_path / "models", "tie", 1)
+    version = load_version("tie", 1, tmp_path / "models" / "tie" / "1", LoadOptions(), (0, 0.0))
+    prediction = version.runtime.predict({"input": rows})
+    expected = model.predict(rows)
+    assert expected[0] != model.classes_[0]  # the argmax of the tied probabilities
+    assert prediction.outputs["label"].tolist() == expected.tolist()
+    assert prediction.label_index is not None
+    assert model.classes_[prediction.label_index].tolist() == expected.tolist()

@@ -9,11 +9,28 @@ import tritonclient.http as triton
 from sklearn.datasets import load_iris
 
 from tests.reference import fitted_example
-from tests.serving import RunningServer
+from tests.serving import RunningServer, run_server
+from training.examples import IRIS_INTEGER, train_example
 
 IRIS = load_iris()
 ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
 EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
+
+
+@pytest.fixture(scope="module")
+def integer_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Iris trained on the dataset's integer targets: versions whose labels are INT64."""
+    root = tmp_path_factory.mktemp("integer") / "models"
+    train_example(IRIS_INTEGER, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def integer_server(
+    integer_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    with run_server(integer_repository, tmp_path_factory.mktemp("integer-logs")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -76,3 +93,31 @@ def test_errors_surface_as_client_exceptions(triton_client: triton.InferenceServ
     tensor.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
     with pytest.raises(triton.InferenceServerException, match="4 features"):
         triton_client.infer("iris", [tensor])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_integer_labels_come_back_as_int64(
+    integer_server: RunningServer, integer_repository: Path, version: str, binary: bool
+) -> None:
+    rows = np.resize(IRIS.data.astype(np.float32), (10_000, 4))
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    outputs = [
+        triton.InferRequestedOutput("label", binary_data=binary),
+        triton.InferRequestedOutput("probabilities", binary_data=binary),
+    ]
+    client = triton.InferenceServerClient(url=integer_server.url.removeprefix("http://"))
+    try:
+        result = client.infer("iris_int", [tensor], model_version=version, outputs=outputs)
+    finally:
+        client.close()
+    assert result.get_output("label")["datatype"] == "INT64"
+    label = result.as_numpy("label")
+    assert label.dtype == np.int64
+    estimator = fitted_example(integer_repository, "iris_int")
+    np.testing.assert_array_equal(label, estimator.predict(rows))
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), estimator.predict_proba(rows), atol=1e-5
+    )

@@ -1,4 +1,8 @@
-"""The example models: iris, breast_cancer and diabetes, each as a joblib and an ONNX version."""
+"""The example models: iris, breast_cancer and diabetes, each as a joblib and an ONNX version.
+
+`IRIS_INTEGER` is iris trained on the dataset's integer targets (0, 1, 2) rather than the
+species names: the benchmark's model whose answers carry no strings.
+"""
 
 import logging
 import tempfile
@@ -35,6 +39,13 @@ class Example:
     task: Task
     load: Callable[[], Any]
     build: Callable[[], Any]
+    # The dataset's own class numbers as labels (INT64), instead of its class names (BYTES).
+    integer_labels: bool = False
+    dataset: str = ""
+
+    @property
+    def source(self) -> str:
+        return f"sklearn.datasets.load_{self.dataset or self.name}"
 
 
 def _feature_name(raw: str) -> str:
@@ -61,6 +72,14 @@ EXAMPLES = [
         lambda: make_pipeline(StandardScaler(), Ridge(alpha=1.0)),
     ),
 ]
+IRIS_INTEGER = Example(
+    "iris_int",
+    "classification",
+    lambda: datasets.load_iris(),
+    lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+    integer_labels=True,
+    dataset="iris",
+)
 VERSIONS = {1: "model.joblib", 2: "model.onnx"}
 
 
@@ -75,7 +94,7 @@ def _dataset(example: Example) -> tuple[NDArray[np.float32], NDArray[Any], list[
     features = [_feature_name(str(f)) for f in bunch.feature_names]
     X = np.asarray(bunch.data, dtype=np.float32)
     y = np.asarray(bunch.target)
-    if example.task == "classification":
+    if example.task == "classification" and not example.integer_labels:
         y = np.asarray(bunch.target_names)[y]  # string labels, served as BYTES
     return X, y, features
 
@@ -91,7 +110,7 @@ def train_example(example: Example, root: Path) -> None:
         else r2_score(y_test, predicted)
     )
     training = {
-        "dataset": f"sklearn.datasets.load_{example.name}",
+        "dataset": example.source,
         "seed": SEED,
         "test_size": 0.25,
         "rows": len(X),

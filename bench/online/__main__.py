@@ -32,7 +32,14 @@ from bench.online.servers import (
     start_triton,
     start_tutorial,
 )
-from bench.online.workload import ARTIFACTS, Artifact, Encoding, build_request, decode_answer
+from bench.online.workload import (
+    ARTIFACTS,
+    LARGE_ONLY_ARTIFACTS,
+    Artifact,
+    Encoding,
+    build_request,
+    decode_answer,
+)
 from bench.online.workload import features as make_features
 from bench.online.wrk import run_wrk
 from service.store.runtimes import RuntimeOptions
@@ -83,7 +90,7 @@ def measure_raw_calls(repository: Path, artifact: Artifact, rep: int) -> list[Re
 
 def check_answers(server: Server, repository: Path) -> None:
     """One full decode per request type: labels equal and probabilities close to the raw call."""
-    for artifact in ARTIFACTS:
+    for artifact in ARTIFACTS + LARGE_ONLY_ARTIFACTS:
         if not server.serves(artifact):
             continue
         runtime = load_runtime(repository, artifact, RuntimeOptions())
@@ -188,23 +195,25 @@ def _large_requests(
 
 
 def measure_servers(
-    servers: list[Server], repository: Path, repeat: int, seconds: float
+    servers: list[Server], repository: Path, repeat: int, seconds: float, large_only: bool
 ) -> list[Record]:
     """Every scenario on every server that serves it, interleaved, `repeat` times."""
     records: list[Record] = []
-    labels = {a: _first_label(repository, a) for a in ARTIFACTS}
+    artifacts = ARTIFACTS + LARGE_ONLY_ARTIFACTS
+    labels = {a: _first_label(repository, a) for a in artifacts}
     for rep in range(repeat):
         # Each repetition starts with another server, so no server always runs first.
         order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
-        for artifact in ARTIFACTS:
+        for artifact in artifacts:
             # The raw calls too, right before the servers, so they share the machine's noise.
             records += measure_raw_calls(repository, artifact, rep)
-            for server in (s for s in order if s.serves(artifact)):
+            single = not large_only and artifact in ARTIFACTS
+            for server in (s for s in order if single and s.serves(artifact)):
                 for record in _single_rows(server, artifact, labels[artifact], rep, seconds):
                     records.append(record)
                     print(json.dumps(record), flush=True)
             named = {s.name: s for s in servers}
-            if artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
+            if single and artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
                 on, off = named[OURS], named[OURS_UNBATCHED]
                 records.append(_batching_pair(on, off, artifact, labels[artifact], rep))
                 print(json.dumps(records[-1]), flush=True)
@@ -247,14 +256,18 @@ def measure_workers(repository: Path, work: Path, repeat: int, seconds: float) -
 
 
 def start_servers(
-    batched: Path, unbatched: Path, work: Path, peers: bool, only: list[str] | None
+    batched: Path,
+    unbatched: Path,
+    work: Path,
+    peers: bool,
+    only: list[str] | None,
+    large_only: bool = False,
 ) -> list[Server]:
-    starts: dict[str, Callable[[], Server]] = {
-        OURS: lambda: start_modelserve(OURS, batched, work),
-        OURS_UNBATCHED: lambda: start_modelserve(
+    starts: dict[str, Callable[[], Server]] = {OURS: lambda: start_modelserve(OURS, batched, work)}
+    if not large_only:  # it differs only in batching, which large requests do without
+        starts[OURS_UNBATCHED] = lambda: start_modelserve(
             OURS_UNBATCHED, unbatched, work, large_requests=False
-        ),
-    }
+        )
     if peers:
         starts |= {
             MLSERVER: lambda: start_mlserver(MLSERVER, batched, work, adaptive_batching=False),
@@ -293,22 +306,27 @@ def main() -> None:
         metavar="SERVER",
         help="run only this server (repeatable; a name as in the report, e.g. Triton)",
     )
+    parser.add_argument(
+        "--large-only",
+        action="store_true",
+        help="measure only the large requests and the raw calls (no single rows, no workers)",
+    )
     args = parser.parse_args()
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     batched, unbatched = prepare_repository(work)
     started = time.time()
     records: list[Record] = []
-    servers = start_servers(batched, unbatched, work, args.peers, args.only)
+    servers = start_servers(batched, unbatched, work, args.peers, args.only, args.large_only)
     try:
         with pinned({1}):
             for server in servers:
                 check_answers(server, batched)
-            records += measure_servers(servers, batched, args.repeat, args.seconds)
+            records += measure_servers(servers, batched, args.repeat, args.seconds, args.large_only)
     finally:
         for server in servers:
             server.stop()
-    if not args.skip_workers:
+    if not (args.skip_workers or args.large_only):
         records += measure_workers(batched, work, args.repeat, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "online.raw.json").write_text(json.dumps(records, indent=1))

@@ -7,6 +7,7 @@ from typing import Any
 
 import joblib
 import numpy as np
+import onnxruntime as ort
 from numpy.typing import NDArray
 
 from bench.online.workload import Artifact, features
@@ -47,6 +48,18 @@ def estimator_call(path: Path, rows: NDArray[np.float32]) -> Callable[[], object
     return call
 
 
+def session_call(
+    path: Path, rows: NDArray[np.float32], options: RuntimeOptions
+) -> Callable[[], object]:
+    """The bare onnxruntime call a hand-written server makes: session.run of every output."""
+    settings = ort.SessionOptions()
+    settings.intra_op_num_threads = options.onnx_intra_op_threads
+    settings.inter_op_num_threads = options.onnx_inter_op_threads
+    session: Any = ort.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: rows}
+    return lambda: session.run(None, feed)
+
+
 def runtime_call(runtime: Runtime, rows: NDArray[np.float32]) -> Callable[[], object]:
     inputs = {runtime.signature.inputs[0].name: rows}
     return lambda: runtime.predict(inputs)
@@ -55,11 +68,15 @@ def runtime_call(runtime: Runtime, rows: NDArray[np.float32]) -> Callable[[], ob
 def measure_raw(
     repository: Path, artifact: Artifact, rows: int, options: RuntimeOptions, budget_s: float = 0.3
 ) -> dict[str, float]:
-    """Rows/s of the raw calls on `rows` rows: the runtime, and for joblib the bare estimator."""
+    """Rows/s of the raw calls on `rows` rows: the runtime, and the bare estimator (joblib) or
+    onnxruntime session (ONNX)."""
     data = features(artifact.model, rows)
     runtime = load_runtime(repository, artifact, options)
     result = {"runtime": rows / seconds_per_call(runtime_call(runtime, data), budget_s)}
     if artifact.format == "joblib":
         call = estimator_call(artifact.path(repository), data)
         result["estimator"] = rows / seconds_per_call(call, budget_s)
+    elif artifact.format == "onnx":
+        call = session_call(artifact.path(repository), data, options)
+        result["session"] = rows / seconds_per_call(call, budget_s)
     return result

@@ -14,6 +14,7 @@ MLSERVER, MLSERVER_AB = "MLServer", "MLServer (adaptive batching)"
 TUTORIAL, TRITON = "tutorial FastAPI", "Triton"
 IRIS, IRIS_ONNX = "iris v1 (joblib)", "iris v2 (onnx)"
 FOREST, FOREST_ONNX = "breast_cancer v1 (joblib)", "breast_cancer v2 (onnx)"
+IRIS_INT, IRIS_INT_ONNX = "iris_int v1 (joblib)", "iris_int v2 (onnx)"
 TIMES = "\N{MULTIPLICATION SIGN}"
 
 
@@ -194,15 +195,39 @@ def _goals(r: Results) -> list[Goal]:
                     0.6,
                 )
             )
+    # The bare session.run, as a hand-written server calls it: runtime.predict is our own code.
     for artifact, name in ((IRIS_ONNX, "iris"),):
         goals.append(
             (
-                f"{name} ONNX, 10,000 rows, binary: share of the raw session run rows/s",
-                _ratio(r.rows(artifact, OURS, 10_000, "binary"), r.raw_rows(artifact, 10_000)),
+                f"{name} ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
+                _ratio(
+                    r.rows(artifact, OURS, 10_000, "binary"),
+                    r.raw_rows(artifact, 10_000, "session"),
+                ),
                 ">=",
                 0.6,
             )
         )
+    # Integer labels: answers without strings, so the floor is the model call itself.
+    goals += [
+        (
+            "iris_int joblib, 10,000 rows, binary: share of the raw predict + predict_proba rows/s",
+            _ratio(
+                r.rows(IRIS_INT, OURS, 10_000, "binary"), r.raw_rows(IRIS_INT, 10_000, "estimator")
+            ),
+            ">=",
+            0.8,
+        ),
+        (
+            "iris_int ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
+            _ratio(
+                r.rows(IRIS_INT_ONNX, OURS, 10_000, "binary"),
+                r.raw_rows(IRIS_INT_ONNX, 10_000, "session"),
+            ),
+            ">=",
+            0.5,
+        ),
+    ]
     return goals
 
 
@@ -265,7 +290,8 @@ def _bulk_table(r: Results) -> list[str]:
 
 def _raw_table(r: Results) -> list[str]:
     lines = [
-        "| model | rows/call | runtime.predict rows/s | µs/call | predict + predict_proba rows/s "
+        "| model | rows/call | runtime.predict rows/s | µs/call "
+        "| predict + predict_proba or session.run rows/s "
         "| ONNX 1 intra-op thread rows/s | ONNX 2 threads rows/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -273,7 +299,8 @@ def _raw_table(r: Results) -> list[str]:
         one, two = r.threads.get((artifact, n, 1)), r.threads.get((artifact, n, 2))
         lines.append(
             f"| {artifact} | {n:,} | {_fmt(record['runtime'])} "
-            f"| {_fmt(n / record['runtime'] * 1e6, 1)} | {_fmt(record.get('estimator'))} "
+            f"| {_fmt(n / record['runtime'] * 1e6, 1)} "
+            f"| {_fmt(record.get('estimator', record.get('session')))} "
             f"| {_fmt(None if one is None else one['rows_per_s'])} "
             f"| {_fmt(None if two is None else two['rows_per_s'])} |"
         )

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.online.workload import Artifact, Kind
+from bench.online.workload import DATASETS, Artifact, Kind
 from service.store.conversion import convert_version
 from tests.serving import free_port
-from training.examples import EXAMPLES, train_example
+from training.examples import EXAMPLES, IRIS_INTEGER, train_example
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_VENV = ROOT / "bench" / ".peers-venv"
@@ -27,13 +27,14 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def prepare_repository(work: Path) -> tuple[Path, Path]:
     """The example models trained once, and a copy of the repository with batching off."""
     batched, unbatched = work / "models", work / "models-unbatched"
-    for example in EXAMPLES:
-        if example.name not in ("iris", "breast_cancer"):
-            continue
+    chosen = [e for e in EXAMPLES if e.name in ("iris", "breast_cancer")] + [IRIS_INTEGER]
+    for example in chosen:
         folder = batched / example.name
         if not (folder / "2" / "metadata.json").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / "models" / example.name / "model.toml", folder / "model.toml")
+            # Iris with integer labels is served as iris is.
+            config = ROOT / "models" / (example.dataset or example.name) / "model.toml"
+            shutil.copy(config, folder / "model.toml")
             train_example(example, batched)
     _serve_converted_forest(batched / "breast_cancer")
     shutil.rmtree(unbatched, ignore_errors=True)
@@ -63,6 +64,7 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
     versions: frozenset[int] = field(default_factory=lambda: frozenset({1, 2}))
+    models: frozenset[str] = frozenset({"iris", "breast_cancer"})
     binary: bool = True
     # Large requests fill a call on their own: a variant that differs only in batching skips them.
     large_requests: bool = True
@@ -72,7 +74,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def serves(self, artifact: Artifact) -> bool:
-        return artifact.version in self.versions
+        return artifact.model in self.models and artifact.version in self.versions
 
     def cpu_seconds(self) -> float:
         """User + system time of the process and every descendant alive now."""
@@ -166,6 +168,7 @@ def start_modelserve(
     environment = dict(env or {})  # as a user starts it: access log on at info
     server = _start(name, "modelserve", command, work, port, environment, cores, "/v2/health/ready")
     server.large_requests = large_requests
+    server.models = frozenset(DATASETS)
     return server
 
 

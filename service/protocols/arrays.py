@@ -35,13 +35,17 @@ SMALL_BYTES = 4096
 LONG_INTEGER_LIMIT_BYTES = 1 << 20
 
 _OPENING_BRACKET = ord("[")
-_NOT_A_NUMBER = re.compile(rb"[^0-9eE.+\-\[\],\s]")
+# What numbers, their lists and whitespace are written with; deleted, they leave what is not.
+# Such checks use translate and plain searches: Python's regular expressions try a pattern that
+# begins with a lookbehind or a character class at every byte, a digit count at every digit.
+_NUMBER_TEXT = b"0123456789eE.+-[],\x20\t\n\r\x0b\x0c"
 _SEPARATOR = re.compile(rb"[\[\],\s]")
 _DIGIT = re.compile(rb"[0-9]")
 _FLOATING = re.compile(rb"[.eE]")
-_LONG_INTEGER = re.compile(rb"[0-9]{19}")
-# An integer minus zero among floats is a plain zero, as Python's int makes it.
-_INTEGER_MINUS_ZERO = re.compile(rb"(?<![eE])-0(?![0-9.eE])")
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"0" * 9)
+_LONG_INTEGER = b"0" * 19
+_MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
+_EXPONENT = frozenset(b"eE")
 _TO_LINES = bytes.maketrans(b"[], \t\r", b"\n" * 6)
 _NUMBER_BYTES = b"0123456789+-.eE \t\n\r"
 _LINES = arrow_csv.ReadOptions(column_names=["value"], use_threads=False)
@@ -70,7 +74,7 @@ def array_from_json(
     if datatype in ("BYTES", "BOOL") or len(view) <= SMALL_BYTES:
         text = bytes(view)
         if datatype not in ("BYTES", "BOOL"):
-            _check_numbers(text, 0, len(text), where)
+            _check_numbers(text, where)
         array = array_from_values(_loads(text, where), datatype, where)
         if check is not None:
             check(array.shape)
@@ -112,10 +116,11 @@ def parse_numbers(
     skeleton = Skeleton(where)
     floating = long_integers = has_numbers = False
     for start, end in chunks:
-        _check_numbers(view, start, end, where)
         text = bytes(view[start:end])
+        _check_numbers(text, where)
         floating = floating or _FLOATING.search(text) is not None
-        long_integers = long_integers or _LONG_INTEGER.search(text) is not None
+        # Only integers are parsed as such: among floats, long digit runs are of no concern.
+        long_integers = long_integers or (not floating and _has_long_integer(text))
         has_numbers = has_numbers or _DIGIT.search(text) is not None
         skeleton.feed(text.translate(None, _NUMBER_BYTES))
     shape = skeleton.shape(has_numbers)
@@ -137,7 +142,7 @@ def parse_numbers(
         if _DIGIT.search(text) is None:
             continue
         if floating and b"-0" in text:
-            text = _INTEGER_MINUS_ZERO.sub(b"\n0", text)
+            text = _plain_zeros(text)
         values = _parse_lines(text, dtype, where)
         if filled + values.size > out.size:
             raise ragged(where)
@@ -182,11 +187,27 @@ def _loads(view: bytes | memoryview, where: str) -> Any:
         raise InvalidInput(f"{where}: {exc}") from None
 
 
-def _check_numbers(view: bytes | memoryview, start: int, end: int, where: str) -> None:
-    found = _NOT_A_NUMBER.search(view, start, end)
-    if found is not None:
-        problem = _FOUND.get(found.group()[0], "values must be numbers; found objects")
+def _check_numbers(text: bytes, where: str) -> None:
+    other = text.translate(None, _NUMBER_TEXT)
+    if other:
+        problem = _FOUND.get(other[0], "values must be numbers; found objects")
         raise InvalidInput(f"{where}: {problem}")
+
+
+def _has_long_integer(text: bytes) -> bool:
+    """Whether a run of 19 or more digits is in `text` (such integers may not fit INT64)."""
+    return _LONG_INTEGER in text.translate(_DIGITS_AS_ZEROS)
+
+
+def _plain_zeros(text: bytes) -> bytes:
+    """An integer minus zero among floats as a plain zero, as Python's int makes it; the minus
+    zero of an exponent (1e-0) stays."""
+
+    def plain(match: re.Match[bytes]) -> bytes:
+        start = match.start()
+        return match.group() if start and text[start - 1] in _EXPONENT else b"\n0"
+
+    return _MINUS_ZERO.sub(plain, text)
 
 
 def _chunks(view: memoryview, size: int) -> Iterator[tuple[int, int]]:

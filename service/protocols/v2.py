@@ -273,6 +273,14 @@ def tensor_bytes(array: NDArray[Any]) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+def tensor_buffer(array: NDArray[Any]) -> bytes | memoryview:
+    """What `tensor_bytes` gives, as the memory of a little-endian array when the tensor holds
+    numbers: joined into the response as it is, not copied once more before."""
+    if array.dtype.kind in "OUS":
+        return tensor_bytes(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data.cast("B")
+
+
 # Values per block when a large array of several dimensions is written block by block.
 _BLOCK_VALUES = 1 << 16
 
@@ -319,7 +327,7 @@ def encode_infer_response(
     """
     outputs, label_index = prediction.outputs, prediction.label_index
     tensors: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     for name, binary in wanted:
         array = outputs[name]
         entry: dict[str, Any] = {
@@ -329,7 +337,7 @@ def encode_infer_response(
         }
         by_class = labels_by_class(model, array, label_index) if name == "label" else None
         if binary:
-            raw = by_class[0].bytes_elements(by_class[1]) if by_class else tensor_bytes(array)
+            raw = by_class[0].bytes_elements(by_class[1]) if by_class else tensor_buffer(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif by_class:

@@ -18,6 +18,7 @@ from service.store.runtimes import (
     Signature,
     signature_of,
 )
+from service.store.runtimes.positions import positional_graph
 from service.store.tensors import TensorSpec
 
 _ONNX_TYPES = {
@@ -98,7 +99,7 @@ def describe(data: bytes) -> Signature:
 class OnnxRuntime:
     format = "onnx"
 
-    def __init__(self, session: Any, signature: Signature) -> None:
+    def __init__(self, session: Any, signature: Signature, positional: bool = False) -> None:
         self._session = session
         self.signature = signature
         graph_outputs = [o.name for o in session.get_outputs()]
@@ -118,11 +119,18 @@ class OnnxRuntime:
             (spec.name, len(spec.shape), spec.datatype == "BYTES") for spec in signature.outputs
         ]
         classes = signature.classes if signature.task == "classification" else None
-        # String class labels are looked up once per row, giving each label's class position.
+        # The graph's label output gives class positions (see positions.py): labels are
+        # gathered from the classes.
+        self._positional = positional and classes is not None
+        # Classes 0..n-1 are their own positions: the labels need no gather.
+        self._gather = classes != list(range(len(classes or [])))
+        # Else string class labels are looked up once per row, giving each label's position.
         self._positions: dict[Any, int] | None = None
         if classes and all(isinstance(c, str) for c in classes):
             self._positions = {c: i for i, c in enumerate(classes)}
-            self._classes = np.asarray(classes, dtype=np.str_)
+            self._classes: NDArray[Any] = np.asarray(classes, dtype=np.str_)
+        elif classes:
+            self._classes = np.asarray(classes)
 
     def predict(self, inputs: Arrays) -> Prediction:
         feed = {graph: inputs[name] for graph, name in self._inputs}
@@ -134,7 +142,10 @@ class OnnxRuntime:
             # Exports give regressors a [N, 1] output; the canonical tensor is [N].
             if rank == 1 and array.ndim == 2 and array.shape[1] == 1:
                 array = array[:, 0]
-            if strings and array.dtype == object:
+            if name == "label" and self._positional:
+                label_index = array.astype(np.intp, copy=False)
+                array = self._classes.take(label_index) if self._gather else array
+            elif strings and array.dtype == object:
                 # onnxruntime returns str objects; a fixed-width str array, as scikit-learn
                 # gives, is counted and encoded with array operations instead of Python loops.
                 index = self._class_index(array) if name == "label" else None
@@ -156,6 +167,9 @@ class OnnxRuntime:
 
 
 def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:
-    session = _session(data, options)
     signature = signature_of(metadata) if metadata else describe(data)
-    return OnnxRuntime(session, signature)
+    names = [spec.name for spec in signature.outputs]
+    positional = False
+    if signature.task == "classification" and signature.classes and "label" in names:
+        data, positional = positional_graph(data, names.index("label"), signature.classes)
+    return OnnxRuntime(_session(data, options), signature, positional)

@@ -28,7 +28,12 @@ from service.store.tensors import TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
 
-# Estimators whose predict() is exactly classes_[argmax(predict_proba())]: one call serves both.
+# Estimators whose predict() is the class of the highest probability of predict_proba(): the
+# argmax of the same probabilities (trees, forests, k-NN), or of scores that predict_proba()
+# maps to probabilities in the same order (linear models, boosting, naive Bayes, networks), so
+# one call serves both. The same order up to rounding: where two classes' scores nearly tie,
+# the mapping can round them to one probability, or order them otherwise; rows whose two
+# highest probabilities are within TIE_MARGIN (relative) of each other are given to predict().
 _LABEL_FROM_PROBA = {
     "DecisionTreeClassifier",
     "ExtraTreeClassifier",
@@ -41,6 +46,7 @@ _LABEL_FROM_PROBA = {
     "MLPClassifier",
     "RandomForestClassifier",
 }
+TIE_MARGIN = 1e-9
 
 
 def framework_versions() -> dict[str, str]:
@@ -166,9 +172,26 @@ class SklearnRuntime:
             label = np.asarray(self._predict(features))
             return Prediction({"label": label, "probabilities": proba})
         # From the unrounded values, as predict() does: FP32 rounding can tie close classes.
-        index = exact.argmax(axis=1)
+        index = self._highest(features, exact)
         outputs = {"label": self._classes.take(index), "probabilities": proba}
         return Prediction(outputs, index if self._index_labels else None)
+
+    def _highest(self, features: NDArray[Any], exact: NDArray[Any]) -> NDArray[np.intp]:
+        """Each row's class position in classes_, as predict() gives it: the highest
+        probability's (the first of equals, as argmax), or predict()'s near a tie."""
+        columns = np.ascontiguousarray(exact.T)  # a pass per class beats argmax along rows
+        best = columns[0].copy()
+        index = np.zeros(len(best), dtype=np.intp)
+        for position, column in enumerate(columns[1:], start=1):
+            index[column > best] = position
+            np.maximum(best, column, out=best)  # NaN anywhere in a row makes its best NaN
+        near = columns >= best * (1 - TIE_MARGIN)
+        if np.count_nonzero(near) > len(best) or np.isnan(best).any():
+            rows = np.flatnonzero((np.count_nonzero(near, axis=0) > 1) | np.isnan(best))
+            positions = {c: i for i, c in enumerate(self._classes.tolist())}
+            labels = np.asarray(self._predict(features[rows])).tolist()
+            index[rows] = [positions[label] for label in labels]
+        return index
 
 
 def load(data: bytes, metadata: ArtifactMetadata | None, options: RuntimeOptions) -> Runtime:
