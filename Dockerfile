@@ -42,7 +42,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODELSERVE_JOBS_DIR=/tmp/modelserve-jobs
 USER 10001:10001
 WORKDIR /tmp
-# HTTP, and gRPC (Open Inference Protocol; MODELSERVE_GRPC_PORT, 0 turns it off).
+# HTTP, and gRPC (Open Inference Protocol): MODELSERVE_GRPC_PORT=0 turns it off.
 EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
