@@ -29,9 +29,7 @@ def test_blocks_that_end_in_time_leave_the_later_ones_their_deadlines() -> None:
         return "done"
 
     async def main() -> list[str]:
-        return list(
-            await asyncio.gather(one(0.05, 0.0), one(0.2, 0.1), one(0.1, 1.0), one(0.3, 5))
-        )
+        return list(await asyncio.gather(one(0.05, 0.0), one(0.2, 0.1), one(0.1, 1.0), one(0.3, 5)))
 
     assert asyncio.run(main()) == ["done", "done", "timeout", "timeout"]
 
