@@ -323,7 +323,22 @@ def report(
                 f"| `--workers {workers}` | {rate:,.0f} | {runs} "
                 f"| {max(big[f'memory-{workers}']):.0f} |"
             )
-    return lines
+    return lines + NOTES
+
+
+NOTES = [
+    "",
+    "Reading the tables:",
+    "",
+    "- The CLI and the script are timed as fresh processes: interpreter start, imports, model",
+    "  load and exit are in every figure. The HTTP figure is one request to a running server.",
+    "- `modelserve score` gives each worker a byte range of the file; nothing reads the file",
+    "  before they start, and their part files are joined without being decoded again.",
+    "- Two workers need two idle cores: under load (see the load average above) `--workers 2`",
+    "  is no faster than `--workers 1`, and every figure is slower than on a quiet machine.",
+    "- Memory is the summed PSS of the command's processes, sampled every 50 ms: the same for",
+    "  any file size, as every worker holds one chunk at a time.",
+]
 
 
 def main() -> int:

@@ -360,3 +360,22 @@ def test_a_quote_inside_a_value_that_is_not_quoted_stays_in_it(
     )
     assert scored.num_rows == 20_000
     assert scored["id"][15_000].as_py() == "5'10\""
+
+
+def test_a_first_part_of_blank_lines_still_writes_the_header(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "blank.csv"
+    header = "id,sepal_length,sepal_width,petal_length,petal_width\n"
+    source.write_text(header + "\n" * 2000 + "1,5.1,3.5,1.4,0.2\n2,6.7,3.0,5.2,2.3\n")
+    outputs = {}
+    for workers in ("1", "3"):
+        target = tmp_path / f"out-{workers}.csv"
+        done = run_score(
+            "iris", source, target, "--model-repository", trained_repository, "--workers", workers
+        )
+        assert done.returncode == 0, done.stderr
+        outputs[workers] = target.read_text()
+    assert outputs["3"] == outputs["1"]
+    assert outputs["3"].splitlines()[0].startswith(header.strip() + ",label,")
+    assert len(outputs["3"].splitlines()) == 3

@@ -295,6 +295,12 @@ def _score_rows(job: ScoreFile, part: Part, path: Path, report: Report, quoted: 
             if unnumbered:
                 raise _StartOver(rows, consumed, quoted=False) from None
             raise
+        if rows == 0 and part.index == 0 and part.columns and job.output_format == "csv":
+            # Only the first part writes the CSV header: it does so with no rows of its own too
+            # (blank lines), for the rows of the parts after it.
+            empty = Chunk(pa.table({name: pa.array([], pa.string()) for name in part.columns}))
+            predict = model.runtime.predict
+            out.write(encoder.encode(score_chunk(model, empty, 0, job.on_error, predict, types)))
         out.write(encoder.close())
     return rows
 
