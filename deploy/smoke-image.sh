@@ -145,7 +145,7 @@ smoke_image() {
     '{{.Config.User}} {{.Config.StopSignal}} {{.Config.ExposedPorts}} {{.Config.Healthcheck.Test}}' "$image")
   [[ $config == "10001:10001 SIGTERM map[8000/tcp:{} 8001/tcp:{}] [CMD "*/v2/health/ready* ]] ||
     fail "image config: $config"
-  ok "image config: USER 10001, STOPSIGNAL SIGTERM, EXPOSE 8000, HEALTHCHECK on /v2/health/ready"
+  ok "image config: USER 10001, STOPSIGNAL SIGTERM, EXPOSE 8000 8001, HEALTHCHECK on /v2/health/ready"
 
   port=$(free_port)
   run_image "$name" "$port" 8000 "$image"
