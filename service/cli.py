@@ -586,6 +586,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code: int = args.run(args)
     # The interpreter's last collections walk every object the imports made (numpy, pyarrow,
-    # pydantic...): 60 ms of each command's exit, which frozen objects are spared.
+    # pydantic...): about 50 ms of each command's exit, which frozen objects are spared.
     gc.freeze()
     return code
