@@ -222,6 +222,12 @@ class Settings(BaseSettings):
         description="Rows per version (per worker) over which live drift is measured against "
         "the version's reference profile; 0: no drift measured.",
     )
+    drift_window_s: float = Field(
+        0.0,
+        ge=0,
+        description="Also limit the drift window to the rows of the last this many seconds "
+        "(it moves in tenths); 0: rows only.",
+    )
     drift_max_features: int = Field(
         50,
         ge=0,

@@ -117,6 +117,49 @@ def test_the_window_forgets_the_oldest_rows() -> None:
     assert report.features[0].live_shares == pytest.approx([0.0, 0.0, 1.0])
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_time_window_forgets_rows_older_than_its_seconds() -> None:
+    clock = Clock()
+    window = Window(
+        one_feature_profile(), max_features=50, window_rows=10_000, window_s=60.0, clock=clock
+    )
+    low = np.full((200, 1), 0.5, dtype=np.float32)
+    high = np.full((200, 1), 2.5, dtype=np.float32)
+    window.record(low, NO_OUTPUTS)
+    clock.now += 30
+    window.record(high, NO_OUTPUTS)
+    report = window.report("m", 1)
+    assert report.window_rows == 400
+    assert report.features[0].live_shares == pytest.approx([0.5, 0.0, 0.5])
+    # 61 s after the low rows, 31 s after the high ones: only the high rows are left.
+    clock.now += 31
+    report = window.report("m", 1)
+    assert report.window_rows == 200
+    assert report.features[0].live_shares == pytest.approx([0.0, 0.0, 1.0])
+    # An idle minute empties it: nothing is measured rather than stale rows.
+    clock.now += 60
+    report = window.report("m", 1)
+    assert report.window_rows == 0
+    assert report.features[0].psi is None
+
+
+def test_a_time_window_still_keeps_no_more_than_its_rows() -> None:
+    clock = Clock()
+    window = Window(one_feature_profile(), 50, window_rows=100, window_s=3600.0, clock=clock)
+    for _ in range(3 * BLOCKS):
+        window.record(np.full((10, 1), 0.5, dtype=np.float32), NO_OUTPUTS)
+        clock.now += 1
+    window.flush()
+    assert 90 <= window.report("m", 1).window_rows <= 100
+
+
 @pytest.fixture
 def iris_v1(iris_repository: Path) -> ModelVersion:
     return load_version("iris", 1, iris_repository / "iris" / "1", LoadOptions(), (0, 0.0))

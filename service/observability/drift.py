@@ -9,13 +9,19 @@ SAMPLED_ROWS rows, a batch's bins are counted on an even sample of its rows, so 
 10,000-row request does not pay for its drift what it pays for its model call; its missing and
 out-of-range values are still counted exactly. The window is a ring of BLOCKS blocks of counts;
 the oldest block leaves as a new one fills, so the window holds the last `window_rows` rows,
-give or take a block. Each worker keeps its own.
+give or take a block. With `window_s` set, a block also closes when it is a tenth of that old
+and leaves once its last row is older than `window_s`: the window then holds whichever is fewer,
+the last `window_rows` rows or the rows of the last `window_s` seconds. Each worker keeps its
+own.
 """
 
 import asyncio
+import math
 import threading
+import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,7 +58,14 @@ def _float32_at_or_above(values: NDArray[np.float64]) -> NDArray[np.float32]:
 class Window:
     """A version's drift counts over its recent rows, one block at a time."""
 
-    def __init__(self, profile: Profile, max_features: int, window_rows: int) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        max_features: int,
+        window_rows: int,
+        window_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.profile = profile
         self.features = profile.features[:max_features]
         count = len(self.features)
@@ -85,9 +98,14 @@ class Window:
         self.size = self.out_of_range_at + count
         self.limit = window_rows
         self.block_rows = max(1, window_rows // BLOCKS)
-        self.blocks: deque[tuple[NDArray[np.int64], int]] = deque()
+        self.window_s = window_s or math.inf
+        self.block_s = self.window_s / BLOCKS
+        self.clock = clock
+        # Closed blocks: counts, rows, and when the last of their rows was counted.
+        self.blocks: deque[tuple[NDArray[np.int64], int, float]] = deque()
         self.current = np.zeros(self.size, dtype=np.int64)
         self.current_rows = 0
+        self.current_started = self.current_last = clock()
         self.total = np.zeros(self.size, dtype=np.int64)
         self.rows = 0
         # Small batches wait here and are binned together: a single row costs a copy.
@@ -209,21 +227,45 @@ class Window:
         return np.where(np.isnan(predicted), len(self.prediction_edges) + 1, slots)
 
     def _add(self, counts: NDArray[np.int64], rows: int) -> None:
+        now = self.clock()
+        if self.current_rows and now - self.current_started >= self.block_s:
+            self._close_block()
+        if not self.current_rows:
+            self.current_started = now
         self.current += counts
         self.total += counts
         self.current_rows += rows
         self.rows += rows
+        self.current_last = now
         if self.current_rows >= self.block_rows:
-            self.blocks.append((self.current, self.current_rows))
-            self.current = np.zeros(self.size, dtype=np.int64)
-            self.current_rows = 0
-            if len(self.blocks) >= BLOCKS:
-                oldest, oldest_rows = self.blocks.popleft()
-                self.total -= oldest
-                self.rows -= oldest_rows
+            self._close_block()
+        self._expire(now)
+
+    def _close_block(self) -> None:
+        self.blocks.append((self.current, self.current_rows, self.current_last))
+        self.current = np.zeros(self.size, dtype=np.int64)
+        self.current_rows = 0
+        if len(self.blocks) >= BLOCKS:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        oldest, oldest_rows, _ = self.blocks.popleft()
+        self.total -= oldest
+        self.rows -= oldest_rows
+
+    def _expire(self, now: float) -> None:
+        """Drop the rows older than `window_s` (whole blocks; the one filling closes first)."""
+        if self.window_s == math.inf:
+            return
+        if self.current_rows and now - self.current_started >= self.block_s:
+            self._close_block()
+        oldest = now - self.window_s
+        while self.blocks and self.blocks[0][2] < oldest:
+            self._drop_oldest()
 
     def report(self, name: str, version: int) -> VersionDrift:
         with self.lock:
+            self._expire(self.clock())
             total = self.total.copy()
             rows = self.rows
         features = []
@@ -278,10 +320,16 @@ class VersionWatch:
     """One version's window, with its metric children bound once."""
 
     def __init__(
-        self, model: ModelVersion, profile: Profile, metrics: Metrics, rows: int, features: int
+        self,
+        model: ModelVersion,
+        profile: Profile,
+        metrics: Metrics,
+        rows: int,
+        features: int,
+        seconds: float = 0.0,
     ) -> None:
         self.model = model
-        self.window = Window(profile, features, rows)
+        self.window = Window(profile, features, rows, seconds)
         labels = (model.name, str(model.version))
         names = [f.name for f in self.window.features]
         self._psi = [metrics.feature_psi.labels(*labels, n) for n in names]
@@ -321,9 +369,12 @@ class VersionWatch:
 class DriftWatch:
     """The drift windows of the versions that served rows in this worker."""
 
-    def __init__(self, metrics: Metrics, window_rows: int, max_features: int) -> None:
+    def __init__(
+        self, metrics: Metrics, window_rows: int, max_features: int, window_s: float = 0.0
+    ) -> None:
         self._metrics = metrics
         self._rows = window_rows
+        self._seconds = window_s
         self._features = max_features
         # None: the version has no usable profile, decided once per loaded version.
         self._watches: weakref.WeakKeyDictionary[ModelVersion, VersionWatch | None] = (
@@ -347,7 +398,9 @@ class DriftWatch:
             and len(inputs[0].shape) == 2
             and inputs[0].shape[1] == len(profile.features)
         ):
-            watch = VersionWatch(model, profile, self._metrics, self._rows, self._features)
+            watch = VersionWatch(
+                model, profile, self._metrics, self._rows, self._features, self._seconds
+            )
         with self._lock:
             self._watches[model] = watch
         return watch

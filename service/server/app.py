@@ -159,7 +159,12 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 settings.max_batch_rows,
                 settings.max_queue_requests,
                 settings.shadow_max_pending,
-                DriftWatch(metrics, settings.drift_window_rows, settings.drift_max_features)
+                DriftWatch(
+                    metrics,
+                    settings.drift_window_rows,
+                    settings.drift_max_features,
+                    settings.drift_window_s,
+                )
                 if settings.drift_window_rows
                 else None,
             ),
