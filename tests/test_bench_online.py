@@ -1,6 +1,7 @@
 """The online benchmark's own parts: raw-call measurement, bodies, servers and the report."""
 
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench.online.__main__ import start_servers
+from bench.online.monitoring import requests_for, shadowed_copy, shadowed_requests, summarise
 from bench.online.raw import load_runtime, measure_raw
 from bench.online.report import write_report
 from bench.online.servers import start_modelserve, wait_for_model
@@ -122,3 +124,40 @@ def test_a_server_whose_model_never_loads_is_stopped(iris_repository: Path, tmp_
         assert server.process.poll() is not None
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_the_shadow_configuration_mirrors_what_the_benchmark_sends(
+    iris_repository: Path, tmp_path: Path
+) -> None:
+    server = start_modelserve(
+        "shadow", shadowed_copy(iris_repository, tmp_path), tmp_path, cores="0,1"
+    )
+    try:
+        assert shadowed_requests(server) == 0
+        single, _ = requests_for(iris_repository)
+        for _ in range(5):
+            answer = httpx.post(
+                server.url + single.path,
+                content=single.body,
+                headers={"content-type": single.content_type},
+            )
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 5
+        while shadowed_requests(server) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shadowed_requests(server) == 5
+    finally:
+        server.stop()
+
+
+def test_monitoring_ratios_are_taken_within_each_repetition() -> None:
+    reps = [
+        {"default": {"cpu_us": 100.0}, "drift off": {"cpu_us": 90.0}},
+        {"default": {"cpu_us": 200.0}, "drift off": {"cpu_us": 190.0}},
+        {"default": {"cpu_us": 120.0}, "drift off": {"cpu_us": 60.0}},
+    ]
+    summary = summarise(reps)
+    assert summary["default"]["cpu_us_ratio"] == 1.0
+    assert summary["drift off"]["cpu_us"] == 90.0
+    assert summary["drift off"]["cpu_us_ratio"] == pytest.approx(0.9)  # of 0.9, 0.95, 0.5
