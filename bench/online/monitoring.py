@@ -4,8 +4,8 @@ One modelserve from this tree in several configurations, each pinned to core 0 w
 core 1, measured in one run and in alternating order:
 - `default`: as shipped (drift on, no shadow);
 - `drift off`: `MODELSERVE_DRIFT_WINDOW_ROWS=0`;
-- `shadow`: iris version 2's every request mirrored to version 1 (`[shadow]` in model.toml,
-  fraction 1.0), compared off the response path.
+- `shadow 10%` and `shadow 100%`: that share of iris version 2's requests mirrored to version 1
+  (`[shadow]` in model.toml), compared off the response path.
 Per repetition: server CPU per single-row request and requests/s at c=64 (iris ONNX, JSON),
 rows/s of 10,000-row binary requests, and the primary's latency at c=1 (p50 and p99), the last
 from short mirrored runs (a, b, b, a, ...) so that drift of the machine falls on every side.
@@ -33,17 +33,19 @@ from bench.online.wrk import run_wrk
 from service.store.runtimes import RuntimeOptions
 
 ARTIFACT = Artifact("iris", 2)
-DEFAULT, DRIFT_OFF, SHADOW = "default", "drift off", "shadow"
+DEFAULT, DRIFT_OFF, SHADOW_10, SHADOW_100 = "default", "drift off", "shadow 10%", "shadow 100%"
 Figures = dict[str, float]
 
 
-def shadowed_copy(repository: Path, work: Path) -> Path:
-    """The repository with iris version 2 mirrored to version 1 at fraction 1.0."""
-    copy = work / "models-shadow"
+def shadowed_copy(repository: Path, work: Path, fraction: float = 1.0) -> Path:
+    """The repository with that fraction of iris version 2's requests mirrored to version 1."""
+    copy = work / f"models-shadow-{fraction:g}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(repository, copy)
     config = copy / "iris" / "model.toml"
-    config.write_text(config.read_text() + "\n[shadow]\nsource = 2\ntarget = 1\nfraction = 1.0\n")
+    config.write_text(
+        config.read_text() + f"\n[shadow]\nsource = 2\ntarget = 1\nfraction = {fraction}\n"
+    )
     return copy
 
 
@@ -138,10 +140,10 @@ def render(summary: dict[str, dict[str, float]], repeat: int, seconds: float) ->
         f"`python -m bench.online.monitoring --repeat {repeat} --seconds {seconds:g}`: iris "
         "ONNX (version 2), server on core 0, wrk on core 1; medians of the repetitions, and in "
         "brackets the median ratio to `default` taken within each repetition. `drift off` is "
-        "`MODELSERVE_DRIFT_WINDOW_ROWS=0`; `shadow` mirrors every request of version 2 to "
-        "version 1 and compares the answers (it spends the shadow's CPU on the same core, so "
-        "its requests/s at c=64 fall; the figure that must not move is the primary's latency "
-        "at c=1).",
+        "`MODELSERVE_DRIFT_WINDOW_ROWS=0`; `shadow 10%`/`100%` mirror that share of version 2's "
+        "requests to version 1 (scikit-learn, several times version 2's CPU per row) and "
+        "compare the answers; the shadow's CPU is spent on the same core, so requests/s at "
+        "c=64 fall by what it costs.",
         "",
         "| configuration | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
@@ -165,7 +167,12 @@ def main() -> None:
         DRIFT_OFF: lambda: start_modelserve(
             "drift-off", repository, work, env={"MODELSERVE_DRIFT_WINDOW_ROWS": "0"}
         ),
-        SHADOW: lambda: start_modelserve("shadow", shadowed_copy(repository, work), work),
+        SHADOW_10: lambda: start_modelserve(
+            "shadow-10", shadowed_copy(repository, work, 0.1), work
+        ),
+        SHADOW_100: lambda: start_modelserve(
+            "shadow-100", shadowed_copy(repository, work, 1.0), work
+        ),
     }
     started = time.time()
     servers: dict[str, Server] = {}
@@ -174,9 +181,9 @@ def main() -> None:
             servers[name] = start()
         with pinned({1}):
             reps = measure(servers, repository, args.repeat, args.seconds)
-        mirrored = shadowed_requests(servers[SHADOW])
-        if not mirrored:
-            raise RuntimeError("the shadow configuration mirrored no request; see its log")
+        for name in (SHADOW_10, SHADOW_100):
+            if not shadowed_requests(servers[name]):
+                raise RuntimeError(f"{name} mirrored no request; see {servers[name].log}")
     finally:
         for server in servers.values():
             server.stop()
