@@ -191,8 +191,10 @@ def test_a_model_that_slows_down_goes_back_to_a_thread(executor: ThreadPoolExecu
     assert threads[-1] == main
     delay[0] = 2 * INLINE_WALL_S  # waiting, as on I/O: no CPU time, but the loop stalls
     threads.clear()
-    for _ in range(4):
+    for _ in range(5):
         run(batcher, [np.ones((1, 1))])
     # At most once more inline, measured slow by the clock; then in a thread, where it stays.
+    # (On a busy machine the last fast call may have been measured slow by CPU time; the next
+    # call then runs in a thread, is learnt fast by CPU time and runs inline once more.)
     assert threads.count(main) <= 1
     assert main not in threads[-3:]
