@@ -114,6 +114,25 @@ def test_the_control_plane_logs_and_answers_with_request_ids(
     assert "root-1" not in logged
 
 
+def test_the_status_pages_own_refreshes_are_logged_at_debug_only(
+    workers_server: RunningServer,
+) -> None:
+    marked = {"X-Modelserve-Status-Page": "1"}
+    with httpx.Client(base_url=workers_server.url) as http:
+        refresh = http.get("/v2/models/iris", headers={**marked, "X-Request-ID": "page-1"})
+        failed = http.get("/v2/models/nope", headers={**marked, "X-Request-ID": "page-2"})
+        posted = http.post(
+            "/v2/models/iris/infer", json=BODY, headers={**marked, "X-Request-ID": "page-3"}
+        )
+        plain = http.get("/v2/models/iris", headers={"X-Request-ID": "page-4"})
+    assert [r.status_code for r in (refresh, failed, posted, plain)] == [200, 404, 200, 200]
+    # A failed read and an inference are logged at info even when marked; so is anyone else's.
+    assert _line(workers_server, "page-2")["status"] == 404
+    assert _line(workers_server, "page-3")["status"] == 200
+    assert _line(workers_server, "page-4")["status"] == 200
+    assert "page-1" not in {e["request_id"] for e in access_lines(workers_server.output())}
+
+
 def test_model_loads_are_logged_with_format_and_time(workers_server: RunningServer) -> None:
     entries = [
         json.loads(line) for line in workers_server.output().splitlines() if line.startswith("{")

@@ -28,6 +28,13 @@ logger = logging.getLogger(logs.ACCESS_LOGGER)
 REQUEST_ID = b"x-request-id"
 # Probes and scrapes come every few seconds; at debug level they do not bury the requests.
 _QUIET_PATHS = frozenset({"/", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# So are the status page's own refreshes; a failed one, or anything else it sends, is not.
+STATUS_PAGE = b"x-modelserve-status-page"
+
+
+def _from_status_page(scope: Scope) -> bool:
+    """A read the open status page repeats every few seconds (it marks them): at debug level."""
+    return any(name == STATUS_PAGE for name, _ in scope["headers"])
 
 
 def _new_ids() -> None:
@@ -154,7 +161,9 @@ class AccessLogMiddleware:
                     send, 500, error_body(fault, request), [*error_headers(fault), header]
                 )
                 status = 500
-        quiet = scope["path"] in _QUIET_PATHS
+        quiet = scope["path"] in _QUIET_PATHS or (
+            scope["method"] == "GET" and status < 400 and _from_status_page(scope)
+        )
         # Routing has put the path parameters into the scope by now.
         params = scope.get("path_params", {})
         log_request(

@@ -15,8 +15,13 @@ function headers(extra, admin) {
   return all;
 }
 
+// The page's periodic reads are marked so the server logs them at debug level, not info.
 async function getJSON(path, options) {
-  const response = await fetch(path, Object.assign({ headers: headers() }, options || {}));
+  const merged = Object.assign({ headers: headers() }, options || {});
+  if (!merged.method || merged.method === "GET") {
+    merged.headers = Object.assign({ "X-Modelserve-Status-Page": "1" }, merged.headers);
+  }
+  const response = await fetch(path, merged);
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
