@@ -26,9 +26,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -230,6 +235,48 @@ def run_job(url: str, source: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
+def _latencies_ms(client: "httpx.Client", url: str, until: Callable[[], bool]) -> list[float]:
+    """Single-row V2 requests one after another until `until()`; their latencies."""
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                        "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+    found: list[float] = []
+    while not until():
+        started = time.perf_counter()
+        client.post(url, json=body).raise_for_status()
+        found.append((time.perf_counter() - started) * 1000)
+    return found
+
+
+def online_during_job(url: str, source: Path, target: Path, seconds: float) -> dict[str, float]:
+    """Single-row p50/p99 on an idle server for `seconds`, then while a job scores `source`."""
+    import httpx
+
+    infer = f"{url}/v2/models/iris/versions/2/infer"
+    with httpx.Client(timeout=30) as client:
+        end = time.monotonic() + seconds
+        idle = _latencies_ms(client, infer, lambda: time.monotonic() > end)
+        done = threading.Event()
+
+        def score() -> None:
+            try:
+                run_job(url, source, target)
+            finally:
+                done.set()
+
+        job = threading.Thread(target=score)
+        job.start()
+        time.sleep(0.5)  # past the upload: the job is scoring
+        busy = _latencies_ms(client, infer, done.is_set)
+        job.join()
+    return {
+        "idle_p50": float(np.percentile(idle, 50)),
+        "idle_p99": float(np.percentile(idle, 99)),
+        "busy_p50": float(np.percentile(busy, 50)),
+        "busy_p99": float(np.percentile(busy, 99)),
+        "busy_requests": float(len(busy)),
+    }
+
+
 def cli_command(repository: Path, source: Path, target: Path) -> list[str]:
     return [
         sys.executable, "-m", "service", "score", "iris:2", str(source), str(target),
@@ -389,6 +436,7 @@ def main() -> int:
                 times["cli-1"].append(timed([*cli, "--workers", "1"])[0])
                 times["http"].append(post_file(url, source, folder / "http.csv"))
                 times["job"].append(run_job(server.url, source, folder / "job.csv"))
+            online = online_during_job(server.url, source, folder / "job.csv", 5.0)
         raw = raw_onnxruntime(model, args.rows)
         big = None
         if args.big_rows:
@@ -397,6 +445,14 @@ def main() -> int:
     loads = (load_before, os.getloadavg())
 
     lines = report(args, size_mb, times, raw, big, loads)
+    lines += [
+        "",
+        f"Online requests while a {args.rows:,}-row job runs (single-row V2 to iris version 2, "
+        "one at a time from one client, same server): "
+        f"idle p50 {online['idle_p50']:.2f} ms, p99 {online['idle_p99']:.2f} ms; during the job "
+        f"p50 {online['busy_p50']:.2f} ms, **p99 {online['busy_p99']:.2f} ms** "
+        f"({online['busy_requests']:.0f} requests).",
+    ]
     if rss:
         lines += [
             "",

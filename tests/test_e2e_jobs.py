@@ -17,6 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
+from service.config import Settings
+from service.jobs.parts import JOB_NICENESS, new_pool
 from tests.serving import RunningServer, run_server, wait_for
 
 ROWS = 30_000
@@ -510,3 +512,11 @@ def test_a_jobs_folder_that_cannot_be_written_turns_jobs_off_not_the_server(
         assert refused.status_code == 403
         assert "MODELSERVE_JOBS_DIR" in refused.json()["error"]
         assert "batch jobs are off" in server.output()
+
+
+def test_job_processes_run_at_a_lower_priority_than_the_server(tmp_path: Path) -> None:
+    pool = new_pool(Settings(model_repository=tmp_path, jobs_processes=1))
+    try:
+        assert pool.submit(os.nice, 0).result(timeout=60) == JOB_NICENESS
+    finally:
+        pool.shutdown()

@@ -47,9 +47,16 @@ class _PartProgress:
                 raise Stopped("the job was cancelled or handed back")
 
 
-def _die_with_parent() -> None:
+# Jobs are background work: on a busy machine the kernel gives online requests the CPU first
+# (a nice-10 process gets about a tenth of what a nice-0 one gets when both want a core);
+# on an idle machine a job runs as fast as before.
+JOB_NICENESS = 10
+
+
+def _prepare_process() -> None:
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.nice(max(0, JOB_NICENESS - os.nice(0)))
 
 
 def _score_in_process(
@@ -80,7 +87,7 @@ def new_pool(settings: Settings) -> Executor:
     processes = settings.jobs_processes or os.cpu_count() or 1
     # Spawned, not forked: the server's threads and event loop stay behind.
     context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=_die_with_parent)
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_prepare_process)
 
 
 def partial_path(store: JobStore, job: Job, index: int) -> Path:
