@@ -177,7 +177,8 @@ def test_float32_rows_written_in_full_parse_no_slower_than_python_lists() -> Non
     rows = np.random.default_rng(0).uniform(-4, 4, size=(10_000, 4)).astype(np.float32)
     text = json.dumps(rows.tolist()).encode()
     assert b"-0." in text
+    # Best of 25: the parse is four calls, each of which a busy machine may preempt.
     parsed, lists = _best_seconds(
-        [lambda t: parse_numbers(memoryview(t), "input"), lists_decoder], text
+        [lambda t: parse_numbers(memoryview(t), "input"), lists_decoder], text, rounds=25
     )
     assert parsed / lists < 3, f"{parsed / lists:.1f} times the time of Python lists"
