@@ -281,7 +281,8 @@ def _workers_table(r: Results) -> list[str]:
     ]
 
 
-def _plot(single: Table, path: Path) -> None:
+def _plot(single: Table, grpc: Table, path: Path) -> None:
+    """p99 against requests/s per model; gRPC dashed, in its server's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,18 +290,27 @@ def _plot(single: Table, path: Path) -> None:
 
     servers = [OURS, OURS_UNBATCHED, MLSERVER, MLSERVER_AB, TUTORIAL, TRITON]
     colours = dict(zip(servers, ("C2", "C1", "C0", "C9", "C4", "C3"), strict=True))
-    artifacts = sorted({key[0] for key in single})
+    artifacts = sorted({key[0] for key in single} | {key[0] for key in grpc})
     figure, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    lines = [(server, table) for table in (single, grpc) for server in servers]
     for axis, artifact in zip(axes.flat, artifacts, strict=False):
-        for server in servers:
+        for server, table in lines:
             points = sorted(
-                (key[2], rec) for key, rec in single.items() if key[:2] == (artifact, server)
+                (key[2], rec) for key, rec in table.items() if key[:2] == (artifact, server)
             )
             if not points:
                 continue
             rates = [rec["rate"] for _, rec in points]
             p99 = [rec["p99_ms"] for _, rec in points]
-            axis.plot(rates, p99, marker="o", label=server, color=colours[server])
+            over_grpc = table is grpc
+            axis.plot(
+                rates,
+                p99,
+                marker="o",
+                label=f"{server} gRPC" if over_grpc else server,
+                color=colours[server],
+                linestyle="--" if over_grpc else "-",
+            )
             for c, rec in points:
                 axis.annotate(f"c={c}", (rec["rate"], rec["p99_ms"]), fontsize=7)
         axis.set_title(f"{artifact}, 1-row requests")
@@ -353,4 +363,4 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "",
     ]
     (out / "online.md").write_text("\n".join(lines))
-    _plot(results.single, out / "online.png")
+    _plot(results.single, results.grpc_single, out / "online.png")
