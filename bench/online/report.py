@@ -330,16 +330,16 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "# Online benchmark",
         "",
         f"Written by `bench/run.sh`: medians of {repeat} interleaved repetitions "
-        f"({minutes:.0f} min). Each server is pinned to core 0 and wrk to core 1; every "
-        "response is checked for its status and its label. Server CPU is the user + system "
-        "time of the server's processes per request (for Triton: the PyTriton process, "
-        "tritonserver and its Python-backend stubs). MLServer and the tutorial server serve "
-        "the joblib versions only, so ONNX rows compare with their joblib numbers; Triton "
-        "(through PyTriton, an onnxruntime session in the bound function, dynamic batching) "
-        "serves the ONNX versions only, so joblib rows compare with its ONNX numbers. Targets "
-        "are medians over the repetitions of values (and ratios) taken within each one. The "
-        "batching on / off targets come from paired c=1 runs: six 1 s runs each, in the order "
-        "on, off, off, on, ..., medians.",
+        f"({minutes:.0f} min). Each server is pinned to core 0 and wrk (h2load for gRPC) to "
+        "core 1; every response is checked for its status and its label. Server CPU is the "
+        "user + system time of the server's processes per request (for Triton: the PyTriton "
+        "process, tritonserver and its Python-backend stubs). MLServer and the tutorial server "
+        "serve the joblib versions only, so ONNX rows compare with their joblib numbers; "
+        "Triton (through PyTriton, an onnxruntime session in the bound function, dynamic "
+        "batching) serves the ONNX versions only, so joblib rows compare with its ONNX "
+        "numbers. Targets are medians over the repetitions of values (and ratios) taken within "
+        "each one. The batching on / off targets come from paired c=1 runs: six 1 s runs each, "
+        "in the order on, off, off, on, ..., medians.",
         "",
         "## Targets",
         "",
