@@ -29,7 +29,8 @@ Record = dict[str, Any]
 
 
 def check_grpc_answers(server: Server, repository: Path) -> None:
-    """As check_answers, over gRPC: typed contents and raw contents, through grpcio."""
+    """One full decode per model, size and encoding through grpcio, as check_answers does over
+    REST: labels equal and probabilities close to the raw call's."""
     for artifact in ARTIFACTS + LARGE_ONLY_ARTIFACTS:
         if not server.serves(artifact):
             continue
@@ -51,7 +52,7 @@ def check_grpc_answers(server: Server, repository: Path) -> None:
 def grpc_single_rows(
     server: Server, artifact: Artifact, rep: int, seconds: float
 ) -> Iterator[Record]:
-    """As _single_rows, over gRPC with typed contents (the analogue of JSON)."""
+    """Single rows at each concurrency, as typed contents (the analogue of REST JSON)."""
     message = infer_request(server.kind, artifact, make_features(artifact.model, 1), "contents")
     for connections in CONCURRENCY:
         load = run_h2load(server, message, connections, seconds)
@@ -71,7 +72,7 @@ def grpc_single_rows(
 def grpc_large_requests(
     server: Server, artifact: Artifact, rep: int, seconds: float
 ) -> Iterator[Record]:
-    """As _large_requests, over gRPC: typed contents and raw_input_contents, one call at once."""
+    """Large requests as typed contents and as raw_input_contents, one call at a time."""
     for rows in BULK_ROWS:
         data = make_features(artifact.model, rows)
         for contents in GRPC_CONTENTS:
