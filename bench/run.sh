@@ -2,7 +2,11 @@
 # The online benchmark: modelserve against the raw model call (and, with --peers, MLServer, a
 # tutorial FastAPI server and Triton). Writes bench/results/online.md and bench/results/online.png.
 # Usage: bench/run.sh [--peers] [--only SERVER]... [--repeat N] [--seconds S] [--skip-workers]
-#        [--large-only] [--out DIR]
+#        [--large-only] [--grpc-only] [--out DIR]
+#
+# REST load comes from wrk, gRPC load from h2load (Debian's nghttp2-client): both compiled, so
+# one core of load keeps the server's core busy. --grpc-only measures gRPC alone, with the REST
+# runs its targets compare with.
 #
 # --peers installs MLServer and the tutorial server into bench/.peers-venv, and Triton (through
 # PyTriton, which ships the tritonserver binary and its Python backend) into bench/.triton-venv.
@@ -22,6 +26,9 @@ fi
 scripts/setup.sh bench
 if ! command -v wrk >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+if ! command -v h2load >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
 fi
 
 # install_into VENV REQUIREMENTS PACKAGE...: the requirements and modelserve's pins of the

@@ -1,6 +1,7 @@
 """The online benchmark's own parts: raw-call measurement, bodies, servers and the report."""
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -9,12 +10,20 @@ import numpy as np
 import pytest
 
 from bench.online.__main__ import start_servers
+from bench.online.h2load import OK, grpc_outcomes, parse_summary, run_h2load
+from bench.online.messages import Contents, call, decode_response, frame, infer_request
 from bench.online.monitoring import requests_for, shadowed_copy, shadowed_requests, summarise
 from bench.online.raw import load_runtime, measure_raw
 from bench.online.report import write_report
-from bench.online.servers import start_modelserve, wait_for_model
+from bench.online.results import OURS_UNBATCHED
+from bench.online.servers import Server, start_modelserve, wait_for_model
 from bench.online.workload import Artifact, Encoding, build_request, decode_answer, features
+from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.store.runtimes import RuntimeOptions
+from tests.serving import RunningServer
+
+# The benchmark's gRPC load generator (Debian: nghttp2-client); bench/run.sh installs it.
+needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -161,3 +170,130 @@ def test_monitoring_ratios_are_taken_within_each_repetition() -> None:
     assert summary["default"]["cpu_us_ratio"] == 1.0
     assert summary["drift off"]["cpu_us"] == 90.0
     assert summary["drift off"]["cpu_us_ratio"] == pytest.approx(0.9)  # of 0.9, 0.95, 0.5
+
+
+def _bench_server(server: RunningServer) -> Server:
+    """The session's server as the benchmark sees one: its process, ports and metrics."""
+    port = int(server.url.rpartition(":")[2])
+    grpc_port = int(server.grpc_target.rpartition(":")[2])
+    return Server("modelserve", "modelserve", port, server.process, server.log, grpc_port=grpc_port)
+
+
+def test_a_framed_message_is_the_message_behind_a_length_prefix() -> None:
+    message = infer_request("modelserve", Artifact("iris", 2), features("iris", 2), "raw")
+    body = frame(message.SerializeToString())
+    assert body[0] == 0  # not compressed
+    assert int.from_bytes(body[1:5], "big") == len(body) - 5
+    assert pb.ModelInferRequest.FromString(body[5:]) == message
+
+
+@pytest.mark.parametrize("contents", ["contents", "raw"])
+def test_grpc_messages_are_answered_correctly(
+    server: RunningServer, trained_repository: Path, contents: Contents
+) -> None:
+    artifact = Artifact("iris", 2)
+    rows = features("iris", 150)
+    runtime = load_runtime(trained_repository, artifact, RuntimeOptions())
+    expected = runtime.predict({"input": rows}).outputs
+    response = call(server.grpc_target, infer_request("modelserve", artifact, rows, contents))
+    assert bool(response.raw_output_contents) == (contents == "raw")
+    answer = decode_response("modelserve", response, 3)
+    assert answer.labels == [str(v) for v in expected["label"]]
+    np.testing.assert_allclose(answer.probabilities, expected["probabilities"], atol=1e-6)
+
+
+@needs_h2load
+def test_h2load_loads_grpc_and_the_server_counts_every_call_ok(server: RunningServer) -> None:
+    bench = _bench_server(server)
+    message = infer_request("modelserve", Artifact("iris", 2), features("iris", 1), "contents")
+    before = grpc_outcomes(bench)
+    load = run_h2load(bench, message, 4, 0.5, cores="0,1")
+    assert load.requests > 0
+    assert 0.4 < load.seconds < 1.0
+    assert 0 < load.p50_ms <= load.p99_ms
+    assert load.cpu_us_per_request > 0
+    assert (grpc_outcomes(bench) - before)[OK] >= load.requests
+
+
+@needs_h2load
+def test_h2load_run_fails_when_the_server_answers_grpc_errors(server: RunningServer) -> None:
+    # HTTP 200 with grpc-status INVALID_ARGUMENT (30 features for iris's 4): h2load counts
+    # each call as succeeded.
+    rows = features("breast_cancer", 1)
+    message = infer_request("modelserve", Artifact("iris", 2), rows, "contents")
+    with pytest.raises(RuntimeError, match=r"gRPC iris: errors .*the server \{'400': \d+"):
+        run_h2load(_bench_server(server), message, 2, 0.3, cores="0,1")
+
+
+def test_h2load_summary_is_read_in_any_unit() -> None:
+    output = (
+        "finished in 500.12ms, 2000.00 req/s, 1.00MB/s\n"
+        "requests: 1000 total, 1001 started, 1000 done, 998 succeeded, 2 failed, 2 errored, "
+        "0 timeout\n"
+    )
+    succeeded, seconds = parse_summary(output)
+    assert succeeded == 998
+    assert seconds == pytest.approx(0.50012)
+
+
+def _grpc(kind: str, artifact: str, **fields: object) -> dict[str, object]:
+    return {"kind": kind, "rep": 0, "artifact": artifact, "server": "modelserve", **fields}
+
+
+def test_report_sets_grpc_beside_rest_with_its_targets(tmp_path: Path) -> None:
+    onnx = "iris v2 (onnx)"
+    records = [
+        _single("modelserve", onnx, 64, 5_000.0),  # 200 µs/request
+        _grpc(
+            "grpc_single", onnx, concurrency=64, rate=6_250.0, p50_ms=1.0, p99_ms=2.0, cpu_us=160.0
+        ),
+        _bulk("modelserve", "binary", 3e6),
+        _grpc(
+            "grpc_bulk",
+            onnx,
+            rows=10_000,
+            encoding="raw",
+            rows_per_s=2.4e6,
+            p50_ms=4.0,
+            cpu_us=4_000.0,
+        ),
+        _grpc(
+            "grpc_bulk",
+            onnx,
+            rows=10_000,
+            encoding="contents",
+            rows_per_s=6e5,
+            p50_ms=9.0,
+            cpu_us=9_000.0,
+        ),
+    ]
+    write_report(records, tmp_path, repeat=1, minutes=1.0)
+    report = (tmp_path / "online.md").read_text()
+    assert (
+        "| iris ONNX, 1 row, c=64: gRPC server CPU µs/request / REST JSON's | 0.80 | <= 1 | yes |"
+    ) in report
+    assert (
+        "| iris ONNX, 10,000 rows: gRPC raw contents rows/s / REST binary's "
+        "| 0.80 | >= 1 | **no** |"
+    ) in report
+    # No joblib runs: that target is shown as not measured rather than dropped.
+    assert "| iris joblib, 10,000 rows: gRPC raw contents rows/s / REST binary's | - |" in report
+    assert (
+        "| iris v2 (onnx) | modelserve | 64 | 6,250 | 1.00 | 2.00 | 160 | 5,000 | 0.80 | - |"
+        in (report)
+    )
+    # Raw contents against the binary extension, typed contents against JSON (not measured).
+    assert (
+        "| iris v2 (onnx) | 10,000 | modelserve | raw | 2,400,000 | 4.0 | binary | 3,000,000 "
+        "| 0.80 |" in (report)
+    )
+    assert "| iris v2 (onnx) | 10,000 | modelserve | contents | 600,000 | 9.0 | json | - | - |" in (
+        report
+    )
+
+
+def test_grpc_only_runs_name_the_servers_measured_over_grpc(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--only \['modelserve \(no batching\)'\]: not among"):
+        start_servers(
+            tmp_path, tmp_path, tmp_path, peers=False, only=[OURS_UNBATCHED], grpc_only=True
+        )

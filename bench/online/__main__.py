@@ -7,21 +7,23 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from bench.online.grpc_runs import check_grpc_answers, grpc_large_requests, grpc_single_rows
 from bench.online.raw import load_runtime, measure_raw
-from bench.online.report import (
+from bench.online.report import write_report
+from bench.online.results import (
     MLSERVER,
     MLSERVER_AB,
     OURS,
     OURS_UNBATCHED,
     TRITON,
     TUTORIAL,
-    write_report,
 )
 from bench.online.servers import (
     ROOT,
@@ -34,6 +36,8 @@ from bench.online.servers import (
 )
 from bench.online.workload import (
     ARTIFACTS,
+    BULK_ROWS,
+    CONCURRENCY,
     LARGE_ONLY_ARTIFACTS,
     Artifact,
     Encoding,
@@ -44,8 +48,12 @@ from bench.online.workload import features as make_features
 from bench.online.wrk import run_wrk
 from service.store.runtimes import RuntimeOptions
 
-CONCURRENCY = (1, 16, 64)
-BULK_ROWS = (1_000, 10_000)
+# Measured over gRPC too (the variants differ in batching or adaptive batching only).
+GRPC_SERVERS = (OURS, MLSERVER)
+# The REST runs the gRPC targets compare with, which a --grpc-only run measures beside gRPC:
+# iris ONNX single rows at c=64 (JSON), and iris 10,000-row requests (binary).
+GRPC_TARGET_SINGLE = Artifact("iris", 2)
+GRPC_TARGET_LARGE = (Artifact("iris", 1), Artifact("iris", 2))
 RAW_SECONDS = 1.0
 Record = dict[str, Any]
 
@@ -133,10 +141,15 @@ def _first_label(repository: Path, artifact: Artifact) -> str:
 
 
 def _single_rows(
-    server: Server, artifact: Artifact, label: str, rep: int, seconds: float
+    server: Server,
+    artifact: Artifact,
+    label: str,
+    rep: int,
+    seconds: float,
+    concurrency: tuple[int, ...] = CONCURRENCY,
 ) -> Iterator[Record]:
     request = build_request(server.kind, artifact, make_features(artifact.model, 1), label, "json")
-    for connections in CONCURRENCY:
+    for connections in concurrency:
         load = run_wrk(server, request, connections, seconds)
         yield {
             "kind": "single",
@@ -174,10 +187,18 @@ def _batching_pair(on: Server, off: Server, artifact: Artifact, label: str, rep:
 
 
 def _large_requests(
-    server: Server, artifact: Artifact, label: str, rep: int, seconds: float
+    server: Server,
+    artifact: Artifact,
+    label: str,
+    rep: int,
+    seconds: float,
+    sizes: tuple[int, ...] = BULK_ROWS,
+    only_binary: bool = False,
 ) -> Iterator[Record]:
     encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
-    for rows in BULK_ROWS:
+    if only_binary:
+        encodings = [e for e in encodings if e == "binary"]
+    for rows in sizes:
         data = make_features(artifact.model, rows)
         for encoding in encodings:
             request = build_request(server.kind, artifact, data, label, encoding)
@@ -194,8 +215,49 @@ def _large_requests(
             }
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What one run measures, of every scenario."""
+
+    seconds: float
+    large_only: bool = False
+    grpc_only: bool = False  # gRPC, and only the REST runs its targets compare with
+
+
+def _single_row_runs(
+    order: list[Server], artifact: Artifact, label: str, rep: int, scope: Scope
+) -> Iterator[Record]:
+    """REST, then gRPC, then the batching pair, on every server serving the artifact."""
+    if scope.large_only or artifact not in ARTIFACTS:
+        return
+    for server in (s for s in order if s.serves(artifact)):
+        if not scope.grpc_only:
+            yield from _single_rows(server, artifact, label, rep, scope.seconds)
+        elif server.name == OURS and artifact == GRPC_TARGET_SINGLE:
+            yield from _single_rows(server, artifact, label, rep, scope.seconds, (64,))
+    for server in (s for s in order if s.name in GRPC_SERVERS and s.serves(artifact)):
+        yield from grpc_single_rows(server, artifact, rep, scope.seconds)
+    named = {s.name: s for s in order}
+    if artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
+        yield _batching_pair(named[OURS], named[OURS_UNBATCHED], artifact, label, rep)
+
+
+def _large_runs(
+    order: list[Server], artifact: Artifact, label: str, rep: int, scope: Scope
+) -> Iterator[Record]:
+    """REST, then gRPC, on every server serving the artifact that takes large requests."""
+    large = [s for s in order if s.serves(artifact) and s.large_requests]
+    for server in large:
+        if not scope.grpc_only:
+            yield from _large_requests(server, artifact, label, rep, scope.seconds)
+        elif server.name == OURS and artifact in GRPC_TARGET_LARGE:
+            yield from _large_requests(server, artifact, label, rep, scope.seconds, (10_000,), True)
+    for server in (s for s in large if s.name in GRPC_SERVERS):
+        yield from grpc_large_requests(server, artifact, rep, scope.seconds)
+
+
 def measure_servers(
-    servers: list[Server], repository: Path, repeat: int, seconds: float, large_only: bool
+    servers: list[Server], repository: Path, repeat: int, scope: Scope
 ) -> list[Record]:
     """Every scenario on every server that serves it, interleaved, `repeat` times."""
     records: list[Record] = []
@@ -205,20 +267,11 @@ def measure_servers(
         # Each repetition starts with another server, so no server always runs first.
         order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
         for artifact in artifacts:
-            # The raw calls too, right before the servers, so they share the machine's noise.
-            records += measure_raw_calls(repository, artifact, rep)
-            single = not large_only and artifact in ARTIFACTS
-            for server in (s for s in order if single and s.serves(artifact)):
-                for record in _single_rows(server, artifact, labels[artifact], rep, seconds):
-                    records.append(record)
-                    print(json.dumps(record), flush=True)
-            named = {s.name: s for s in servers}
-            if single and artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
-                on, off = named[OURS], named[OURS_UNBATCHED]
-                records.append(_batching_pair(on, off, artifact, labels[artifact], rep))
-                print(json.dumps(records[-1]), flush=True)
-            for server in (s for s in order if s.serves(artifact) and s.large_requests):
-                for record in _large_requests(server, artifact, labels[artifact], rep, seconds):
+            if not scope.grpc_only:
+                # The raw calls too, right before the servers, so they share the machine's noise.
+                records += measure_raw_calls(repository, artifact, rep)
+            for runs in (_single_row_runs, _large_runs):
+                for record in runs(order, artifact, labels[artifact], rep, scope):
                     records.append(record)
                     print(json.dumps(record), flush=True)
     return records
@@ -262,9 +315,10 @@ def start_servers(
     peers: bool,
     only: list[str] | None,
     large_only: bool = False,
+    grpc_only: bool = False,
 ) -> list[Server]:
     starts: dict[str, Callable[[], Server]] = {OURS: lambda: start_modelserve(OURS, batched, work)}
-    if not large_only:  # it differs only in batching, which large requests do without
+    if not (large_only or grpc_only):  # it differs only in batching, which these do without
         starts[OURS_UNBATCHED] = lambda: start_modelserve(
             OURS_UNBATCHED, unbatched, work, large_requests=False
         )
@@ -275,6 +329,8 @@ def start_servers(
             TUTORIAL: lambda: start_tutorial(TUTORIAL, batched, work),
             TRITON: lambda: start_triton(TRITON, batched, work),
         }
+    if grpc_only:
+        starts = {name: start for name, start in starts.items() if name in GRPC_SERVERS}
     unknown = set(only or ()) - starts.keys()
     if unknown:
         known = ", ".join(repr(name) for name in starts)
@@ -311,22 +367,32 @@ def main() -> None:
         action="store_true",
         help="measure only the large requests and the raw calls (no single rows, no workers)",
     )
+    parser.add_argument(
+        "--grpc-only",
+        action="store_true",
+        help="measure only gRPC (h2load), and the REST runs its targets compare with",
+    )
     args = parser.parse_args()
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     batched, unbatched = prepare_repository(work)
     started = time.time()
     records: list[Record] = []
-    servers = start_servers(batched, unbatched, work, args.peers, args.only, args.large_only)
+    servers = start_servers(
+        batched, unbatched, work, args.peers, args.only, args.large_only, args.grpc_only
+    )
     try:
         with pinned({1}):
             for server in servers:
                 check_answers(server, batched)
-            records += measure_servers(servers, batched, args.repeat, args.seconds, args.large_only)
+                if server.name in GRPC_SERVERS:
+                    check_grpc_answers(server, batched)
+            scope = Scope(args.seconds, args.large_only, args.grpc_only)
+            records += measure_servers(servers, batched, args.repeat, scope)
     finally:
         for server in servers:
             server.stop()
-    if not (args.skip_workers or args.large_only):
+    if not (args.skip_workers or args.large_only or args.grpc_only):
         records += measure_workers(batched, work, args.repeat, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "online.raw.json").write_text(json.dumps(records, indent=1))

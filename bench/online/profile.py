@@ -1,8 +1,9 @@
 """python -m bench.online.profile MODEL VERSION ROWS ENCODING CONNECTIONS: where time goes.
 
-Starts modelserve pinned to core 0, loads it with wrk from core 1, samples it with py-spy
-meanwhile, and prints the functions with the most samples (own and inclusive time). The
-collapsed stacks are kept under bench/results/ for flame graphs.
+Starts modelserve pinned to core 0, loads it with wrk from core 1 (with --grpc: h2load, typed
+contents for the json encoding and raw contents for binary), samples it with py-spy meanwhile,
+and prints the functions with the most samples (own and inclusive time). The collapsed stacks
+are kept under bench/results/ for flame graphs.
 """
 
 import argparse
@@ -12,10 +13,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from bench.online.h2load import run_h2load
+from bench.online.messages import infer_request
 from bench.online.raw import load_runtime
-from bench.online.servers import ROOT, prepare_repository, start_modelserve
+from bench.online.servers import ROOT, Server, prepare_repository, start_modelserve
 from bench.online.workload import Artifact, build_request, features
-from bench.online.wrk import run_wrk
+from bench.online.wrk import Load, run_wrk
 from service.store.runtimes import RuntimeOptions
 
 
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--native", action="store_true", help="include C frames")
+    parser.add_argument("--grpc", action="store_true", help="call ModelInfer over gRPC")
     args = parser.parse_args()
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -63,11 +67,24 @@ def main() -> None:
     runtime = load_runtime(repository, artifact, RuntimeOptions())
     label = str(runtime.predict({"input": data[:1]}).outputs["label"][0])
     request = build_request("modelserve", artifact, data, label, args.encoding)
-    name = f"profile-{args.model}-v{args.version}-{args.rows}-{args.encoding}-c{args.connections}"
+    message = infer_request(
+        "modelserve", artifact, data, "raw" if args.encoding == "binary" else "contents"
+    )
+
+    def load_with(server: Server, seconds: float) -> Load:
+        if args.grpc:
+            return run_h2load(server, message, args.connections, seconds)
+        return run_wrk(server, request, args.connections, seconds)
+
+    protocol = "-grpc" if args.grpc else ""
+    name = (
+        f"profile{protocol}-{args.model}-v{args.version}-{args.rows}-{args.encoding}"
+        f"-c{args.connections}"
+    )
     collapsed = ROOT / "bench" / "results" / f"{name}.collapsed.txt"
     server = start_modelserve("modelserve", repository, work)
     try:
-        run_wrk(server, request, args.connections, 1.0)  # warm up
+        load_with(server, 1.0)  # warm up
         command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"]
         command += ["--pid", str(server.process.pid), "--rate", "500", "--nonblocking"]
         command += ["--threads"]  # each stack starts with its thread, to split loop and model
@@ -75,7 +92,7 @@ def main() -> None:
         command += ["--native"] if args.native else []
         sampler = threading.Thread(target=subprocess.run, args=(command,), kwargs={"check": True})
         sampler.start()
-        load = run_wrk(server, request, args.connections, args.seconds)
+        load = load_with(server, args.seconds)
         sampler.join()
     finally:
         server.stop()

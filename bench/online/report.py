@@ -1,98 +1,31 @@
 """Turns measurements into bench/results/online.md (targets and tables) and online.png."""
 
 import statistics
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-Record = dict[str, Any]
-Table = dict[tuple[Any, ...], Record]
-OURS, OURS_UNBATCHED = "modelserve", "modelserve (no batching)"
-MLSERVER, MLSERVER_AB = "MLServer", "MLServer (adaptive batching)"
-TUTORIAL, TRITON = "tutorial FastAPI", "Triton"
-IRIS, IRIS_ONNX = "iris v1 (joblib)", "iris v2 (onnx)"
-FOREST, FOREST_ONNX = "breast_cancer v1 (joblib)", "breast_cancer v2 (onnx)"
-IRIS_INT, IRIS_INT_ONNX = "iris_int v1 (joblib)", "iris_int v2 (onnx)"
-TIMES = "\N{MULTIPLICATION SIGN}"
-
-
-def medians(records: Iterable[Record], kind: str, keys: tuple[str, ...]) -> Table:
-    """Records of one kind grouped by `keys`, each measured field replaced by its median."""
-    groups: dict[tuple[Any, ...], list[Record]] = defaultdict(list)
-    for record in records:
-        if record["kind"] == kind:
-            groups[tuple(record[k] for k in keys)].append(record)
-    table: Table = {}
-    for key, group in groups.items():
-        merged = dict(group[0])
-        for name, value in group[0].items():
-            if isinstance(value, float):
-                merged[name] = statistics.median(r[name] for r in group)
-        table[key] = merged
-    return table
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def _fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _onnx_of(artifact: str) -> str:
-    """Triton serves the ONNX version only: joblib rows compare with it through that."""
-    return artifact.replace("v1 (joblib)", "v2 (onnx)")
-
-
-def _peer_of(artifact: str) -> str:
-    """MLServer serves the joblib version only: ONNX rows compare with it too."""
-    return artifact.replace("v2 (onnx)", "v1 (joblib)")
-
-
-@dataclass(frozen=True)
-class Results:
-    single: Table
-    bulk: Table
-    raw: Table
-    threads: Table
-    workers: Table
-    pairs: Table
-
-    @classmethod
-    def of(cls, records: list[Record]) -> "Results":
-        return cls(
-            single=medians(records, "single", ("artifact", "server", "concurrency")),
-            bulk=medians(records, "bulk", ("artifact", "server", "rows", "encoding")),
-            raw=medians(records, "raw", ("artifact", "rows")),
-            threads=medians(records, "onnx_threads", ("artifact", "rows", "threads")),
-            workers=medians(records, "workers", ("workers",)),
-            pairs=medians(records, "batching_pair", ("artifact",)),
-        )
-
-    def one(self, artifact: str, server: str, c: int, name: str = "rate") -> float | None:
-        record = self.single.get((artifact, server, c))
-        return None if record is None else float(record[name])
-
-    def pair_ratio(self, artifact: str) -> float | None:
-        """c=1 p50 batching on / off from the paired runs, else from the single-row table."""
-        record = self.pairs.get((artifact,))
-        if record is not None:
-            return float(record["ratio"])
-        return _ratio(
-            self.one(artifact, OURS, 1, "p50_ms"), self.one(artifact, OURS_UNBATCHED, 1, "p50_ms")
-        )
-
-    def rows(self, artifact: str, server: str, n: int, encoding: str) -> float | None:
-        record = self.bulk.get((artifact, server, n, encoding))
-        return None if record is None else float(record["rows_per_s"])
-
-    def raw_rows(self, artifact: str, n: int, call: str = "runtime") -> float | None:
-        record = self.raw.get((artifact, n))
-        return None if record is None or call not in record else float(record[call])
-
+from bench.online.grpc_report import grpc_tables
+from bench.online.results import (
+    FOREST,
+    FOREST_ONNX,
+    IRIS,
+    IRIS_INT,
+    IRIS_INT_ONNX,
+    IRIS_ONNX,
+    MLSERVER,
+    MLSERVER_AB,
+    OURS,
+    OURS_UNBATCHED,
+    TIMES,
+    TRITON,
+    TUTORIAL,
+    Record,
+    Results,
+    Table,
+    fmt,
+    onnx_of,
+    peer_of,
+    ratio,
+)
 
 Goal = tuple[str, float | None, str, float]
 
@@ -103,13 +36,13 @@ def _goals(r: Results) -> list[Goal]:
     goals: list[Goal] = [
         (
             f"iris joblib, 1 row, c=64: {TIMES} MLServer",
-            _ratio(r.one(IRIS, OURS, 64), r.one(IRIS, MLSERVER, 64)),
+            ratio(r.one(IRIS, OURS, 64), r.one(IRIS, MLSERVER, 64)),
             ">=",
             5.0,
         ),
         (
             f"iris joblib, 1 row, c=64: {TIMES} tutorial FastAPI",
-            _ratio(r.one(IRIS, OURS, 64), r.one(IRIS, TUTORIAL, 64)),
+            ratio(r.one(IRIS, OURS, 64), r.one(IRIS, TUTORIAL, 64)),
             ">=",
             2.5,
         ),
@@ -121,49 +54,49 @@ def _goals(r: Results) -> list[Goal]:
         ),
         (
             "iris joblib, 1 row, c=1: p50 / MLServer p50",
-            _ratio(r.one(IRIS, OURS, 1, p50), r.one(IRIS, MLSERVER, 1, p50)),
+            ratio(r.one(IRIS, OURS, 1, p50), r.one(IRIS, MLSERVER, 1, p50)),
             "<=",
             0.5,
         ),
         (
             "iris ONNX, 1 row, c=1: p50 / MLServer (joblib) p50",
-            _ratio(r.one(IRIS_ONNX, OURS, 1, p50), r.one(IRIS, MLSERVER, 1, p50)),
+            ratio(r.one(IRIS_ONNX, OURS, 1, p50), r.one(IRIS, MLSERVER, 1, p50)),
             "<=",
             0.5,
         ),
         (
             "iris joblib, 1 row, c=1: p50 batching on / off (paired runs)",
-            r.pair_ratio(IRIS),
+            r.pairratio(IRIS),
             "<=",
             1.1,
         ),
         (
             "iris ONNX, 1 row, c=1: p50 batching on / off (paired runs)",
-            r.pair_ratio(IRIS_ONNX),
+            r.pairratio(IRIS_ONNX),
             "<=",
             1.1,
         ),
         (
             f"iris ONNX, 1 row, c=64: {TIMES} Triton",
-            _ratio(r.one(IRIS_ONNX, OURS, 64), r.one(IRIS_ONNX, TRITON, 64)),
+            ratio(r.one(IRIS_ONNX, OURS, 64), r.one(IRIS_ONNX, TRITON, 64)),
             ">=",
             3.0,
         ),
         (
             f"forest joblib, 1 row, c=64: {TIMES} MLServer with adaptive batching",
-            _ratio(r.one(FOREST, OURS, 64), r.one(FOREST, MLSERVER_AB, 64)),
+            ratio(r.one(FOREST, OURS, 64), r.one(FOREST, MLSERVER_AB, 64)),
             ">=",
             4.0,
         ),
         (
             f"forest ONNX (converted), 1 row, c=64: {TIMES} MLServer with adaptive batching",
-            _ratio(r.one(FOREST_ONNX, OURS, 64), r.one(FOREST, MLSERVER_AB, 64)),
+            ratio(r.one(FOREST_ONNX, OURS, 64), r.one(FOREST, MLSERVER_AB, 64)),
             ">=",
             5.0,
         ),
         (
             f"forest ONNX (converted), 1 row, c=64: {TIMES} iris ONNX",
-            _ratio(r.one(FOREST_ONNX, OURS, 64), r.one(IRIS_ONNX, OURS, 64)),
+            ratio(r.one(FOREST_ONNX, OURS, 64), r.one(IRIS_ONNX, OURS, 64)),
             ">=",
             0.9,
         ),
@@ -173,7 +106,7 @@ def _goals(r: Results) -> list[Goal]:
         goals.append(
             (
                 f"{name} joblib, 10,000 rows, JSON: {TIMES} MLServer",
-                _ratio(
+                ratio(
                     r.rows(artifact, OURS, 10_000, "json"),
                     r.rows(artifact, MLSERVER, 10_000, "json"),
                 ),
@@ -188,7 +121,7 @@ def _goals(r: Results) -> list[Goal]:
             goals.append(
                 (
                     f"{name} joblib, 10,000 rows, binary: share of the raw {what} rows/s",
-                    _ratio(
+                    ratio(
                         r.rows(artifact, OURS, 10_000, "binary"), r.raw_rows(artifact, 10_000, call)
                     ),
                     ">=",
@@ -200,7 +133,7 @@ def _goals(r: Results) -> list[Goal]:
         goals.append(
             (
                 f"{name} ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
-                _ratio(
+                ratio(
                     r.rows(artifact, OURS, 10_000, "binary"),
                     r.raw_rows(artifact, 10_000, "session"),
                 ),
@@ -212,7 +145,7 @@ def _goals(r: Results) -> list[Goal]:
     goals += [
         (
             "iris_int joblib, 10,000 rows, binary: share of the raw predict + predict_proba rows/s",
-            _ratio(
+            ratio(
                 r.rows(IRIS_INT, OURS, 10_000, "binary"), r.raw_rows(IRIS_INT, 10_000, "estimator")
             ),
             ">=",
@@ -220,7 +153,7 @@ def _goals(r: Results) -> list[Goal]:
         ),
         (
             "iris_int ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
-            _ratio(
+            ratio(
                 r.rows(IRIS_INT_ONNX, OURS, 10_000, "binary"),
                 r.raw_rows(IRIS_INT_ONNX, 10_000, "session"),
             ),
@@ -228,6 +161,26 @@ def _goals(r: Results) -> list[Goal]:
             0.5,
         ),
     ]
+    goals.append(
+        (
+            "iris ONNX, 1 row, c=64: gRPC server CPU µs/request / REST JSON's",
+            ratio(r.grpc_one(IRIS_ONNX, OURS, 64, "cpu_us"), r.one(IRIS_ONNX, OURS, 64, "cpu_us")),
+            "<=",
+            1.0,
+        )
+    )
+    for artifact, name in ((IRIS, "iris joblib"), (IRIS_ONNX, "iris ONNX")):
+        goals.append(
+            (
+                f"{name}, 10,000 rows: gRPC raw contents rows/s / REST binary's",
+                ratio(
+                    r.grpc_rows(artifact, OURS, 10_000, "raw"),
+                    r.rows(artifact, OURS, 10_000, "binary"),
+                ),
+                ">=",
+                1.0,
+            )
+        )
     return goals
 
 
@@ -246,7 +199,7 @@ def _targets(repetitions: list[Results]) -> list[str]:
             met = "not measured"
         else:
             met = "yes" if (value >= goal if sense == ">=" else value <= goal) else "**no**"
-        lines.append(f"| {name} | {_fmt(value, 2)} | {sense} {goal:g} | {met} |")
+        lines.append(f"| {name} | {fmt(value, 2)} | {sense} {goal:g} | {met} |")
     return lines
 
 
@@ -259,12 +212,12 @@ def _single_table(r: Results) -> list[str]:
     for (artifact, server, c), record in sorted(
         r.single.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])
     ):
-        ratio = _ratio(record["rate"], r.one(_peer_of(artifact), MLSERVER, c))
-        triton = _ratio(record["rate"], r.one(_onnx_of(artifact), TRITON, c))
+        mlserver = ratio(record["rate"], r.one(peer_of(artifact), MLSERVER, c))
+        triton = ratio(record["rate"], r.one(onnx_of(artifact), TRITON, c))
         lines.append(
-            f"| {artifact} | {server} | {c} | {_fmt(record['rate'])} "
-            f"| {_fmt(record['p50_ms'], 2)} | {_fmt(record['p99_ms'], 2)} "
-            f"| {_fmt(record['cpu_us'])} | {_fmt(ratio, 2)} | {_fmt(triton, 2)} |"
+            f"| {artifact} | {server} | {c} | {fmt(record['rate'])} "
+            f"| {fmt(record['p50_ms'], 2)} | {fmt(record['p99_ms'], 2)} "
+            f"| {fmt(record['cpu_us'])} | {fmt(mlserver, 2)} | {fmt(triton, 2)} |"
         )
     return lines
 
@@ -276,14 +229,14 @@ def _bulk_table(r: Results) -> list[str]:
         "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for (artifact, server, n, encoding), record in sorted(r.bulk.items()):
-        share = _ratio(record["rows_per_s"], r.raw_rows(artifact, n))
-        peer = r.rows(_peer_of(artifact), MLSERVER, n, "json")
-        triton = r.rows(_onnx_of(artifact), TRITON, n, encoding)
+        share = ratio(record["rows_per_s"], r.raw_rows(artifact, n))
+        peer = r.rows(peer_of(artifact), MLSERVER, n, "json")
+        triton = r.rows(onnx_of(artifact), TRITON, n, encoding)
         lines.append(
-            f"| {artifact} | {n:,} | {server} | {encoding} | {_fmt(record['rows_per_s'])} "
-            f"| {_fmt(record['p50_ms'], 1)} | {_fmt(None if share is None else share * 100)} % "
-            f"| {_fmt(_ratio(record['rows_per_s'], peer), 2)} "
-            f"| {_fmt(_ratio(record['rows_per_s'], triton), 2)} |"
+            f"| {artifact} | {n:,} | {server} | {encoding} | {fmt(record['rows_per_s'])} "
+            f"| {fmt(record['p50_ms'], 1)} | {fmt(None if share is None else share * 100)} % "
+            f"| {fmt(ratio(record['rows_per_s'], peer), 2)} "
+            f"| {fmt(ratio(record['rows_per_s'], triton), 2)} |"
         )
     return lines
 
@@ -298,11 +251,11 @@ def _raw_table(r: Results) -> list[str]:
     for (artifact, n), record in sorted(r.raw.items()):
         one, two = r.threads.get((artifact, n, 1)), r.threads.get((artifact, n, 2))
         lines.append(
-            f"| {artifact} | {n:,} | {_fmt(record['runtime'])} "
-            f"| {_fmt(n / record['runtime'] * 1e6, 1)} "
-            f"| {_fmt(record.get('estimator', record.get('session')))} "
-            f"| {_fmt(None if one is None else one['rows_per_s'])} "
-            f"| {_fmt(None if two is None else two['rows_per_s'])} |"
+            f"| {artifact} | {n:,} | {fmt(record['runtime'])} "
+            f"| {fmt(n / record['runtime'] * 1e6, 1)} "
+            f"| {fmt(record.get('estimator', record.get('session')))} "
+            f"| {fmt(None if one is None else one['rows_per_s'])} "
+            f"| {fmt(None if two is None else two['rows_per_s'])} |"
         )
     return lines
 
@@ -318,17 +271,18 @@ def _workers_table(r: Results) -> list[str]:
         "| workers | req/s | server cores busy |",
         "|---:|---:|---:|",
         *(
-            f"| {workers} | {_fmt(rates[workers])} | {_fmt(record.get('cores'), 2)} |"
+            f"| {workers} | {fmt(rates[workers])} | {fmt(record.get('cores'), 2)} |"
             for workers, record in sorted(rows.items())
         ),
         "",
-        f"Two workers serve {_fmt(_ratio(rates.get(2), rates.get(1)), 2)}{TIMES} the requests "
+        f"Two workers serve {fmt(ratio(rates.get(2), rates.get(1)), 2)}{TIMES} the requests "
         "of one; wrk needs a share of the same two cores.",
         "",
     ]
 
 
-def _plot(single: Table, path: Path) -> None:
+def _plot(single: Table, grpc: Table, path: Path) -> None:
+    """p99 against requests/s per model; gRPC dashed, in its server's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,18 +290,27 @@ def _plot(single: Table, path: Path) -> None:
 
     servers = [OURS, OURS_UNBATCHED, MLSERVER, MLSERVER_AB, TUTORIAL, TRITON]
     colours = dict(zip(servers, ("C2", "C1", "C0", "C9", "C4", "C3"), strict=True))
-    artifacts = sorted({key[0] for key in single})
+    artifacts = sorted({key[0] for key in single} | {key[0] for key in grpc})
     figure, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    lines = [(server, table) for table in (single, grpc) for server in servers]
     for axis, artifact in zip(axes.flat, artifacts, strict=False):
-        for server in servers:
+        for server, table in lines:
             points = sorted(
-                (key[2], rec) for key, rec in single.items() if key[:2] == (artifact, server)
+                (key[2], rec) for key, rec in table.items() if key[:2] == (artifact, server)
             )
             if not points:
                 continue
             rates = [rec["rate"] for _, rec in points]
             p99 = [rec["p99_ms"] for _, rec in points]
-            axis.plot(rates, p99, marker="o", label=server, color=colours[server])
+            over_grpc = table is grpc
+            axis.plot(
+                rates,
+                p99,
+                marker="o",
+                label=f"{server} gRPC" if over_grpc else server,
+                color=colours[server],
+                linestyle="--" if over_grpc else "-",
+            )
             for c, rec in points:
                 axis.annotate(f"c={c}", (rec["rate"], rec["p99_ms"]), fontsize=7)
         axis.set_title(f"{artifact}, 1-row requests")
@@ -367,16 +330,16 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "# Online benchmark",
         "",
         f"Written by `bench/run.sh`: medians of {repeat} interleaved repetitions "
-        f"({minutes:.0f} min). Each server is pinned to core 0 and wrk to core 1; every "
-        "response is checked for its status and its label. Server CPU is the user + system "
-        "time of the server's processes per request (for Triton: the PyTriton process, "
-        "tritonserver and its Python-backend stubs). MLServer and the tutorial server serve "
-        "the joblib versions only, so ONNX rows compare with their joblib numbers; Triton "
-        "(through PyTriton, an onnxruntime session in the bound function, dynamic batching) "
-        "serves the ONNX versions only, so joblib rows compare with its ONNX numbers. Targets "
-        "are medians over the repetitions of values (and ratios) taken within each one. The "
-        "batching on / off targets come from paired c=1 runs: six 1 s runs each, in the order "
-        "on, off, off, on, ..., medians.",
+        f"({minutes:.0f} min). Each server is pinned to core 0 and wrk (h2load for gRPC) to "
+        "core 1; every response is checked for its status and its label. Server CPU is the "
+        "user + system time of the server's processes per request (for Triton: the PyTriton "
+        "process, tritonserver and its Python-backend stubs). MLServer and the tutorial server "
+        "serve the joblib versions only, so ONNX rows compare with their joblib numbers; "
+        "Triton (through PyTriton, an onnxruntime session in the bound function, dynamic "
+        "batching) serves the ONNX versions only, so joblib rows compare with its ONNX "
+        "numbers. Targets are medians over the repetitions of values (and ratios) taken within "
+        "each one. The batching on / off targets come from paired c=1 runs: six 1 s runs each, "
+        "in the order on, off, off, on, ..., medians.",
         "",
         "## Targets",
         "",
@@ -390,6 +353,7 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "",
         *_bulk_table(results),
         "",
+        *grpc_tables(results),
         "## Raw in-process calls (core 0; the ONNX thread columns run on both cores)",
         "",
         *_raw_table(results),
@@ -399,4 +363,4 @@ def write_report(records: list[Record], out: Path, repeat: int, minutes: float) 
         "",
     ]
     (out / "online.md").write_text("\n".join(lines))
-    _plot(results.single, out / "online.png")
+    _plot(results.single, results.grpc_single, out / "online.png")

@@ -68,10 +68,18 @@ class Server:
     binary: bool = True
     # Large requests fill a call on their own: a variant that differs only in batching skips them.
     large_requests: bool = True
+    # Its gRPC port, when the benchmark calls it over gRPC too.
+    grpc_port: int | None = None
+    # Where its /metrics is served, when not on `port`.
+    metrics_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port or self.port}/metrics"
 
     def serves(self, artifact: Artifact) -> bool:
         return artifact.model in self.models and artifact.version in self.versions
@@ -162,12 +170,12 @@ def start_modelserve(
     workers: int = 1,
     large_requests: bool = True,
 ) -> Server:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository)]
-    command += ["--port", str(port), "--workers", str(workers)]
+    command += ["--port", str(port), "--workers", str(workers), "--grpc-port", str(grpc_port)]
     environment = dict(env or {})  # as a user starts it: access log on at info
     server = _start(name, "modelserve", command, work, port, environment, cores, "/v2/health/ready")
-    server.large_requests = large_requests
+    server.large_requests, server.grpc_port = large_requests, grpc_port
     server.models = frozenset(DATASETS)
     return server
 
@@ -178,9 +186,9 @@ def start_mlserver(
     """MLServer with its defaults, serving the joblib versions through mlserver-sklearn."""
     folder = work / name.replace(" ", "-").replace("(", "").replace(")", "")
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port()}
-    settings["metrics_port"] = free_port()
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": grpc_port}
+    settings["metrics_port"] = metrics_port
     (folder / "settings.json").write_text(json.dumps(settings))
     for model in ("iris", "breast_cancer"):
         artifact = Artifact(model, 1).path(repository)
@@ -197,6 +205,7 @@ def start_mlserver(
     server = _start(name, "mlserver", command, work, port, {}, cores, "/v2/health/ready")
     server.versions, server.binary = frozenset({1}), False
     server.large_requests = not adaptive_batching
+    server.grpc_port, server.metrics_port = grpc_port, metrics_port
     for model in ("iris", "breast_cancer"):
         wait_for_model(server, f"/v2/models/{model}/ready")
     return server

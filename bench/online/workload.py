@@ -22,6 +22,9 @@ DATASETS = {
     "iris_int": datasets.load_iris,
 }
 FORMATS = {1: "joblib", 2: "onnx"}
+# Connections (outstanding requests) of single-row runs, and rows of large requests.
+CONCURRENCY = (1, 16, 64)
+BULK_ROWS = (1_000, 10_000)
 
 
 @dataclass(frozen=True)
