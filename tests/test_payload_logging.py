@@ -1,12 +1,14 @@
 """Payload logging against real servers: what a record holds, rotation, the sampling rate,
 CloudEvents to an HTTP sink, and sinks that are slow or down while inference goes on."""
 
+import asyncio
+import math
 import re
 import shutil
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,12 +18,17 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from service.config import Settings
+from service.observability.metrics import create_metrics
 from service.observability.payload_sinks import JsonLinesFile, PayloadRecord
+from service.observability.payloads import PayloadLog
+from service.store.registry import LoadOptions, ModelEntry, load_version
+from service.store.repository import ModelConfig, PayloadLogConfig
 from tests.grpcclient import tritonclient_grpc
 from tests.scrape import IRIS, scrape, total
-from tests.serving import free_port, run_server, wait_for
+from tests.serving import run_server, wait_for
 
 ROW = IRIS[:1]
 V2_BODY = {
@@ -133,26 +140,49 @@ def test_rotation_keeps_the_newest_records_whole(tmp_path: Path) -> None:
     assert all(p.stat().st_size <= 600 for p in tmp_path.iterdir())
 
 
-@pytest.mark.e2e
-def test_a_models_own_rate_holds_within_binomial_bounds(
-    iris_repository: Path, tmp_path: Path
+def sample(log: PayloadLog, entry: ModelEntry, count: int) -> None:
+    """Offers `count` requests to `log` while its writer runs, then lets it finish."""
+    model = entry.versions[1]
+    inputs, outputs = {"input": ROW}, {"label": np.array(["setosa"])}
+
+    async def offer_all() -> None:
+        writer = asyncio.create_task(log.run())
+        for number in range(count):
+            log.offer(entry, model, f"r{number}", inputs, outputs)
+            if number % 1000 == 0:
+                await asyncio.sleep(0)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+    asyncio.run(offer_all())
+
+
+@pytest.mark.parametrize(
+    ("global_rate", "own_rate", "expected"), [(0.0, 0.3, 0.3), (0.3, None, 0.3), (1.0, 0.0, 0.0)]
+)
+def test_requests_are_sampled_at_their_models_rate(
+    iris_repository: Path,
+    tmp_path: Path,
+    global_rate: float,
+    own_rate: float | None,
+    expected: float,
 ) -> None:
-    log = tmp_path / "requests.jsonl"
-    repository = repository_with(
-        iris_repository, tmp_path / "models", "\n[payload_log]\nrate = 0.3\n"
+    model = load_version("iris", 1, iris_repository / "iris" / "1", LoadOptions(), (0, 0.0))
+    config = ModelConfig(payload_log=PayloadLogConfig(rate=own_rate))
+    entry = ModelEntry("iris", {1: model}, {}, 1, {}, config=config)
+    registry = CollectorRegistry()
+    path = tmp_path / "log.jsonl"
+    log = PayloadLog(JsonLinesFile(path, 10**9, 0), global_rate, 20_000, create_metrics(registry))
+    sent = 20_000
+    sample(log, entry, sent)
+    logged = len(records(path))
+    # Binomial: at 0.3 of 20,000, mean 6,000 and standard deviation 65; five of them either side.
+    spread = 5 * math.sqrt(sent * expected * (1 - expected))
+    assert abs(logged - sent * expected) <= spread, f"{logged} of {sent} logged at {expected}"
+    written = registry.get_sample_value(
+        "modelserve_payload_records_total", {"model": "iris", "version": "1", "outcome": "written"}
     )
-    env = {"MODELSERVE_PAYLOAD_LOG_FILE": str(log)}  # the global rate stays 0
-    sent = 2000
-    with run_server(repository, tmp_path, env) as server, httpx.Client(base_url=server.url) as http:
-        for _ in range(sent):
-            assert http.post("/v2/models/iris/infer", json=V2_BODY).status_code == 200
-        wait_for(lambda: sum(outcomes(server.url).values()) == len(records(log)), 10)
-        counted = outcomes(server.url)
-    logged = len(records(log))
-    # 0.3 of 2000: mean 600, standard deviation 20.5; five of them either side.
-    assert 600 - 103 <= logged <= 600 + 103, f"{logged} of {sent} logged at rate 0.3"
-    assert counted["written"] == logged
-    assert counted["dropped"] == 0
+    assert (written or 0) == logged
 
 
 @dataclass
@@ -160,13 +190,14 @@ class Sink:
     """An HTTP sink on loopback that records the events it gets, answering after `delay_s`."""
 
     url: str
+    stop: Callable[[], None]
     events: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     delay_s: float = 0.0
 
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
-    state = Sink("")
+    state = Sink("", lambda: None)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -182,12 +213,20 @@ def sink() -> Iterator[Sink]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_port}/events"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            stopped = True
+
+    state.url, state.stop = f"http://127.0.0.1:{server.server_port}/events", stop
     yield state
-    server.shutdown()
-    server.server_close()
+    stop()
 
 
 @pytest.mark.e2e
@@ -238,27 +277,25 @@ def p50_of_requests(http: httpx.Client, count: int) -> float:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("sink_state", ["slow", "down"])
 def test_a_slow_or_down_sink_neither_slows_nor_fails_inference(
-    iris_repository: Path, tmp_path: Path, sink: Sink, sink_state: str
+    iris_repository: Path, tmp_path: Path, sink: Sink
 ) -> None:
     toml = tmp_path / "models" / "iris" / "model.toml"
     repository = repository_with(
         iris_repository, tmp_path / "models", "\n[payload_log]\nrate = 0\n"
     )
-    sink.delay_s = 0.5
-    url = sink.url if sink_state == "slow" else f"http://127.0.0.1:{free_port()}/"
     env = {
         "MODELSERVE_PAYLOAD_LOG_RATE": "1",
-        "MODELSERVE_PAYLOAD_LOG_URL": url,
+        "MODELSERVE_PAYLOAD_LOG_URL": sink.url,
         "MODELSERVE_PAYLOAD_LOG_QUEUE": "4",
         "MODELSERVE_PAYLOAD_LOG_TIMEOUT_S": "2",
         "MODELSERVE_ROUTING_SYNC_S": "0.2",
     }
     with run_server(repository, tmp_path, env) as server, httpx.Client(base_url=server.url) as http:
-        p50_unlogged = p50_of_requests(http, 200)
+        p50_unlogged = p50_of_requests(http, 150)
         assert sum(outcomes(server.url).values()) == 0, "a model's rate 0 overrides the global 1"
-        # Every request logged from here on, once the workers apply the changed model.toml.
+        # Slow: each event answered after half a second, so the queue of 4 fills at once.
+        sink.delay_s = 0.5
         toml.write_text(toml.read_text().replace("rate = 0\n", "rate = 1\n"))
 
         def logging() -> bool:
@@ -266,13 +303,19 @@ def test_a_slow_or_down_sink_neither_slows_nor_fails_inference(
             return sum(outcomes(server.url).values()) > 0
 
         wait_for(logging, 10, "requests logged at the model's new rate")
-        p50_logged = p50_of_requests(http, 200)
-        counted = outcomes(server.url)
-    lost = "dropped" if sink_state == "slow" else "failed"
-    assert counted[lost] > 100, counted
-    # Generous: the two medians differ by noise; a request waiting for the sink would take
-    # the sink's 0.5 s, a failing one would answer 500.
-    assert p50_logged < 2 * p50_unlogged + 0.002, (p50_unlogged, p50_logged)
+        p50_slow = p50_of_requests(http, 150)
+        slow = outcomes(server.url)
+        # Down: nothing listens on the sink's port any more.
+        sink.stop()
+        p50_down = p50_of_requests(http, 150)
+        wait_for(lambda: outcomes(server.url)["failed"] > 50, 10, "posts to a closed port fail")
+        down = outcomes(server.url)
+    assert slow["dropped"] > 100, slow
+    assert down["failed"] > 50, down
+    # Generous: the medians differ by noise; a request that waited for the sink would take
+    # its 0.5 s, one that failed with it would not answer 200.
+    assert p50_slow < 2 * p50_unlogged + 0.002, (p50_unlogged, p50_slow)
+    assert p50_down < 2 * p50_unlogged + 0.002, (p50_unlogged, p50_down)
 
 
 @pytest.mark.parametrize(
