@@ -234,6 +234,41 @@ class Settings(BaseSettings):
         description="Features per version with drift series (the first ones declared), which "
         "bounds the number of series.",
     )
+    payload_log_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of inference requests whose inputs and outputs are logged (a model's "
+        "model.toml may set its own under [payload_log]); 0: none, so no feature values are "
+        "written anywhere.",
+    )
+    payload_log_file: Path | None = Field(
+        None,
+        description="JSON-lines file the sampled requests are appended to (shared by every "
+        "worker), rotated past MODELSERVE_PAYLOAD_LOG_MAX_BYTES.",
+    )
+    payload_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=1,
+        description="Size past which the payload log file is rotated (to FILE.1, FILE.2, ...).",
+    )
+    payload_log_backups: int = Field(
+        5, ge=0, description="Rotated payload log files kept besides the current one."
+    )
+    payload_log_url: str | None = Field(
+        None,
+        description="HTTP sink the sampled requests are posted to, as CloudEvents in the shape "
+        "of KServe's payload logger (one event for the request, one for the response).",
+    )
+    payload_log_queue: int = Field(
+        1000,
+        ge=1,
+        description="Sampled requests waiting for the sink, per worker; past it they are "
+        "dropped (and counted), so a slow sink never slows inference.",
+    )
+    payload_log_timeout_s: float = Field(
+        1.0, gt=0, description="Timeout of each post to MODELSERVE_PAYLOAD_LOG_URL, in seconds."
+    )
     batching_max_rows: int = Field(
         256, ge=0, description="Default rows per model call when batching; 0: no batching."
     )
@@ -305,6 +340,34 @@ class Settings(BaseSettings):
     def rate(self) -> Rate | None:
         """The per-client rate limit, or None when there is none."""
         return parse_rate(self.rate_limit) if self.rate_limit is not None else None
+
+    @field_validator("payload_log_url")
+    @classmethod
+    def _payload_url_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not url.strip():
+            return None
+        if url is not None and not re.match(r"https?://[^/?#]+", url, re.IGNORECASE):
+            raise ValueError(
+                f"MODELSERVE_PAYLOAD_LOG_URL {url!r} must be an http:// or https:// URL"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _payload_log_has_one_sink(self) -> "Settings":
+        if self.payload_log_file is not None and self.payload_log_url is not None:
+            raise ValueError(
+                "set MODELSERVE_PAYLOAD_LOG_FILE or MODELSERVE_PAYLOAD_LOG_URL, not both"
+            )
+        if self.payload_log_rate > 0 and not self.payload_logging():
+            raise ValueError(
+                "MODELSERVE_PAYLOAD_LOG_RATE needs a sink: set MODELSERVE_PAYLOAD_LOG_FILE or "
+                "MODELSERVE_PAYLOAD_LOG_URL"
+            )
+        return self
+
+    def payload_logging(self) -> bool:
+        """Whether a payload sink is set; without one no request is sampled."""
+        return self.payload_log_file is not None or self.payload_log_url is not None
 
     @model_validator(mode="after")
     def _signatures_have_keys(self) -> "Settings":

@@ -68,6 +68,7 @@ class Metrics:
     job_rows: Counter
     job_duration: Histogram
     rate_limited: Counter
+    payload_records: Counter
     # Labelled children of `requests` and `request_duration` by (model, version, protocol,
     # status): looking a child up through `labels` costs a request more than counting it.
     _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = field(
@@ -260,6 +261,14 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "modelserve_rate_limited",
             "Requests refused (429) because their client was over MODELSERVE_RATE_LIMIT.",
             ["client_class"],
+            registry=registry,
+        ),
+        payload_records=Counter(
+            "modelserve_payload_records",
+            "Sampled requests of the payload log, by outcome: written (the sink took them), "
+            "dropped (the queue was full: the sink is slow or down), failed (the sink refused "
+            "them or could not be reached).",
+            [*mv, "outcome"],
             registry=registry,
         ),
         # "max" keeps the time of exited workers too: it is the last inference of any of them.

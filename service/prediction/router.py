@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from service.errors import Overloaded
 from service.observability.drift import DriftWatch
 from service.observability.metrics import Metrics
+from service.observability.payloads import PayloadLog
 from service.prediction.batching import Batcher, Timed, predict_unbatched
 from service.prediction.shadow import Shadows
 from service.prediction.signature import conform
@@ -90,9 +91,11 @@ class Router:
         max_queue: int | None = None,
         shadow_max_pending: int = 8,
         drift: DriftWatch | None = None,
+        payloads: PayloadLog | None = None,
     ) -> None:
         self.registry = registry
         self.drift = drift
+        self.payloads = payloads
         self._shadows = Shadows(metrics, self._shadow_call, shadow_max_pending)
         self.max_rows = max_rows
         self.max_queue = max_queue
@@ -156,8 +159,17 @@ class Router:
 
         return predict_and_watch
 
-    async def predict(self, model: ModelVersion, tensors: dict[str, NDArray[Any]]) -> Prediction:
-        """Check the tensors against the signature, run them, and count what came out."""
+    async def predict(
+        self,
+        model: ModelVersion,
+        tensors: dict[str, NDArray[Any]],
+        request_id: str | None = None,
+    ) -> Prediction:
+        """Check the tensors against the signature, run them, and count what came out.
+
+        A request's `request_id` makes it a candidate for the payload log (a chunk of a file
+        being scored has none: files are not logged).
+        """
         inputs = conform(model, tensors, self.max_rows)
         del tensors  # decoded in another dtype, the request's arrays are garbage from here
         rows = len(next(iter(inputs.values())))
@@ -169,7 +181,10 @@ class Router:
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
             observer.count_labels(label, prediction.label_index)
-        self._shadows.mirror(self.registry.models.get(model.name), model, inputs, rows, prediction)
+        entry = self.registry.models.get(model.name)
+        self._shadows.mirror(entry, model, inputs, rows, prediction)
+        if self.payloads is not None and request_id is not None:
+            self.payloads.offer(entry, model, request_id, inputs, prediction.outputs)
         return prediction
 
     async def _run(self, model: ModelVersion, inputs: Arrays, rows: int) -> Timed:

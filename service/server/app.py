@@ -31,6 +31,7 @@ from service.observability.exposition import (
     worker_exited,
 )
 from service.observability.metrics import JobStates, create_metrics, record_model
+from service.observability.payloads import create_payload_log
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
@@ -118,7 +119,7 @@ def _background_tasks(
     state: ServiceState, jobs: JobStore | None, jobs_stopping: threading.Event
 ) -> list["asyncio.Task[None]"]:
     """What every worker runs beside its requests: the routing sync, the job runner, and
-    repository polling and drift binning when they are on."""
+    repository polling, drift binning and the payload log when they are on."""
     settings, metrics = state.settings, state.metrics
 
     def record_job(job: Job, seconds: float) -> None:
@@ -133,6 +134,8 @@ def _background_tasks(
         tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
     if state.router.drift is not None:
         tasks.append(asyncio.create_task(state.router.drift.keep_fresh()))
+    if state.router.payloads is not None:
+        tasks.append(asyncio.create_task(state.router.payloads.run()))
     return tasks
 
 
@@ -148,6 +151,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="model"
         )
+        payloads = create_payload_log(settings, metrics)
         state = ServiceState(
             settings,
             metrics,
@@ -167,6 +171,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 )
                 if settings.drift_window_rows
                 else None,
+                payloads,
             ),
         )
         app.state.service = state

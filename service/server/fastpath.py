@@ -137,7 +137,9 @@ async def _infer_v2(exchange: Exchange) -> Answer:
             exchange.shorten_deadline(timeout_s)
         wanted = v2.select_outputs(model, call)
         # The request's arrays go to the router, which keeps only their conformed copies.
-        prediction = await state.router.predict(model, _hand_over(call.tensors))
+        prediction = await state.router.predict(
+            model, _hand_over(call.tensors), exchange.request_id
+        )
         payload, json_length = v2.encode_infer_response(model, call, prediction, wanted)
     if json_length is None:
         return 200, payload, _JSON
@@ -159,5 +161,5 @@ async def _predict_v1(exchange: Exchange) -> Answer:
         tensors = v1.decode_predict_request(model, body, state.settings.max_batch_rows)
         del body
         exchange.rows = _rows(tensors)
-        prediction = await state.router.predict(model, _hand_over(tensors))
+        prediction = await state.router.predict(model, _hand_over(tensors), exchange.request_id)
         return 200, v1.encode_predict_response(model, prediction), _JSON

@@ -224,7 +224,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if timeout_s is not None:
             call.shorten_deadline(timeout_s)
         wanted = v2.select_outputs(model, decoded)
-        prediction = await router.predict(model, decoded.tensors)
+        prediction = await router.predict(model, decoded.tensors, call.request_id)
         return infer.encode_infer_response(
             model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
         )

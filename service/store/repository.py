@@ -59,6 +59,14 @@ class BatchingConfig(BaseModel):
     max_delay_ms: float | None = Field(None, ge=0)
 
 
+class PayloadLogConfig(BaseModel):
+    """This model's share of requests in the payload log, instead of MODELSERVE_PAYLOAD_LOG_RATE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float | None = Field(None, ge=0, le=1)
+
+
 class ShadowConfig(BaseModel):
     """Mirror a fraction of one version's traffic to another, off the response path."""
 
@@ -87,6 +95,7 @@ class ModelConfig(BaseModel):
     traffic: dict[int, float] = Field(default_factory=dict)
     shadow: ShadowConfig | None = None
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    payload_log: PayloadLogConfig = Field(default_factory=PayloadLogConfig)
     # Unloaded through the repository API: known, not served until loaded again.
     unloaded: bool = False
     # Bumped by every change made through the API, so that each change is one new state.
