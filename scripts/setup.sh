@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs modelserve at the pinned versions of constraints.txt.
-# Usage: scripts/setup.sh [dev|bench]   (dev adds the test and lint tools; bench adds plotting)
+# Usage: scripts/setup.sh [dev|bench|recipes]   (dev adds the test and lint tools; bench adds
+# plotting; recipes adds pyspark and Ray for scripts/recipes.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

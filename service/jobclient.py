@@ -101,7 +101,8 @@ def _wait(args: argparse.Namespace) -> int:
     bar: ProgressBar | None = None
     while True:
         job = _json(args, "GET", f"/v1/jobs/{args.id}")
-        if job["rows_total"] and bar is None:
+        # The bar's 100% is the rows counted, not the estimate a queued job shows.
+        if job["rows_total"] and not job.get("rows_total_estimated") and bar is None:
             bar = ProgressBar(job["rows_total"], sys.stderr)
         if bar is not None:
             bar.advance(job["rows_done"] - bar.rows, job["rows_done"] - bar.done)
@@ -137,7 +138,9 @@ def _cancel(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("state", args.state),) if v})
     for job in _json(args, "GET", f"/v1/jobs?{query}")["jobs"]:
-        total = "?" if job["rows_total"] is None else job["rows_total"]
+        total = "?" if job["rows_total"] is None else str(job["rows_total"])
+        if job.get("rows_total_estimated"):
+            total = f"~{total}"
         model = f"{job['model']}:{job['version']}"
         print(f"{job['id']}  {job['state']:<9}  {model}  {job['rows_done']}/{total}")
     return 0

@@ -27,10 +27,28 @@ E2E_FIXTURES = frozenset(
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--recipes",
+        action="store_true",
+        help="run the README's Spark and Ray recipes (the `recipes` extra and a JRE; "
+        "scripts/recipes.sh installs them and runs these tests)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Installing pyspark and Ray takes minutes: their tests run when asked for, and then a
+    # missing package fails them (tests/test_recipes.py).
+    recipes = config.getoption("--recipes")
     for item in items:
         if isinstance(item, pytest.Function) and E2E_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.e2e)
+        if not recipes and item.get_closest_marker("recipes") is not None:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="the Spark and Ray recipes run with --recipes: scripts/recipes.sh"
+                )
+            )
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,6 +2,8 @@
 
 import os
 import pty
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
@@ -23,6 +26,7 @@ from tests.serving import RunningServer, run_server, wait_for
 
 ROWS = 30_000
 BIG_ROWS = 600_000
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def write_iris_csv(path: Path, rows: int) -> Path:
@@ -216,6 +220,46 @@ def test_cancelling_a_running_job_stops_it_and_removes_its_files(
     result = httpx.get(f"{url}/v1/jobs/{job_id}/result")
     assert result.status_code == 409
     assert "cancelled" in result.json()["error"]
+
+
+def test_progress_shows_rows_rate_and_eta_with_an_estimated_total_until_counted(
+    jobs_server: RunningServer, inputs: Path
+) -> None:
+    url = jobs_server.url
+    first = submit_body(url, inputs / "big.csv").json()
+    second = submit_body(url, inputs / "big.csv").json()
+    for submitted in (first, second):  # estimated from the size and the first MiB's lines
+        assert submitted["state"] == "queued"
+        assert submitted["rows_total_estimated"] is True, submitted
+        assert submitted["rows_total"] == pytest.approx(BIG_ROWS, rel=0.02), submitted
+        assert submitted["rows_per_s"] is None
+        assert submitted["eta_s"] is None
+    # The second waits for the first (a server worker runs one job at a time).
+    listed = modelserve_jobs(url, "list", "--state", "queued").stdout.splitlines()
+    shown = [line for line in listed if line.startswith(second["id"])]
+    assert shown, listed
+    assert shown[0].endswith(f"0/~{second['rows_total']}"), shown
+    seen: dict[str, Any] = {}
+
+    def under_way() -> bool:
+        nonlocal seen
+        seen = httpx.get(f"{url}/v1/jobs/{first['id']}", timeout=10).json()
+        return bool(seen["state"] != "running" or 0 < seen["rows_done"] < BIG_ROWS)
+
+    wait_for(under_way, 60, "the first job under way")
+    assert seen["state"] == "running", seen
+    # Counted once the job started: exact, and the rate and ETA come from it.
+    assert seen["rows_total"] == BIG_ROWS
+    assert seen["rows_total_estimated"] is False
+    assert seen["rows_per_s"] > 0
+    left = (BIG_ROWS - seen["rows_done"]) / seen["rows_per_s"]
+    assert seen["eta_s"] == pytest.approx(left, rel=1e-6)
+    # The second still waits, with its estimate.
+    waiting = httpx.get(f"{url}/v1/jobs/{second['id']}", timeout=10).json()
+    assert waiting["state"] == "queued", waiting
+    assert waiting["rows_total_estimated"] is True
+    for job in (second, first):
+        assert httpx.delete(f"{url}/v1/jobs/{job['id']}").json()["state"] == "cancelled"
 
 
 def jobs_env_of(server: RunningServer) -> str:
@@ -520,3 +564,84 @@ def test_job_processes_run_at_a_lower_priority_than_the_server(tmp_path: Path) -
         assert pool.submit(os.nice, 0).result(timeout=60) == JOB_NICENESS
     finally:
         pool.shutdown()
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """The commands of each `sh` block under the README's `### heading`, lines joined."""
+    section = README.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+    return [
+        [c for c in block.replace("\\\n", " ").splitlines() if c and not c.startswith("#")]
+        for block in blocks
+    ]
+
+
+def test_the_readmes_job_commands_run_as_written(
+    jobs_server: RunningServer, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    url = jobs_server.url
+    curl, cli = readme_commands("Batch jobs")
+    assert [c.split()[0] for c in curl] == ["curl"] * 6
+    shutil.copy(inputs / "iris.csv", tmp_path / "rows.csv")
+    # The README's /data is a folder under the server's allowed roots.
+    as_text = pa_csv.ConvertOptions(column_types={"id": pa.string()})
+    pq.write_table(
+        pa_csv.read_csv(inputs / "iris.csv", convert_options=as_text), inputs / "rows.parquet"
+    )
+
+    def run(command: str, job_id: str = "") -> str:
+        line = command.replace("localhost:8000", url.removeprefix("http://"))
+        line = line.replace("/data/", f"{inputs}/")
+        env = {**os.environ, "ID": job_id}
+        done = subprocess.run(
+            ["bash", "-c", line],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        return done.stdout
+
+    submitted = orjson.loads(run(curl[0]))
+    assert submitted["state"] == "queued", submitted
+    assert submitted["version"] == 2  # production
+    by_path = orjson.loads(run(curl[1]))
+    assert (by_path["on_error"], by_path["input_path"]) == ("skip", str(inputs / "rows.parquet"))
+    status = orjson.loads(run(curl[2], submitted["id"]))
+    shown = curl[2].split("#", 1)[1].split(",")  # the fields the README's comment names
+    assert {name.strip() for name in shown} <= status.keys(), status
+    assert status["id"] == submitted["id"]
+    listed = orjson.loads(run(curl[3]))["jobs"]
+    assert all(job["state"] == "running" for job in listed), listed
+    for job in (submitted, by_path):
+        assert wait_state(url, job["id"], ("succeeded", "failed"))["state"] == "succeeded"
+    run(curl[4], submitted["id"])
+    assert (tmp_path / "scored.csv").read_bytes() == expected["iris:2"]
+    assert run(curl[5], submitted["id"]) == ""  # a finished job: deleted
+    assert httpx.get(f"{url}/v1/jobs/{submitted['id']}").status_code == 404
+
+    # The command line block, as one script that stops at the first command that fails.
+    (tmp_path / "scored.csv").unlink()
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            *(c.replace("modelserve jobs ", f"modelserve jobs --url {url} ") for c in cli),
+        ]
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    printed = done.stdout.splitlines()  # wait's state, any running jobs listed, cancel's word
+    assert (printed[0], printed[-1]) == ("succeeded", "deleted"), done.stdout
+    assert (tmp_path / "scored.csv").read_bytes() == expected["iris:2"]

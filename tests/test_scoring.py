@@ -13,6 +13,7 @@ from sklearn.datasets import load_diabetes, load_iris
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from service.scoring import ModelReference, cached_model, load_model, score
 from service.scoring.chunks import empty_outputs
+from tests.recipes import run_recipe
 from tests.reference import fitted_example
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -140,7 +141,7 @@ def test_a_dask_cluster_scores_partitions_like_in_process(
         distributed.Client(cluster) as client,
     ):
         partitions = dd.from_pandas(frame, npartitions=8)
-        remote = partitions.map_partitions(score, reference, meta=local.iloc[:0]).compute()
+        remote = run_recipe("Dask", root, ddf=partitions).compute()  # the README's recipe
         loads = client.run(lambda: cached_model.cache_info()._asdict())
     # Dask may hold text in its own string dtype; the values must be the same.
     pd.testing.assert_frame_equal(remote, local, check_dtype=False)

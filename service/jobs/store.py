@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     column_types TEXT NOT NULL,
     rows_done INTEGER NOT NULL DEFAULT 0,
     rows_total INTEGER,
+    rows_total_estimated INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created REAL NOT NULL,
     started REAL,
@@ -75,6 +76,7 @@ class Job:
     column_types: dict[str, str]
     rows_done: int
     rows_total: int | None
+    rows_total_estimated: bool  # rows_total is an estimate until the runner counts the rows
     error: str | None
     created: float
     started: float | None
@@ -116,8 +118,13 @@ def _owner_is_dead(owner: str | None, heartbeat: float | None, now: float) -> bo
 def _job(row: sqlite3.Row) -> Job:
     values = dict(row)
     values["owned_input"] = bool(values["owned_input"])
+    values["rows_total_estimated"] = bool(values["rows_total_estimated"])
     values["column_types"] = json.loads(values["column_types"])
     return Job(**values)
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
 
 
 class JobStore:
@@ -127,6 +134,13 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            if "rows_total_estimated" in _columns(db):
+                return
+        with self._write() as db:  # a database written before the column: one worker adds it
+            if "rows_total_estimated" not in _columns(db):
+                db.execute(
+                    "ALTER TABLE jobs ADD COLUMN rows_total_estimated INTEGER NOT NULL DEFAULT 0"
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -291,7 +305,10 @@ class JobStore:
                     for p in parts
                 ],
             )
-            db.execute("UPDATE jobs SET rows_total = ? WHERE id = ?", (rows_total, job_id))
+            db.execute(
+                "UPDATE jobs SET rows_total = ?, rows_total_estimated = 0 WHERE id = ?",
+                (rows_total, job_id),
+            )
 
     def part_done(self, job_id: str, index: int, rows: int) -> int:
         """Records a finished part; returns the rows done (finished parts, and progress)."""

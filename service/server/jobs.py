@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from service import errors
+from service.jobs.estimate import estimate_rows
 from service.jobs.runner import result_path
 from service.jobs.store import STATES, Job, JobStore
 from service.protocols.files import CONTENT_TYPES, format_of_media_type, format_of_path
@@ -29,7 +30,8 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def describe(job: Job) -> dict[str, object]:
-    """The job as GET /v1/jobs/{id} shows it, with rows/s and an ETA while it runs."""
+    """The job as GET /v1/jobs/{id} shows it, with rows/s and an ETA while it runs (from an
+    estimated rows_total until the runner has counted the rows)."""
     body: dict[str, object] = {
         key: value
         for key, value in asdict(job).items()
@@ -165,10 +167,12 @@ async def _submit(exchange: Exchange) -> Answer:
         if exchange.budget is not None:
             exchange.budget.reschedule(None)  # an upload is bounded by bytes, not by time
         await _spool(exchange, store, source)
+    rows = await asyncio.to_thread(estimate_rows, source, input_format)
+    rows_total, estimated = rows or (None, False)
     job = Job(
         job_id, "queued", model.name, model.version, str(source), not by_path,
-        input_format, output_format, on_error, column_types, 0, None, None, time.time(),
-        None, None, None, None, 0,
+        input_format, output_format, on_error, column_types, 0, rows_total, estimated, None,
+        time.time(), None, None, None, None, 0,
     )  # fmt: skip
     await asyncio.to_thread(store.add, job)
     headers = [*_JSON, (b"location", f"/v1/jobs/{job_id}".encode())]

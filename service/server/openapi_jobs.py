@@ -17,7 +17,14 @@ _JOB = {
         "model": {"type": "string"},
         "version": {"type": "integer"},
         "rows_done": {"type": "integer"},
-        "rows_total": {"type": ["integer", "null"], "description": "Known once the job starts."},
+        "rows_total": {
+            "type": ["integer", "null"],
+            "description": "Counted once the job starts; estimated before (Parquet: exact).",
+        },
+        "rows_total_estimated": {
+            "type": "boolean",
+            "description": "Whether rows_total is an estimate from the input's size.",
+        },
         "rows_per_s": {"type": ["number", "null"]},
         "eta_s": {"type": ["number", "null"]},
         "error": {"type": ["string", "null"], "description": "Names the row and column."},
