@@ -5,7 +5,9 @@ core 1, measured in one run and in alternating order:
 - `default`: as shipped (drift on, no shadow);
 - `drift off`: `MODELSERVE_DRIFT_WINDOW_ROWS=0`;
 - `shadow 10%` and `shadow 100%`: that share of iris version 2's requests mirrored to version 1
-  (`[shadow]` in model.toml), compared off the response path.
+  (`[shadow]` in model.toml), compared off the response path;
+- `payload log 100%`: every request and its answer written to a JSON-lines file
+  (`MODELSERVE_PAYLOAD_LOG_RATE=1`), off the response path.
 Per repetition: server CPU per single-row request and requests/s at c=64 (iris ONNX, JSON),
 rows/s of 10,000-row binary requests, and the primary's latency at c=1 (p50 and p99), the last
 from short mirrored runs (a, b, b, a, ...) so that drift of the machine falls on every side.
@@ -34,6 +36,7 @@ from service.store.runtimes import RuntimeOptions
 
 ARTIFACT = Artifact("iris", 2)
 DEFAULT, DRIFT_OFF, SHADOW_10, SHADOW_100 = "default", "drift off", "shadow 10%", "shadow 100%"
+PAYLOADS = "payload log 100%"
 Figures = dict[str, float]
 
 
@@ -143,7 +146,8 @@ def render(summary: dict[str, dict[str, float]], repeat: int, seconds: float) ->
         "`MODELSERVE_DRIFT_WINDOW_ROWS=0`; `shadow 10%`/`100%` mirror that share of version 2's "
         "requests to version 1 (scikit-learn, several times version 2's CPU per row) and "
         "compare the answers; the shadow's CPU is spent on the same core, so requests/s at "
-        "c=64 fall by what it costs.",
+        "c=64 fall by what it costs. `payload log 100%` writes every request and answer to "
+        "a JSON-lines file (rotated at 100 MiB).",
         "",
         "| configuration | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
@@ -173,6 +177,15 @@ def main() -> None:
         SHADOW_100: lambda: start_modelserve(
             "shadow-100", shadowed_copy(repository, work, 1.0), work
         ),
+        PAYLOADS: lambda: start_modelserve(
+            "payloads",
+            repository,
+            work,
+            env={
+                "MODELSERVE_PAYLOAD_LOG_RATE": "1",
+                "MODELSERVE_PAYLOAD_LOG_FILE": str(work / "payloads.jsonl"),
+            },
+        ),
     }
     started = time.time()
     servers: dict[str, Server] = {}
@@ -184,6 +197,8 @@ def main() -> None:
         for name in (SHADOW_10, SHADOW_100):
             if not shadowed_requests(servers[name]):
                 raise RuntimeError(f"{name} mirrored no request; see {servers[name].log}")
+        if not (work / "payloads.jsonl").stat().st_size:
+            raise RuntimeError(f"{PAYLOADS} wrote no record; see {servers[PAYLOADS].log}")
     finally:
         for server in servers.values():
             server.stop()
