@@ -14,6 +14,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sklearn.datasets import load_iris
@@ -254,7 +255,30 @@ def test_health_service_and_reflection(server: RunningServer) -> None:
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         listed = next(iter(reflection.ServerReflectionInfo(iter([request]))))
         names = {s.name for s in listed.list_services_response.service}
+        # What grpcurl asks next to describe a service: the file that defines it.
+        files = {}
+        for symbol in ("inference.GRPCInferenceService", "grpc.health.v1.Health"):
+            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+            answer = next(iter(reflection.ServerReflectionInfo(iter([request]))))
+            [proto] = answer.file_descriptor_response.file_descriptor_proto
+            files[symbol] = descriptor_pb2.FileDescriptorProto.FromString(proto)
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert [s.name for s in files["inference.GRPCInferenceService"].service] == [
+        "GRPCInferenceService"
+    ]
+    assert [s.name for s in files["grpc.health.v1.Health"].service] == ["Health"]
+
+
+def test_the_protocols_messages_live_beside_a_clients_own() -> None:
+    """KServe's client registers the same `inference.*` names in protobuf's default pool; ours
+    are in a pool of their own, so one process imports both (it failed: duplicate symbol)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as theirs
+
+    from service.protocols.grpc import open_inference_grpc_pb2 as ours
+
+    sent = ours.ModelInferRequest(model_name="iris", raw_input_contents=[b"\x00" * 16])
+    received = theirs.ModelInferRequest.FromString(sent.SerializeToString())
+    assert (received.model_name, received.raw_input_contents) == ("iris", [b"\x00" * 16])
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Never, TypeVar
 
+from google.protobuf import descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__, errors
 from service.protocols import v2
@@ -64,6 +65,15 @@ async def _abort(context: Context, exc: errors.ServiceError, request_id: str) ->
         # As over HTTP: a server-side failure names the request, for the operator's log.
         message = f"{message} (request {request_id})"
     await context.abort(grpc_code_of(exc), message, ((access.REQUEST_ID.decode(), request_id),))
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Our messages' own pool (see scripts/grpc_stubs.sh), with the health and reflection
+    services' files added, so that reflection describes every service it lists."""
+    pool = pb.POOL
+    for module in (health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -258,6 +268,7 @@ class GrpcServer:
                 reflection.SERVICE_NAME,
             ),
             self.server,
+            _reflection_pool(),
         )
         self._draining: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()

@@ -29,6 +29,8 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+from google.protobuf import descriptor_pool as _descriptor_pool
+POOL: _descriptor_pool.DescriptorPool
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
