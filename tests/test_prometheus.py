@@ -11,14 +11,24 @@ ROWS = "modelserve_inference_rows_total"
 TARGETS = [("iris", "1", "v2"), ("iris", "2", "v1"), ("diabetes", "2", "v2")]
 
 
-def _scraped(prometheus: Prometheus, server: RunningServer) -> float:
-    """Waits until Prometheus has scraped the rows the server counts now; returns when that
-    sample was taken (a scrape timestamp)."""
-    expected = total(scrape(server.url), ROWS)
+DURATIONS = "modelserve_request_duration_seconds_count"
+
+
+def _scraped(prometheus: Prometheus, server: RunningServer, requests: float = 0) -> float:
+    """Waits until the server has counted `requests` answered requests (a request is counted
+    once its answer is sent, so after the client has it), then until Prometheus has scraped
+    what the server counts now; returns when that sample was taken (a scrape timestamp)."""
     wait_for(
-        lambda: prometheus.value(f"sum({ROWS})") == expected,
+        lambda: total(scrape(server.url), DURATIONS) >= requests,
+        timeout=10,
+        what=f"the server to count {requests} answered requests",
+    )
+    now = scrape(server.url)
+    expected = {name: total(now, name) for name in (ROWS, DURATIONS)}
+    wait_for(
+        lambda: all(prometheus.value(f"sum({n})") == v for n, v in expected.items()),
         timeout=20,
-        what=f"Prometheus to scrape sum({ROWS}) == {expected}",
+        what=f"Prometheus to scrape {expected}",
     )
     return prometheus.sample_times(f'{ROWS}{{model="iris",version="1"}}')[-1]
 
@@ -27,14 +37,16 @@ def test_promql_returns_the_requests_and_rows_sent_to_two_workers(
     prometheus: Prometheus, workers_server: RunningServer
 ) -> None:
     # Every series the traffic touches exists before the first sample that counts.
+    answered = total(scrape(workers_server.url), DURATIONS)
     send(workers_server.url, [(*t, 1) for t in TARGETS], "prom-warm")
-    t0 = _scraped(prometheus, workers_server)
+    t0 = _scraped(prometheus, workers_server, answered + len(TARGETS))
+    before = total(scrape(workers_server.url), DURATIONS)
     plan = [(*TARGETS[i % len(TARGETS)], i % 5 + 1) for i in range(30)]
     sent = send(workers_server.url, plan, "prom")
     ids = set(sent.request_ids)
     pids = {e["pid"] for e in access_lines(workers_server.output()) if e["request_id"] in ids}
     assert len(pids) == 2, "both workers must have served part of the traffic"
-    t1 = _scraped(prometheus, workers_server)
+    t1 = _scraped(prometheus, workers_server, before + len(plan))
     rows, requests = sum(sent.rows.values()), sum(sent.requests.values())
     assert (rows, requests) == (90, 30)
 
@@ -46,7 +58,7 @@ def test_promql_returns_the_requests_and_rows_sent_to_two_workers(
 
     assert delta(f"sum({ROWS})") == rows
     assert delta('sum(modelserve_requests_total{code="200"})') == requests
-    assert delta("sum(modelserve_request_duration_seconds_count)") == requests
+    assert delta(f"sum({DURATIONS})") == requests
     assert delta("sum(modelserve_batch_rows_sum)") == rows
     for (model, version), count in sent.rows.items():
         assert delta(f'sum({ROWS}{{model="{model}",version="{version}"}})') == count
