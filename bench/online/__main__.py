@@ -151,17 +151,7 @@ def _single_rows(
     request = build_request(server.kind, artifact, make_features(artifact.model, 1), label, "json")
     for connections in concurrency:
         load = run_wrk(server, request, connections, seconds)
-        yield {
-            "kind": "single",
-            "rep": rep,
-            "artifact": artifact.label,
-            "server": server.name,
-            "concurrency": connections,
-            "rate": load.rate,
-            "p50_ms": load.p50_ms,
-            "p99_ms": load.p99_ms,
-            "cpu_us": load.cpu_us_per_request,
-        }
+        yield load.single_row_record("single", rep, artifact.label, server.name, connections)
 
 
 def _batching_pair(on: Server, off: Server, artifact: Artifact, label: str, rep: int) -> Record:

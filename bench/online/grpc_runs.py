@@ -56,17 +56,7 @@ def grpc_single_rows(
     message = infer_request(server.kind, artifact, make_features(artifact.model, 1), "contents")
     for connections in CONCURRENCY:
         load = run_h2load(server, message, connections, seconds)
-        yield {
-            "kind": "grpc_single",
-            "rep": rep,
-            "artifact": artifact.label,
-            "server": server.name,
-            "concurrency": connections,
-            "rate": load.rate,
-            "p50_ms": load.p50_ms,
-            "p99_ms": load.p99_ms,
-            "cpu_us": load.cpu_us_per_request,
-        }
+        yield load.single_row_record("grpc_single", rep, artifact.label, server.name, connections)
 
 
 def grpc_large_requests(

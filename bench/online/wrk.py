@@ -5,6 +5,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.online.servers import Server
 from bench.online.workload import Request
@@ -23,6 +24,22 @@ class Load:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    def single_row_record(
+        self, kind: str, rep: int, artifact: str, server: str, concurrency: int
+    ) -> dict[str, Any]:
+        """A single-row run as the report reads it (REST and gRPC alike)."""
+        return {
+            "kind": kind,
+            "rep": rep,
+            "artifact": artifact,
+            "server": server,
+            "concurrency": concurrency,
+            "rate": self.rate,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "cpu_us": self.cpu_us_per_request,
+        }
 
 
 def run_wrk(
