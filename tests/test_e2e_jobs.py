@@ -244,6 +244,8 @@ def test_progress_shows_rows_rate_and_eta_with_an_estimated_total_until_counted(
     def under_way() -> bool:
         nonlocal seen
         seen = httpx.get(f"{url}/v1/jobs/{first['id']}", timeout=10).json()
+        if seen["state"] == "queued":  # not picked up yet (a worker claims jobs by polling)
+            return False
         return bool(seen["state"] != "running" or 0 < seen["rows_done"] < BIG_ROWS)
 
     wait_for(under_way, 60, "the first job under way")
