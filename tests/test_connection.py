@@ -170,3 +170,101 @@ def test_pipelined_heads_are_measured_apart(
         sock.sendall(b"a" * late + b"\r\nConnection: close\r\n\r\n")
         answers = read_answers(sock)
     assert [answer.status for answer in answers] == [200, status]
+
+
+# Small inference requests are read and answered by the connection's own request cycle; the rest
+# by uvicorn's. A query string sends a request the ASGI way, so the two can be compared.
+
+
+def infer_request(path: str, request_id: str, *, close: bool = False) -> bytes:
+    body = orjson.dumps({"id": request_id, **ROW})
+    headers = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Authorization: Bearer {LONG_KEY}",
+        "Content-Type: application/json",
+        f"X-Request-ID: {request_id}",
+        f"Content-Length: {len(body)}",
+    ]
+    if close:
+        headers.append("Connection: close")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+def test_both_request_cycles_answer_alike(server: RunningServer) -> None:
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(infer_request(INFER, "direct"))  # ids of one length: bodies of one length
+        time.sleep(0.3)  # answered before the next is sent: not pipelined
+        sock.sendall(infer_request(INFER + "?via=asgi", "asgi--", close=True))
+        direct, asgi = read_answers(sock)
+    assert direct.status == asgi.status == 200
+    assert direct.headers.keys() | {"connection"} == asgi.headers.keys()
+    for name in ("content-type", "content-length", "server"):
+        assert direct.headers[name] == asgi.headers[name]
+    assert (direct.headers["x-request-id"], asgi.headers["x-request-id"]) == ("direct", "asgi--")
+    assert {**orjson.loads(direct.body), "id": "asgi--"} == orjson.loads(asgi.body)
+    assert "connection" not in direct.headers
+    assert asgi.headers["connection"] == "close"
+
+
+def test_pipelined_requests_are_answered_in_order(server: RunningServer) -> None:
+    parts = urlsplit(server.url)
+    ids = [f"p{i}" for i in range(5)]
+    requests = [infer_request(INFER, i, close=i == ids[-1]) for i in ids]
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(b"".join(requests))
+        answers = read_answers(sock)
+    assert [answer.status for answer in answers] == [200] * len(ids)
+    assert [orjson.loads(answer.body)["id"] for answer in answers] == ids
+    assert [answer.headers["x-request-id"] for answer in answers] == ids
+
+
+def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
+    request = infer_request(INFER, "pieces", close=True)
+    head_end = request.index(b"\r\n\r\n") + 4
+    pieces = [request[:head_end], request[head_end : head_end + 10], request[head_end + 10 :]]
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.2)
+        (answer,) = read_answers(sock)
+    assert answer.status == 200, answer.body
+    assert orjson.loads(answer.body)["id"] == "pieces"
+
+
+def test_a_small_body_not_received_in_time_gets_408(server: RunningServer) -> None:
+    request = infer_request(INFER, "stalled")
+    started = time.monotonic()
+    answer = exchange(server.url, request[:-5])  # the last bytes never come
+    took = time.monotonic() - started
+    assert answer is not None
+    assert answer.status == 408
+    assert answer.json() == {
+        "error": "request body was not received within 1 s",
+        "type": "HeadersTimeout",
+    }
+    assert 0.9 < took < 3
+    assert infer(server).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ("X-Forwarded-For: 10.1.2.3\r\n", 200),  # a proxy's request: uvicorn's cycle
+        ("Expect: 100-continue\r\n", 200),
+    ],
+    ids=["forwarded", "expect"],
+)
+def test_requests_that_need_the_asgi_cycle_are_served(
+    server: RunningServer, extra: str, status: int
+) -> None:
+    request = infer_request(INFER, "other", close=True)
+    head_end = request.index(b"\r\n\r\n") + 2
+    request = request[:head_end] + extra.encode() + request[head_end:]
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(request)
+        answers = read_answers(sock)
+    assert answers[-1].status == status, answers[-1].body

@@ -49,7 +49,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.online.profile", description=__doc__)
-    parser.add_argument("model", choices=["iris", "breast_cancer"])
+    parser.add_argument("model", choices=["iris", "iris_int", "breast_cancer"])
     parser.add_argument("version", type=int, choices=[1, 2])
     parser.add_argument("rows", type=int)
     parser.add_argument("encoding", choices=["json", "binary"])
@@ -86,7 +86,9 @@ def main() -> None:
     try:
         load_with(server, 1.0)  # warm up
         command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"]
-        command += ["--pid", str(server.process.pid), "--rate", "500", "--nonblocking"]
+        command += ["--pid", str(server.process.pid), "--rate", "500"]
+        # py-spy reads native stacks only from a stopped process
+        command += [] if args.native else ["--nonblocking"]
         command += ["--threads"]  # each stack starts with its thread, to split loop and model
         command += ["--duration", str(int(args.seconds)), "--output", str(collapsed)]
         command += ["--native"] if args.native else []

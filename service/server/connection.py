@@ -1,4 +1,6 @@
-"""Each HTTP/1.1 connection: uvicorn's httptools protocol, with request heads bounded."""
+"""Each HTTP/1.1 connection: uvicorn's httptools protocol, with request heads bounded, and its
+own request cycle for small inference requests.
+"""
 
 import asyncio
 import functools
@@ -9,11 +11,13 @@ from itertools import chain
 from typing import Any, cast
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service import errors
-from service.server.http import error_body, error_headers, status_of
+from service.server import boundary
+from service.server.fastpath import DirectRoute, InferenceMiddleware
+from service.server.http import Headers, Message, Scope, error_body, error_headers, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,15 @@ logger = logging.getLogger(__name__)
 # the connection closes: closing a socket with unread data makes the kernel reset the
 # connection, and the reset can destroy the answer before the client has read it.
 LINGER_S = 2.0
+
+
+# Inference requests whose declared body is at most this long are read whole by the connection
+# and served without the ASGI server's request cycle. Below uvicorn's flow-control high-water
+# mark (64 KiB), so reading never pauses for them.
+DIRECT_BODY_BYTES = 65536
+# Headers that need the ASGI server's handling: a body sent in chunks or after 100 Continue, a
+# proxy's forwarded client address.
+_NOT_DIRECT = frozenset({b"transfer-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.message_ended = False
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.inference = _inference_app(self.app)
+        # A request served by this connection's own cycle, while its body is being read.
+        self.collecting: DirectCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -98,14 +114,72 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.cancel_timer()
         # The head is at most what was read since it began: only measure a head that may be over.
         limit = self.limits.max_bytes
         may_be_over = self.head_shares_read or self.head_read + self.read_size > limit
         if may_be_over and self.head_size() > limit:
+            self.cancel_timer()
             self.refuse(self.too_large())
-        if not self.refused:
+        if self.refused:
+            return
+        # A small inference body is read by the connection within the head's time (the timer
+        # keeps running); every other request goes to uvicorn's cycle, which reads its body
+        # under the request's deadline.
+        self.collecting = self.direct_cycle()
+        if self.collecting is None:
+            self.cancel_timer()
             super().on_headers_complete()
+
+    def direct_cycle(self) -> "DirectCycle | None":
+        """This request's own cycle, if it is a small V2 infer or V1 predict call that needs
+        nothing of uvicorn's but the parsing: its answer is the same either way."""
+        parser = self.parser
+        if (
+            self.inference is None
+            or parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or parser.should_upgrade()
+            or self.root_path
+            or self.limit_concurrency is not None
+            or (self.cycle is not None and not self.cycle.response_complete)  # pipelined
+        ):
+            return None
+        url = self.url
+        if b"?" in url or b"%" in url or b"#" in url:
+            return None
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name in _NOT_DIRECT:
+                return None
+        if length is None or not length.isdigit() or int(length) > DIRECT_BODY_BYTES:
+            return None
+        try:
+            path = url.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        route = self.inference.direct_route(path)
+        if route is None:
+            return None
+        scope = cast(Scope, self.scope)
+        scope["method"] = "POST"
+        scope["path"] = path
+        scope["raw_path"] = url
+        scope["query_string"] = b""
+        return DirectCycle(self, scope, route, parser.should_keep_alive())
+
+    def serve_direct(self, cycle: "DirectCycle") -> None:
+        self.cycle = cycle  # type: ignore[assignment]  # what uvicorn asks of a cycle, it has
+        task = self.loop.create_task(cycle.run())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def shutdown(self) -> None:
+        if self.collecting is not None:
+            self.collecting.keep_alive = False  # its answer is the connection's last
+            return
+        super().shutdown()
 
     def head_size(self) -> int:
         """The bytes of the URL and the header fields, each field with ": " and a line end."""
@@ -113,12 +187,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return len(self.url) + sum(map(len, fields)) + 4 * len(self.headers)
 
     def on_body(self, body: bytes) -> None:
-        if not self.refused:
+        if self.refused:
+            return
+        if self.collecting is not None:
+            self.collecting.chunks.append(body)  # bounded: httptools stops at Content-Length
+        else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.message_ended = True
-        if not self.refused:
+        if self.refused:
+            return
+        cycle = self.collecting
+        if cycle is not None:
+            self.collecting = None
+            self.cancel_timer()
+            self.serve_direct(cycle)
+        else:
             super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -134,10 +219,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         )
 
     def head_timed_out(self) -> None:
+        what = "request body was" if self.collecting is not None else "request headers were"
         self.refuse(
-            errors.HeadersTimeout(
-                f"request headers were not received within {self.limits.timeout_s:g} s"
-            )
+            errors.HeadersTimeout(f"{what} not received within {self.limits.timeout_s:g} s")
         )
 
     def refuse(self, exc: errors.ServiceError) -> None:
@@ -177,3 +261,121 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+class _NoEvent:
+    """What uvicorn sets on a cycle when its connection is lost: a direct cycle waits on nothing."""
+
+    def set(self) -> None:
+        pass
+
+
+class DirectCycle:
+    """One small inference request served by its connection: the body read whole before the
+    handler runs, the answer written in one piece.
+
+    The handler is the one the ASGI path calls, through the same request boundary, with this
+    cycle's `receive` and `send`; what is skipped is uvicorn's general machinery (an event per
+    request, a body buffer that pauses reading, header checks on names the service writes
+    itself, a write for the head and another for the body) and its proxy-header middleware
+    (requests with forwarded headers take the ASGI path).
+    """
+
+    message_event = _NoEvent()
+
+    __slots__ = (
+        "chunks",
+        "disconnected",
+        "headers",
+        "keep_alive",
+        "protocol",
+        "response_complete",
+        "route",
+        "scope",
+        "status",
+    )
+
+    def __init__(
+        self, protocol: BoundedHeadProtocol, scope: Scope, route: DirectRoute, keep_alive: bool
+    ) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.route = route
+        self.keep_alive = keep_alive
+        self.chunks: list[bytes] = []
+        self.disconnected = False
+        self.response_complete = False
+        self.status: int | None = None
+        self.headers: Headers = []
+
+    async def run(self) -> None:
+        state, protocol, names, handler = self.route
+        try:
+            scope, receive, send = self.scope, self.receive, self.send
+            await boundary.serve(state, scope, receive, send, protocol, names, handler)
+        except BaseException as exc:  # uvicorn's answer to an application that fails
+            logger.error("unexpected error serving %s", self.scope["path"], exc_info=exc)
+            if not self.response_complete:
+                failure = errors.ServiceError("internal error; see the server log")
+                self.status = 500
+                self.headers = [*error_headers(failure), (b"connection", b"close")]
+                body = error_body(failure)
+                self.headers.append((b"content-length", str(len(body)).encode()))
+                self.write(body)
+        else:
+            if not self.response_complete and not self.disconnected:
+                logger.error("no answer to %s", self.scope["path"])
+                self.protocol.transport.close()
+
+    async def receive(self) -> Message:
+        if self.disconnected or self.response_complete or not self.chunks:
+            return {"type": "http.disconnect"}
+        chunks, self.chunks = self.chunks, []
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected or self.response_complete:
+            return
+        if message["type"] == "http.response.start" and self.status is None:
+            self.status = message["status"]
+            self.headers = list(message.get("headers", ()))
+        elif message["type"] == "http.response.body" and self.status is not None:
+            if message.get("more_body", False):
+                raise RuntimeError("a direct answer is sent in one piece")
+            self.write(message.get("body", b""))
+        else:
+            raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
+
+    def write(self, body: bytes) -> None:
+        """The whole answer in one write; the connection closes after it unless kept alive."""
+        protocol = self.protocol
+        assert self.status is not None
+        lines = [STATUS_LINE[self.status]]
+        close = closing = not self.keep_alive
+        for name, value in chain(protocol.server_state.default_headers, self.headers):
+            if HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            if name == b"connection" and b"close" in value.lower():
+                close, closing = True, False
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if closing:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        lines.append(body)
+        transport = protocol.transport
+        if not transport.is_closing():
+            transport.write(b"".join(lines))
+        self.response_complete = True
+        if close:
+            transport.close()
+        protocol.on_response_complete()
+
+
+def _inference_app(app: Any) -> InferenceMiddleware | None:
+    """The inference middleware under uvicorn's wrappers (proxy headers, message logging)."""
+    for _ in range(8):
+        if isinstance(app, InferenceMiddleware):
+            return app
+        app = getattr(app, "app", None)
+    return None

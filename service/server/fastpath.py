@@ -38,6 +38,8 @@ _ROUTE = re.compile(
     r"|(?P<jobs>/v1/jobs)(?:/(?P<job>[^/]+)(?P<result>/result)?)?"
 )
 _JSON = [(b"content-type", b"application/json")]
+# The state, protocol, path names and handler of a request the boundary serves.
+DirectRoute = tuple[ServiceState, str, tuple[str, str | None], boundary.Handler]
 _BINARY_TYPES = ("application/json", "application/octet-stream")
 
 
@@ -64,6 +66,19 @@ class InferenceMiddleware:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+
+    def direct_route(self, path: str) -> "DirectRoute | None":
+        """What serves a V2 `infer` or V1 `predict` request for `path` once the service runs:
+        for the connection's own request cycle, which skips the ASGI server's."""
+        state: ServiceState | None = getattr(self.app.state, "service", None)
+        match = _ROUTE.fullmatch(path)
+        if match is None or state is None:
+            return None
+        if match["v2name"] is not None:
+            return state, "v2", (match["v2name"], match["v2version"]), _infer_v2
+        if match["v1name"] is not None:
+            return state, "v1", (match["v1name"], match["v1version"]), _predict_v1
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
