@@ -221,6 +221,7 @@ def test_pipelined_requests_are_answered_in_order(server: RunningServer) -> None
 
 
 def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
+    # Not whole with its head: uvicorn's cycle reads it, under the request's deadline.
     request = infer_request(INFER, "pieces", close=True)
     head_end = request.index(b"\r\n\r\n") + 4
     pieces = [request[:head_end], request[head_end : head_end + 10], request[head_end + 10 :]]
@@ -232,21 +233,6 @@ def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
         (answer,) = read_answers(sock)
     assert answer.status == 200, answer.body
     assert orjson.loads(answer.body)["id"] == "pieces"
-
-
-def test_a_small_body_not_received_in_time_gets_408(server: RunningServer) -> None:
-    request = infer_request(INFER, "stalled")
-    started = time.monotonic()
-    answer = exchange(server.url, request[:-5])  # the last bytes never come
-    took = time.monotonic() - started
-    assert answer is not None
-    assert answer.status == 408
-    assert answer.json() == {
-        "error": "request body was not received within 1 s",
-        "type": "HeadersTimeout",
-    }
-    assert 0.9 < took < 3
-    assert infer(server).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -268,3 +254,17 @@ def test_requests_that_need_the_asgi_cycle_are_served(
         sock.sendall(request)
         answers = read_answers(sock)
     assert answers[-1].status == status, answers[-1].body
+
+
+def test_an_empty_body_is_answered_as_invalid_input(server: RunningServer) -> None:
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = exchange(server.url, head)
+    assert answer is not None
+    assert answer.status == 400, answer.body
+    error = answer.json()
+    assert isinstance(error, dict)
+    assert error["type"] == "InvalidInput"
+    assert "disconnected" not in error["error"], error  # an empty body is a body

@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 LINGER_S = 2.0
 
 
-# Inference requests whose declared body is at most this long are read whole by the connection
-# and served without the ASGI server's request cycle. Below uvicorn's flow-control high-water
-# mark (64 KiB), so reading never pauses for them.
+# Inference requests whose declared body is at most this long, and comes in the same read as
+# their head, are served without the ASGI server's request cycle: what one read holds, and below
+# uvicorn's flow-control high-water mark (64 KiB).
 DIRECT_BODY_BYTES = 65536
 # Headers that need the ASGI server's handling: a body sent in chunks or after 100 Continue, a
 # proxy's forwarded client address.
@@ -97,6 +97,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.message_ended = False
         self.read_size = len(data)
         super().data_received(data)
+        if self.collecting is not None:
+            self.hand_over()
         if self.in_head:
             # Bytes before a message began in this read belong to one that ended in it: leaving
             # such a read uncounted is safe (a read is bounded), and counting it would not be.
@@ -122,12 +124,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.refuse(self.too_large())
         if self.refused:
             return
-        # A small inference body is read by the connection within the head's time (the timer
-        # keeps running); every other request goes to uvicorn's cycle, which reads its body
-        # under the request's deadline.
+        self.cancel_timer()
+        # A small inference request is served by the connection if its body comes in the same
+        # read as its head (see `hand_over`); every other request goes to uvicorn's cycle.
         self.collecting = self.direct_cycle()
         if self.collecting is None:
-            self.cancel_timer()
             super().on_headers_complete()
 
     def direct_cycle(self) -> "DirectCycle | None":
@@ -169,17 +170,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         scope["query_string"] = b""
         return DirectCycle(self, scope, route, parser.should_keep_alive())
 
+    def hand_over(self) -> None:
+        """The request's body did not come whole with its head: uvicorn's cycle serves it, with
+        what came so far, so that its body is read under the request's deadline and it counts
+        as in flight meanwhile, as any other request."""
+        cycle, self.collecting = self.collecting, None
+        if cycle is None or self.transport.is_closing():
+            return
+        super().on_headers_complete()
+        for chunk in cycle.chunks:
+            super().on_body(chunk)
+
     def serve_direct(self, cycle: "DirectCycle") -> None:
         self.cycle = cycle  # type: ignore[assignment]  # what uvicorn asks of a cycle, it has
         task = self.loop.create_task(cycle.run())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
-
-    def shutdown(self) -> None:
-        if self.collecting is not None:
-            self.collecting.keep_alive = False  # its answer is the connection's last
-            return
-        super().shutdown()
 
     def head_size(self) -> int:
         """The bytes of the URL and the header fields, each field with ": " and a line end."""
@@ -219,9 +225,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         )
 
     def head_timed_out(self) -> None:
-        what = "request body was" if self.collecting is not None else "request headers were"
         self.refuse(
-            errors.HeadersTimeout(f"{what} not received within {self.limits.timeout_s:g} s")
+            errors.HeadersTimeout(
+                f"request headers were not received within {self.limits.timeout_s:g} s"
+            )
         )
 
     def refuse(self, exc: errors.ServiceError) -> None:
@@ -271,8 +278,8 @@ class _NoEvent:
 
 
 class DirectCycle:
-    """One small inference request served by its connection: the body read whole before the
-    handler runs, the answer written in one piece.
+    """One small inference request served by its connection: its body came whole with its
+    head, and its answer is written in one piece.
 
     The handler is the one the ASGI path calls, through the same request boundary, with this
     cycle's `receive` and `send`; what is skipped is uvicorn's general machinery (an event per
@@ -289,6 +296,7 @@ class DirectCycle:
         "headers",
         "keep_alive",
         "protocol",
+        "received",
         "response_complete",
         "route",
         "scope",
@@ -303,6 +311,7 @@ class DirectCycle:
         self.route = route
         self.keep_alive = keep_alive
         self.chunks: list[bytes] = []
+        self.received = False
         self.disconnected = False
         self.response_complete = False
         self.status: int | None = None
@@ -328,9 +337,10 @@ class DirectCycle:
                 self.protocol.transport.close()
 
     async def receive(self) -> Message:
-        if self.disconnected or self.response_complete or not self.chunks:
+        chunks = self.chunks
+        if self.disconnected or self.response_complete or self.received:
             return {"type": "http.disconnect"}
-        chunks, self.chunks = self.chunks, []
+        self.received = True
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return {"type": "http.request", "body": body, "more_body": False}
 
