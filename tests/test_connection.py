@@ -1,6 +1,7 @@
 """Request heads are bounded in size and in time on a real server, over raw sockets."""
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,42 @@ def test_an_empty_body_is_answered_as_invalid_input(server: RunningServer) -> No
     assert isinstance(error, dict)
     assert error["type"] == "InvalidInput"
     assert "disconnected" not in error["error"], error  # an empty body is a body
+
+
+def test_a_pipelining_client_that_reads_no_answers_holds_little_memory(
+    server: RunningServer,
+) -> None:
+    # Requests sent back to back on four connections for 4 s, none of the answers read: the
+    # server must stop reading once a few dozen wait, not parse every read into requests.
+    pid = server.process.pid
+    assert infer(server).status_code == 200
+    before = memory(pid)
+    reset_peak_memory(pid)
+    request = infer_request(INFER, "flood")
+    blob = request * 1000
+    parts = urlsplit(server.url)
+    sent = []
+    deadline = time.monotonic() + 4
+
+    def flood() -> None:
+        with socket.create_connection((parts.hostname, parts.port), timeout=0.5) as sock:
+            view, offset, total = memoryview(blob), 0, 0
+            while time.monotonic() < deadline:
+                try:
+                    count = sock.send(view[offset:])
+                except TimeoutError:
+                    continue  # the server stopped reading, as it should
+                offset, total = (offset + count) % len(blob), total + count
+        sent.append(total)
+
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    peak = memory(pid, "VmHWM")
+    assert sum(sent) > 2 * MiB  # enough to have grown a worker by gigabytes before
+    assert peak - before < 60 * MiB, f"peak {peak / MiB:.0f} MiB from {before / MiB:.0f} MiB"
+    assert infer(server).status_code == 200
+    time.sleep(0.5)  # for the closed connections' requests to finish
+    assert "Traceback" not in server.output()

@@ -5,13 +5,20 @@ own request cycle for small inference requests.
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from service import errors
@@ -34,6 +41,10 @@ DIRECT_BODY_BYTES = 65536
 # Headers that need the ASGI server's handling: a body sent in chunks or after 100 Continue, a
 # proxy's forwarded client address.
 _NOT_DIRECT = frozenset({b"transfer-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
+
+
+# Requests parsed ahead of the one being answered past which reading stays paused.
+PIPELINE_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -82,14 +93,28 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.inference = _inference_app(self.app)
         # A request served by this connection's own cycle, while its body is being read.
         self.collecting: DirectCycle | None = None
+        # The request being answered (uvicorn's `cycle` is the one parsed last).
+        self.running: RequestResponseCycle | DirectCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = PipelineFlow(transport, self.pipeline)
         self.start_timer(self.limits.timeout_s, self.head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancel_timer()
+        # uvicorn tells only the request parsed last that the client left; the one being
+        # answered may be an earlier one (pipelined), which would then write to a closed
+        # transport and log a traceback.
+        running = self.running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self.running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -142,6 +167,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             or parser.should_upgrade()
             or self.root_path
             or self.limit_concurrency is not None
+            or self.flow.write_paused  # the client reads slowly: uvicorn's cycle waits for it
             or (self.cycle is not None and not self.cycle.response_complete)  # pipelined
         ):
             return None
@@ -182,7 +208,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             super().on_body(chunk)
 
     def serve_direct(self, cycle: "DirectCycle") -> None:
-        self.cycle = cycle  # type: ignore[assignment]  # what uvicorn asks of a cycle, it has
+        self.cycle = self.running = cycle  # type: ignore[assignment]  # it has what uvicorn asks
         task = self.loop.create_task(cycle.run())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
@@ -268,6 +294,27 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+class PipelineFlow(FlowControl):
+    """uvicorn's flow control, with reading kept paused while more than PIPELINE_DEPTH requests
+    wait behind the one being answered.
+
+    uvicorn pauses reading when a request arrives pipelined behind another, but resumes it after
+    every answer (and whenever a request reads its body), and each read is parsed whole: a
+    client that pipelines requests without reading the answers had every read of about 1,700
+    small requests turned into waiting requests of several kilobytes each (a 100 MB flood grew
+    a worker past 1.3 GB). The request being answered has its whole body by then (the parser
+    reaches the next request only after it), so holding reads back cannot stall it.
+    """
+
+    def __init__(self, transport: asyncio.Transport, pipeline: Sized) -> None:
+        super().__init__(transport)
+        self.pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if len(self.pipeline) <= PIPELINE_DEPTH:
+            super().resume_reading()
 
 
 class _NoEvent:
