@@ -308,3 +308,21 @@ def test_a_pipelining_client_that_reads_no_answers_holds_little_memory(
     assert infer(server).status_code == 200
     time.sleep(0.5)  # for the closed connections' requests to finish
     assert "Traceback" not in server.output()
+
+
+def test_a_slow_head_after_an_answer_gets_408_when_keep_alive_is_shorter(
+    trained_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # With the head's time (6 s) longer than uvicorn's keep-alive (5 s), an idle connection is
+    # closed by keep-alive, and the head's timer starts only once a head begins to arrive: it
+    # must still end the head 6 s after the previous answer.
+    env = {"MODELSERVE_HEADER_TIMEOUT_S": "6"}
+    with run_server(trained_repository, tmp_path_factory.mktemp("logs"), env=env) as slow:
+        took, answer = slow_head(slow.url, answered_first=True, send=True)
+    assert answer is not None
+    assert answer.status == 408
+    assert answer.json() == {
+        "error": "request headers were not received within 6 s",
+        "type": "HeadersTimeout",
+    }
+    assert 5.9 < took < 8

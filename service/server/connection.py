@@ -90,6 +90,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.message_ended = False
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
+        # When the head of a request after an answer must be complete.
+        self.head_deadline: float | None = None
         self.inference = _inference_app(self.app)
         # A request served by this connection's own cycle, while its body is being read.
         self.collecting: DirectCycle | None = None
@@ -124,6 +126,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self.collecting is not None:
             self.hand_over()
+        if self.in_head and self.timer is None and self.head_deadline is not None:
+            self.timer = self.loop.call_at(self.head_deadline, self.head_timed_out)
         if self.in_head:
             # Bytes before a message began in this read belong to one that ended in it: leaving
             # such a read uncounted is safe (a read is bounded), and counting it would not be.
@@ -141,6 +145,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.head_deadline = None
         # The head is at most what was read since it began: only measure a head that may be over.
         limit = self.limits.max_bytes
         may_be_over = self.head_shares_read or self.head_read + self.read_size > limit
@@ -241,8 +246,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:
-            # uvicorn now waits for the next request; its head gets the same time.
-            self.start_timer(self.limits.timeout_s, self.head_timed_out)
+            # uvicorn now waits for the next request; its head gets the same time. While the
+            # connection is idle, uvicorn's keep-alive timer closes it first if it is the shorter:
+            # the head's timer is then only started by a read that leaves a head incomplete.
+            self.head_deadline = self.loop.time() + self.limits.timeout_s
+            if self.limits.timeout_s < self.timeout_keep_alive:
+                self.start_timer(self.limits.timeout_s, self.head_timed_out)
 
     def too_large(self) -> errors.HeadersTooLarge:
         return errors.HeadersTooLarge(
@@ -408,11 +417,11 @@ class DirectCycle:
         """The whole answer in one write; the connection closes after it unless kept alive."""
         protocol = self.protocol
         assert self.status is not None
-        lines = [STATUS_LINE[self.status]]
+        if HEADER_VALUE_RE.search(b"".join([value for _, value in self.headers])):
+            raise RuntimeError("Invalid HTTP header value.")
+        lines = [STATUS_LINE[self.status], _default_head(protocol.server_state.default_headers)]
         close = closing = not self.keep_alive
-        for name, value in chain(protocol.server_state.default_headers, self.headers):
-            if HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
+        for name, value in self.headers:
             if name == b"connection" and b"close" in value.lower():
                 close, closing = True, False
             lines.append(b"%s: %s\r\n" % (name, value))
@@ -427,6 +436,18 @@ class DirectCycle:
         if close:
             transport.close()
         protocol.on_response_complete()
+
+
+_default_heads: tuple[Headers | None, bytes] = (None, b"")
+
+
+def _default_head(headers: Headers) -> bytes:
+    """uvicorn's default headers (server, date) as they go on the wire: uvicorn replaces the
+    list when the date changes, so it is formatted once a second, not once an answer."""
+    global _default_heads
+    if _default_heads[0] is not headers:
+        _default_heads = headers, b"".join(b"%s: %s\r\n" % header for header in headers)
+    return _default_heads[1]
 
 
 def _inference_app(app: Any) -> InferenceMiddleware | None:
