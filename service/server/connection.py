@@ -397,6 +397,8 @@ class DirectCycle:
         if self.disconnected or self.response_complete or self.received:
             return {"type": "http.disconnect"}
         self.received = True
+        # Not kept: the connection holds its last cycle while it waits for the next request.
+        self.chunks = []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return {"type": "http.request", "body": body, "more_body": False}
 
