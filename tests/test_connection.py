@@ -324,3 +324,33 @@ def test_a_slow_head_after_an_answer_gets_408_when_keep_alive_is_shorter(
     with run_server(trained_repository, tmp_path_factory.mktemp("logs"), env=env) as slow:
         took, answer = slow_head(slow.url, answered_first=True, send=True)
     assert_head_timed_out(answer, 6, took)
+
+
+def test_idle_connections_do_not_keep_their_last_request_body(server: RunningServer) -> None:
+    # Each connection sends one request with a body of about 60 KB (whitespace before the JSON)
+    # and stays open, as a keep-alive client between requests does.
+    pid = server.process.pid
+    body = b" " * 60_000 + orjson.dumps(ROW)
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    parts = urlsplit(server.url)
+    assert infer(server).status_code == 200
+    before = memory(pid)
+    connections = []
+    try:
+        for _ in range(600):
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+            connections.append(sock)
+            sock.sendall(head + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        held = memory(pid) - before
+    finally:
+        for sock in connections:
+            sock.close()
+    # 600 bodies of 60 KB would be 36 MB.
+    assert held < 20 * MiB, f"{held / MiB:.0f} MiB held by 600 idle connections"
