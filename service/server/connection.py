@@ -381,12 +381,12 @@ class DirectCycle:
         except BaseException as exc:  # uvicorn's answer to an application that fails
             logger.error("unexpected error serving %s", self.scope["path"], exc_info=exc)
             if not self.response_complete:
-                failure = errors.ServiceError("internal error; see the server log")
-                self.status = 500
-                self.headers = [*error_headers(failure), (b"connection", b"close")]
-                body = error_body(failure)
-                self.headers.append((b"content-length", str(len(body)).encode()))
-                self.write(body)
+                self.response_complete = True
+                transport = self.protocol.transport
+                if not transport.is_closing():
+                    failure = errors.ServiceError("internal error; see the server log")
+                    transport.write(self.protocol.answer(failure))
+                transport.close()
         else:
             if not self.response_complete and not self.disconnected:
                 logger.error("no answer to %s", self.scope["path"])

@@ -72,13 +72,10 @@ class InferenceMiddleware:
         for the connection's own request cycle, which skips the ASGI server's."""
         state: ServiceState | None = getattr(self.app.state, "service", None)
         match = _ROUTE.fullmatch(path)
-        if match is None or state is None:
+        if match is None or state is None or match["jobs"] is not None:
             return None
-        if match["v2name"] is not None:
-            return state, "v2", (match["v2name"], match["v2version"]), _infer_v2
-        if match["v1name"] is not None:
-            return state, "v1", (match["v1name"], match["v1version"]), _predict_v1
-        return None
+        protocol, names, handler = _inference_route(match)
+        return None if protocol == "score" else (state, protocol, names, handler)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,15 +94,19 @@ class InferenceMiddleware:
             wrong = errors.MethodNotAllowed(f"{scope['method']} is not allowed here; send POST")
             await send_response(send, 405, error_body(wrong), error_headers(wrong))
             return
-        if match["v2name"] is not None:
-            names = match["v2name"], match["v2version"]
-            await boundary.serve(state, scope, receive, send, "v2", names, _infer_v2)
-        elif match["v1name"] is not None:
-            names = match["v1name"], match["v1version"]
-            await boundary.serve(state, scope, receive, send, "v1", names, _predict_v1)
-        else:
-            names = match["scorename"], match["scoreversion"]
-            await boundary.serve(state, scope, receive, send, "score", names, serve_score)
+        protocol, names, handler = _inference_route(match)
+        await boundary.serve(state, scope, receive, send, protocol, names, handler)
+
+
+def _inference_route(
+    match: "re.Match[str]",
+) -> tuple[str, tuple[str, str | None], boundary.Handler]:
+    """The protocol, path names and handler of a matched V2, V1 or :score path."""
+    if match["v2name"] is not None:
+        return "v2", (match["v2name"], match["v2version"]), _infer_v2
+    if match["v1name"] is not None:
+        return "v1", (match["v1name"], match["v1version"]), _predict_v1
+    return "score", (match["scorename"], match["scoreversion"]), serve_score
 
 
 def _rows(tensors: dict[str, NDArray[Any]]) -> int:
