@@ -110,13 +110,17 @@ def run_server(
         yield RunningServer(url, process, log, grpc_target)
     except BaseException:
         sys.stderr.write(log.read_text(errors="replace"))
-        raise
-    finally:
         stop(process, timeout=30)
+        raise
+    # A server that ignores SIGTERM is a defect of its own (an orchestrator would kill it).
+    if not stop(process, timeout=30):
+        sys.stderr.write(log.read_text(errors="replace"))
+        raise AssertionError("the server had not exited 30 s after SIGTERM; it was killed")
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited within `timeout` seconds."""
+def stop(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """SIGTERM, then SIGKILL if the process has not exited within `timeout` seconds; False if
+    it had to be killed."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -124,6 +128,8 @@ def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            return False
+    return True
 
 
 def memory(pid: int, field: str = "VmRSS") -> int:

@@ -147,6 +147,9 @@ def score_parts(
     rows_done = sum(p.rows or 0 for p in parts)
     while running:
         finished, _ = wait(running, timeout=_BEAT_S, return_when=FIRST_COMPLETED)
+        # wait() counts a future cancelled before its executor picked it up as not done, and
+        # an executor shut down with cancel_futures (the server stopping) never picks it up.
+        finished |= {future for future in running if future.cancelled()}
         if stop is None and stopping.is_set():
             store.release(job.id, owner)  # the parts see it at their next heartbeat and stop
             stop = Stopped("the server is stopping")
