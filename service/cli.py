@@ -69,6 +69,12 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM on a command other than serve: unwind, so that its `finally` blocks clean up
+    (a half-scored file's parts), then exit with the status a shell expects."""
+    raise SystemExit(128 + signum)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from service.store.profiles import profile_problem
     from service.store.registry import load_registry
@@ -584,7 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.run(args)
+    signal.signal(signal.SIGTERM, _stop)  # `serve` puts its own in place
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was cleaned up in `finally` blocks, no traceback
+        print("\nmodelserve: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     # The interpreter's last collections walk every object the imports made (numpy, pyarrow,
     # pydantic...): about 50 ms of each command's exit, which frozen objects are spared.
     gc.freeze()

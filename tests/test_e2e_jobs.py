@@ -351,17 +351,29 @@ def stopped_within(process: subprocess.Popen[bytes], seconds: float) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.parametrize("cancelled", [False, True], ids=["running", "cancelled"])
+@pytest.mark.parametrize(
+    ("cancelled", "workers"),
+    [(False, "1"), (True, "1"), (False, "2")],
+    ids=["running", "cancelled", "running-2-workers"],
+)
 def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
     trained_repository: Path,
     inputs: Path,
     expected: dict[str, bytes],
     tmp_path: Path,
     cancelled: bool,
+    workers: str,
 ) -> None:
     env = jobs_env(tmp_path / "jobs", inputs)
-    with run_server(trained_repository, tmp_path, env=env) as running:
-        job_id = submit_body(running.url, inputs / "big.csv").json()["id"]
+    # With --workers 2 a worker process ends at once after its application shut down: the
+    # job was left `running` under a dead owner until the job runner was waited for.
+    args = ("--workers", workers)
+    # Five times big.csv: a job of several seconds, still running when the server stops.
+    header, _, rows = (inputs / "big.csv").read_bytes().partition(b"\n")
+    huge = tmp_path / "huge.csv"
+    huge.write_bytes(header + b"\n" + rows * 5)
+    with run_server(trained_repository, tmp_path, env=env, args=args) as running:
+        job_id = submit_body(running.url, huge).json()["id"]
         wait_for(
             lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").json()["rows_done"] > 0,
             60,
@@ -374,6 +386,7 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         stopped_within(running.process, 10)
         said = running.output()
         assert ("stopped: cancelled" if cancelled else "handed back to the queue") in said, said
+        assert "leaked semaphore" not in said, said  # the pool's processes ended before it
     if cancelled:
         return
     with run_server(trained_repository, tmp_path, env=env) as restarted:
@@ -381,7 +394,56 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
         result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
-        assert result.content == expected["big"]
+        scored_header, _, scored_rows = expected["big"].partition(b"\n")
+        assert result.content == scored_header + b"\n" + scored_rows * 5
+
+
+def pool_processes(server: int) -> list[int]:
+    """The job pool's processes of a one-worker server: its spawned children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or (entry / "stat").read_text().split()[3] != str(server):
+                continue
+            if b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def test_a_job_survives_sigterm_to_its_processes_and_a_killed_one_fails_only_its_job(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        url, pid = running.url, running.process.pid
+
+        def under_way(job_id: str) -> bool:
+            return bool(httpx.get(f"{url}/v1/jobs/{job_id}").json()["rows_done"] > 0)
+
+        # A SIGTERM to the server's whole process group (systemd stops a service so) reaches
+        # the pool too: its processes leave stopping to the server.
+        first = submit_body(url, inputs / "big.csv").json()["id"]
+        wait_for(lambda: under_way(first), 60, "the first job under way")
+        for child in pool_processes(pid):
+            os.kill(child, signal.SIGTERM)
+        done = wait_state(url, first, ("succeeded", "failed"))
+        assert done["state"] == "succeeded", done
+        # A pool process killed (the kernel's OOM killer does so) fails that job, clearly...
+        second = submit_body(url, inputs / "big.csv").json()["id"]
+        wait_for(lambda: under_way(second), 60, "the second job under way")
+        os.kill(pool_processes(pid)[0], signal.SIGKILL)
+        failed = wait_state(url, second, ("succeeded", "failed"))
+        assert failed["state"] == "failed", failed
+        assert "a scoring process died" in failed["error"], failed
+        # ...and only that job: the next one gets a new pool.
+        third = submit_body(url, inputs / "iris.csv").json()["id"]
+        done = wait_state(url, third, ("succeeded", "failed"))
+        assert done["state"] == "succeeded", done
+        result = httpx.get(f"{url}{done['result']}", timeout=60)
+        assert result.content == expected["iris:2"]
+        assert "Traceback" not in running.output()
 
 
 def test_two_server_workers_run_each_job_once(

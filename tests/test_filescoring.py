@@ -2,8 +2,10 @@
 
 import os
 import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,7 @@ def test_the_score_command_imports_only_what_it_needs(
     to look for pandas objects), the server and the job client's HTTP stack stay out."""
     program = f"""
 import sys
+import time
 from service.cli import main
 code = main(["score", "iris:2", {str(iris_csv)!r}, {str(tmp_path / "o.csv")!r},
              "--model-repository", {str(trained_repository)!r}, "--workers", "1"])
@@ -379,3 +382,52 @@ def test_a_first_part_of_blank_lines_still_writes_the_header(
     assert outputs["3"] == outputs["1"]
     assert outputs["3"].splitlines()[0].startswith(header.strip() + ",label,")
     assert len(outputs["3"].splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("stop", "status", "said"),
+    [(signal.SIGINT, 130, "modelserve: interrupted"), (signal.SIGTERM, 143, "")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_run_leaves_no_output_no_parts_and_no_traceback(
+    trained_repository: Path,
+    iris_csv: Path,
+    tmp_path: Path,
+    stop: signal.Signals,
+    status: int,
+    said: str,
+) -> None:
+    big = tmp_path / "big.csv"
+    header, _, rows = iris_csv.read_bytes().partition(b"\n")
+    big.write_bytes(header + b"\n" + rows * 100)  # 3,000,000 rows: seconds of work
+    out = tmp_path / "out" / "scored.csv"
+    out.parent.mkdir()
+    command = [sys.executable, "-m", "service", "score", "iris", str(big), str(out)]
+    command += ["--model-repository", str(trained_repository), "--workers", "2"]
+    # Its own process group, signalled whole, as a terminal's Ctrl-C is.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in out.parent.glob(".score-*/part-*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no part was written within 60 s"
+        time.sleep(0.02)
+    os.killpg(process.pid, stop)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert b"Traceback" not in stdout + stderr, stderr.decode()
+    assert said in stderr.decode()
+    assert list(out.parent.iterdir()) == []  # neither the output nor the hidden parts folder
+    assert group_gone(process.pid, 5)  # its workers are gone with it
+
+
+def group_gone(group: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

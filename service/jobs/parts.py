@@ -54,6 +54,10 @@ JOB_NICENESS = 10
 
 
 def _prepare_process() -> None:
+    # Ctrl-C, and a SIGTERM sent to the whole group (systemd's default), reach these processes
+    # too: the server stops their parts itself (the job handed back, not failed by a dead pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.nice(max(0, JOB_NICENESS - os.nice(0)))
@@ -93,6 +97,14 @@ def new_pool(settings: Settings) -> Executor:
 def partial_path(store: JobStore, job: Job, index: int) -> Path:
     # Named per attempt: a taken-over owner's last writes never land in the new owner's file.
     return store.job_folder(job.id) / f"part-{index}.{job.attempts}.partial"
+
+
+def close_pool(pool: Executor) -> None:
+    """Stops the pool and waits for its processes (a Dask executor takes no cancel_futures)."""
+    if isinstance(pool, ProcessPoolExecutor):
+        pool.shutdown(wait=True, cancel_futures=True)
+    else:
+        pool.shutdown(wait=True)
 
 
 def _submit(

@@ -14,12 +14,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from pathlib import Path
 
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError
-from service.jobs.parts import Stopped, new_pool, score_parts
+from service.jobs.parts import Stopped, close_pool, new_pool, score_parts
 from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
 from service.scoring import ModelReference, cached_model
 from service.scoring.joining import join_parts
@@ -136,6 +136,21 @@ def execute(
         else:  # its heartbeat went quiet and another worker took it over: its files are theirs
             logger.warning("job %s was taken over by %s", job.id, now and now.owner)
         return
+    except BrokenExecutor:
+        # A part's process died (killed: out of memory, or by hand). The pool is unusable; the
+        # runner starts a new one for the next job.
+        if stopping.is_set():
+            store.release(job.id, owner)
+            logger.info("job %s handed back to the queue: the server is stopping", job.id)
+        else:
+            _fail(
+                store,
+                job,
+                owner,
+                "a scoring process died while scoring a part of this job "
+                "(killed: out of memory?); see the server log",
+            )
+        raise
     except PartFailed as exc:
         _fail(store, job, owner, exc.message)
         return
@@ -181,15 +196,20 @@ async def run_jobs(
                 await asyncio.to_thread(remove_expired, store, settings.jobs_retention_s)
             job = await asyncio.to_thread(store.claim, owner)
             if job is None:
-                await asyncio.sleep(_IDLE_S)
+                await asyncio.to_thread(stopping.wait, _IDLE_S)  # ends at once on a stop
                 continue
             logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
             pool = pool or new_pool(settings)
             started = time.perf_counter()
-            await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
+            try:
+                await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
+            except BrokenExecutor:
+                await asyncio.to_thread(close_pool, pool)
+                pool = None
             final = await asyncio.to_thread(store.get, job.id)
             if final is not None and final.state in FINISHED and final.owner == owner:
                 record(final, time.perf_counter() - started)
     finally:
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Waited for, so that its processes and semaphores are gone before the server.
+            await asyncio.to_thread(close_pool, pool)

@@ -10,6 +10,7 @@ import importlib.abc
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 def _worker(job: ScoreFile, part: Part, path: Path, queue: Any) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers and cleans up, so
+    # a worker does not print a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's unwinds; a worker just stops
     skip_pandas()  # a spawned worker starts afresh
 
     def report(rows: int, consumed: int) -> None:

@@ -127,9 +127,10 @@ def _background_tasks(
         if job.state == "succeeded":
             metrics.job_rows.labels(job.model, str(job.version)).inc(job.rows_done)
 
-    tasks = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
-    if jobs is not None:
-        tasks.append(asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job)))
+    # The job runner first (or a task that ends at once): it is stopped apart from the others.
+    runner = run_jobs(jobs, settings, jobs_stopping, record_job) if jobs else asyncio.sleep(0)
+    tasks = [asyncio.create_task(runner)]
+    tasks.append(asyncio.create_task(follow_routing(state, settings.routing_sync_s)))
     if settings.repository_poll_s > 0:
         tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
     if state.router.drift is not None:
@@ -222,8 +223,13 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             state.ready = False
             # A running job hands itself back to the queue at its next chunk.
             jobs_stopping.set()
-            for watch in watches:
+            for watch in watches[1:]:
                 watch.cancel()
+            # The job runner ends by itself: a running job hands itself back within a
+            # heartbeat. Waited for here because a `--workers N` worker process ends, threads
+            # and all, as soon as its application has shut down (uvicorn raises SIGTERM again).
+            await asyncio.wait(watches[:1], timeout=settings.graceful_shutdown_s)
+            watches[0].cancel()
             if grpc_server is not None:
                 # HTTP has drained by now; calls still running get the same grace period.
                 await grpc_server.stop(settings.graceful_shutdown_s)
