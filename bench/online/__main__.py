@@ -39,6 +39,7 @@ from bench.online.workload import (
     BULK_ROWS,
     CONCURRENCY,
     LARGE_ONLY_ARTIFACTS,
+    WARM_UP_S,
     Artifact,
     Encoding,
     build_request,
@@ -149,6 +150,7 @@ def _single_rows(
     concurrency: tuple[int, ...] = CONCURRENCY,
 ) -> Iterator[Record]:
     request = build_request(server.kind, artifact, make_features(artifact.model, 1), label, "json")
+    run_wrk(server, request, max(concurrency), WARM_UP_S)  # warm-up, discarded
     for connections in concurrency:
         load = run_wrk(server, request, connections, seconds)
         yield load.single_row_record("single", rep, artifact.label, server.name, connections)
@@ -188,10 +190,13 @@ def _large_requests(
     encodings: list[Encoding] = ["json", "binary"] if server.binary else ["json"]
     if only_binary:
         encodings = [e for e in encodings if e == "binary"]
+    warm = False
     for rows in sizes:
         data = make_features(artifact.model, rows)
         for encoding in encodings:
             request = build_request(server.kind, artifact, data, label, encoding)
+            if not warm:
+                warm = bool(run_wrk(server, request, 1, WARM_UP_S))  # warm-up, discarded
             load = run_wrk(server, request, 1, seconds)
             yield {
                 "kind": "bulk",

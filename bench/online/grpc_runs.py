@@ -19,6 +19,7 @@ from bench.online.workload import (
     BULK_ROWS,
     CONCURRENCY,
     LARGE_ONLY_ARTIFACTS,
+    WARM_UP_S,
     Artifact,
 )
 from bench.online.workload import features as make_features
@@ -54,6 +55,7 @@ def grpc_single_rows(
 ) -> Iterator[Record]:
     """Single rows at each concurrency, as typed contents (the analogue of REST JSON)."""
     message = infer_request(server.kind, artifact, make_features(artifact.model, 1), "contents")
+    run_h2load(server, message, max(CONCURRENCY), WARM_UP_S)  # warm-up, discarded
     for connections in CONCURRENCY:
         load = run_h2load(server, message, connections, seconds)
         yield load.single_row_record("grpc_single", rep, artifact.label, server.name, connections)
@@ -63,12 +65,14 @@ def grpc_large_requests(
     server: Server, artifact: Artifact, rep: int, seconds: float
 ) -> Iterator[Record]:
     """Large requests as typed contents and as raw_input_contents, one call at a time."""
+    warm = False
     for rows in BULK_ROWS:
         data = make_features(artifact.model, rows)
         for contents in GRPC_CONTENTS:
-            load = run_h2load(
-                server, infer_request(server.kind, artifact, data, contents), 1, seconds
-            )
+            message = infer_request(server.kind, artifact, data, contents)
+            if not warm:
+                warm = bool(run_h2load(server, message, 1, WARM_UP_S))  # warm-up, discarded
+            load = run_h2load(server, message, 1, seconds)
             yield {
                 "kind": "grpc_bulk",
                 "rep": rep,

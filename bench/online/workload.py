@@ -25,6 +25,10 @@ FORMATS = {1: "joblib", 2: "onnx"}
 # Connections (outstanding requests) of single-row runs, and rows of large requests.
 CONCURRENCY = (1, 16, 64)
 BULK_ROWS = (1_000, 10_000)
+# Before a server's measured runs of an artifact, a discarded run of this many seconds (whole:
+# wrk takes whole seconds): every server is measured warm (caches, allocator arenas, lazily
+# built state), whichever runs first in its repetition.
+WARM_UP_S = 1.0
 
 
 @dataclass(frozen=True)
