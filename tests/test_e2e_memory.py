@@ -10,11 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
 
+from service.protocols.grpc import open_inference_grpc_pb2 as pb
+from service.protocols.grpc import open_inference_grpc_pb2_grpc as pb_grpc
 from service.server.memory import EXPANSION
 from tests.serving import RunningServer, run_server
 
@@ -98,3 +101,46 @@ def test_concurrent_requests_at_the_size_limit_stay_within_the_budget(
     assert growth <= BUDGET_BYTES, f"grew by {growth / 1e6:.0f} MB"
     # Freed buffers go back to the system.
     assert memory_bytes(pid, "VmRSS") - baseline <= LIMIT_BYTES * 4
+
+
+def test_grpc_calls_take_their_share_of_the_same_budget(memory_server: RunningServer) -> None:
+    # gRPC receives a message whole before the service sees it, so the bound here is the
+    # budget plus the messages themselves; without a reservation nothing was ever refused.
+    rows = LIMIT_BYTES // 20  # raw FP32 contents: 16 bytes a row, just under the limit
+    data = np.random.default_rng(0).uniform(0, 8, size=(rows, 4)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="iris", model_version="1")
+    request.inputs.add(name="input", datatype="FP32", shape=[rows, 4])
+    request.raw_input_contents.append(data.tobytes())
+    pid = memory_server.process.pid
+    start = threading.Barrier(CLIENTS)
+    answers: list[int] = []
+    refusals: list[str] = []
+
+    def client_thread() -> None:
+        with grpc.insecure_channel(memory_server.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            start.wait()
+            while True:
+                try:
+                    answer = stub.ModelInfer(request, timeout=120)
+                except grpc.RpcError as error:
+                    refusals.append(f"{error.code().name}: {error.details()}")
+                    time.sleep(0.1)
+                    continue
+                answers.append(answer.outputs[0].shape[0])
+                return
+
+    baseline = memory_bytes(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    threads = [threading.Thread(target=client_thread) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    growth = memory_bytes(pid, "VmHWM") - baseline
+    assert answers == [rows] * CLIENTS
+    assert refusals, "the budget never refused a call: gRPC went around it"
+    assert all(
+        m.startswith("UNAVAILABLE") and "MODELSERVE_MAX_DECODING_BYTES" in m for m in refusals
+    ), refusals
+    assert growth <= BUDGET_BYTES + 2 * CLIENTS * LIMIT_BYTES, f"grew by {growth / 1e6:.0f} MB"

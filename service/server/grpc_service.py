@@ -219,6 +219,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
     ) -> pb.ModelInferResponse:
+        with self.state.memory.reservation() as reservation:
+            # gRPC hands over the message whole, so it is reserved for at once; what the budget
+            # bounds from here is what an HTTP body's is: its arrays, outputs and answer.
+            reservation.grow(request.ByteSize())
+            return await self._infer_reserved(call, request, routing_key)
+
+    async def _infer_reserved(
+        self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
+    ) -> pb.ModelInferResponse:
         router = self.state.router
         model = call.model = router.resolve(*call.names, routing_key)
         decoded = infer.decode_infer_request(request)
