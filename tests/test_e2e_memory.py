@@ -7,7 +7,7 @@ budget are refused with 503 and Retry-After, and succeed when retried.
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -44,6 +44,15 @@ def memory_bytes(pid: int, field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def run_clients(client: Callable[[], None]) -> None:
+    """CLIENTS threads running `client` at once, until every one has finished."""
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +98,7 @@ def test_concurrent_requests_at_the_size_limit_stay_within_the_budget(
             outputs = {o["name"]: o for o in orjson.loads(response.content)["outputs"]}
             answers.append(outputs["label"]["shape"][0])
 
-    threads = [threading.Thread(target=client_thread) for _ in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_clients(client_thread)
     growth = memory_bytes(pid, "VmHWM") - baseline
     assert answers == [rows] * CLIENTS
     assert refusals, "the budget never refused a request: it did not bound anything"
@@ -132,11 +137,7 @@ def test_grpc_calls_take_their_share_of_the_same_budget(memory_server: RunningSe
 
     baseline = memory_bytes(pid, "VmRSS")
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-    threads = [threading.Thread(target=client_thread) for _ in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_clients(client_thread)
     growth = memory_bytes(pid, "VmHWM") - baseline
     assert answers == [rows] * CLIENTS
     assert refusals, "the budget never refused a call: gRPC went around it"
