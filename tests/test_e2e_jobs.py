@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from sklearn.datasets import load_iris
 
 from service.config import Settings
 from service.jobs.parts import JOB_NICENESS, new_pool
-from tests.serving import RunningServer, run_server, wait_for
+from tests.serving import RunningServer, run_server, stop, wait_for
 
 ROWS = 30_000
 BIG_ROWS = 600_000
@@ -338,19 +337,6 @@ def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
         assert result.content == expected["big"]
 
 
-def stopped_within(process: subprocess.Popen[bytes], seconds: float) -> float:
-    """Seconds from SIGTERM to the exit of `process`; fails past `seconds`."""
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"the server had not exited {seconds} s after SIGTERM") from None
-    return time.monotonic() - started
-
-
 @pytest.mark.parametrize(
     ("cancelled", "workers"),
     [(False, "1"), (True, "1"), (False, "2")],
@@ -383,7 +369,7 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
             assert httpx.delete(f"{running.url}/v1/jobs/{job_id}").status_code == 200
         # Parts not yet started are cancelled by the stopping server; the job's thread must
         # not wait for them forever (it did: the server hung until killed).
-        stopped_within(running.process, 10)
+        assert stop(running.process, timeout=10), "the server had not exited 10 s after SIGTERM"
         said = running.output()
         assert ("stopped: cancelled" if cancelled else "handed back to the queue") in said, said
         assert "leaked semaphore" not in said, said  # the pool's processes ended before it

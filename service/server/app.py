@@ -117,9 +117,10 @@ def _open_jobs(folder: Path) -> JobStore | None:
 
 def _background_tasks(
     state: ServiceState, jobs: JobStore | None, jobs_stopping: threading.Event
-) -> list["asyncio.Task[None]"]:
-    """What every worker runs beside its requests: the routing sync, the job runner, and
-    repository polling, drift binning and the payload log when they are on."""
+) -> tuple["asyncio.Task[None] | None", list["asyncio.Task[None]"]]:
+    """What every worker runs beside its requests: the job runner when jobs are on (stopped
+    apart: it ends by itself), then the routing sync, and repository polling, drift binning
+    and the payload log when they are on."""
     settings, metrics = state.settings, state.metrics
 
     def record_job(job: Job, seconds: float) -> None:
@@ -127,17 +128,28 @@ def _background_tasks(
         if job.state == "succeeded":
             metrics.job_rows.labels(job.model, str(job.version)).inc(job.rows_done)
 
-    # The job runner first (or a task that ends at once): it is stopped apart from the others.
-    runner = run_jobs(jobs, settings, jobs_stopping, record_job) if jobs else asyncio.sleep(0)
-    tasks = [asyncio.create_task(runner)]
-    tasks.append(asyncio.create_task(follow_routing(state, settings.routing_sync_s)))
+    runner = None
+    if jobs is not None:
+        runner = asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job))
+    tasks = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
     if settings.repository_poll_s > 0:
         tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
     if state.router.drift is not None:
         tasks.append(asyncio.create_task(state.router.drift.keep_fresh()))
     if state.router.payloads is not None:
         tasks.append(asyncio.create_task(state.router.payloads.run()))
-    return tasks
+    return runner, tasks
+
+
+async def _stop_job_runner(runner: "asyncio.Task[None] | None", seconds: float) -> None:
+    """Waits for the job runner to end by itself (a running job hands itself back within a
+    heartbeat once `jobs_stopping` is set). A `--workers N` worker process ends, threads and
+    all, as soon as its application has shut down (uvicorn raises SIGTERM again)."""
+    if runner is None:
+        return
+    await asyncio.wait([runner], timeout=seconds)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
 
 
 def create_app(settings: Settings) -> InferenceMiddleware:
@@ -215,7 +227,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         if state.jobs is not None:
             job_states = JobStates(state.jobs.count_by_state)
             prometheus.register(job_states)
-        watches = _background_tasks(state, state.jobs, jobs_stopping)
+        runner, watches = _background_tasks(state, state.jobs, jobs_stopping)
         try:
             yield
         finally:
@@ -223,13 +235,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
             state.ready = False
             # A running job hands itself back to the queue at its next chunk.
             jobs_stopping.set()
-            for watch in watches[1:]:
+            for watch in watches:
                 watch.cancel()
-            # The job runner ends by itself: a running job hands itself back within a
-            # heartbeat. Waited for here because a `--workers N` worker process ends, threads
-            # and all, as soon as its application has shut down (uvicorn raises SIGTERM again).
-            await asyncio.wait(watches[:1], timeout=settings.graceful_shutdown_s)
-            watches[0].cancel()
+            await _stop_job_runner(runner, settings.graceful_shutdown_s)
             if grpc_server is not None:
                 # HTTP has drained by now; calls still running get the same grace period.
                 await grpc_server.stop(settings.graceful_shutdown_s)
