@@ -27,6 +27,9 @@ from tests.serving import RunningServer, run_server, stop, wait_for
 
 ROWS = 30_000
 BIG_ROWS = 600_000
+# Five times big.csv: a job of several seconds. A test that acts on a running job uses it, so
+# that the job cannot finish between the test seeing it run and acting on it.
+HUGE_ROWS = 5 * BIG_ROWS
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
@@ -51,7 +54,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("inputs")
     write_iris_csv(folder / "iris.csv", ROWS)
     write_iris_csv(folder / "big.csv", BIG_ROWS)
+    header, _, rows = (folder / "big.csv").read_bytes().partition(b"\n")
+    (folder / "huge.csv").write_bytes(header + b"\n" + rows * 5)
     return folder
+
+
+def huge_expected(expected: dict[str, bytes]) -> bytes:
+    header, _, rows = expected["big"].partition(b"\n")
+    return header + b"\n" + rows * 5
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +220,7 @@ def test_cancelling_a_running_job_stops_it_and_removes_its_files(
     jobs_server: RunningServer, inputs: Path, tmp_path: Path
 ) -> None:
     url = jobs_server.url
-    submitted = submit_body(url, inputs / "big.csv")
+    submitted = submit_body(url, inputs / "huge.csv")
     job_id = submitted.json()["id"]
     wait_state(url, job_id, ("running",), 60)
     cancelled = httpx.delete(f"{url}/v1/jobs/{job_id}")
@@ -320,7 +330,7 @@ def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
 ) -> None:
     env = jobs_env(tmp_path / "jobs", inputs)
     with run_server(trained_repository, tmp_path, env=env) as running:
-        job_id = submit_body(running.url, inputs / "big.csv").json()["id"]
+        job_id = submit_body(running.url, inputs / "huge.csv").json()["id"]
         wait_for(
             lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").json()["rows_done"] > 0,
             60,
@@ -332,9 +342,9 @@ def test_a_job_killed_mid_run_resumes_after_a_restart_with_every_row_once(
         done = wait_state(restarted.url, job_id, ("succeeded", "failed"))
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
-        assert done["rows_done"] == BIG_ROWS
+        assert done["rows_done"] == HUGE_ROWS
         result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
-        assert result.content == expected["big"]
+        assert result.content == huge_expected(expected)
 
 
 @pytest.mark.parametrize(
@@ -354,12 +364,8 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
     # With --workers 2 a worker process ends at once after its application shut down: the
     # job was left `running` under a dead owner until the job runner was waited for.
     args = ("--workers", workers)
-    # Five times big.csv: a job of several seconds, still running when the server stops.
-    header, _, rows = (inputs / "big.csv").read_bytes().partition(b"\n")
-    huge = tmp_path / "huge.csv"
-    huge.write_bytes(header + b"\n" + rows * 5)
     with run_server(trained_repository, tmp_path, env=env, args=args) as running:
-        job_id = submit_body(running.url, huge).json()["id"]
+        job_id = submit_body(running.url, inputs / "huge.csv").json()["id"]
         wait_for(
             lambda: httpx.get(f"{running.url}/v1/jobs/{job_id}").json()["rows_done"] > 0,
             60,
@@ -380,8 +386,7 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
         result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
-        scored_header, _, scored_rows = expected["big"].partition(b"\n")
-        assert result.content == scored_header + b"\n" + scored_rows * 5
+        assert result.content == huge_expected(expected)
 
 
 def pool_processes(server: int) -> list[int]:
@@ -410,14 +415,14 @@ def test_a_job_survives_sigterm_to_its_processes_and_a_killed_one_fails_only_its
 
         # A SIGTERM to the server's whole process group (systemd stops a service so) reaches
         # the pool too: its processes leave stopping to the server.
-        first = submit_body(url, inputs / "big.csv").json()["id"]
+        first = submit_body(url, inputs / "huge.csv").json()["id"]
         wait_for(lambda: under_way(first), 60, "the first job under way")
         for child in pool_processes(pid):
             os.kill(child, signal.SIGTERM)
         done = wait_state(url, first, ("succeeded", "failed"))
         assert done["state"] == "succeeded", done
         # A pool process killed (the kernel's OOM killer does so) fails that job, clearly...
-        second = submit_body(url, inputs / "big.csv").json()["id"]
+        second = submit_body(url, inputs / "huge.csv").json()["id"]
         wait_for(lambda: under_way(second), 60, "the second job under way")
         os.kill(pool_processes(pid)[0], signal.SIGKILL)
         failed = wait_state(url, second, ("succeeded", "failed"))
