@@ -288,7 +288,7 @@ class Settings(BaseSettings):
     jobs_dir: Path | None = Field(
         None,
         description="Batch jobs' SQLite database, inputs and results; unset: "
-        "`.modelserve-jobs` beside the model repository.",
+        "`.modelserve-jobs/<repository folder name>` beside the model repository.",
     )
     jobs_input_roots: str = Field(
         "",
@@ -429,7 +429,9 @@ class Settings(BaseSettings):
     def jobs_folder(self) -> Path:
         if self.jobs_dir is not None:
             return self.jobs_dir
-        return self.model_repository.resolve().parent / ".modelserve-jobs"
+        # One folder per repository: servers of repositories side by side keep their own jobs.
+        repository = self.model_repository.resolve()
+        return repository.parent / ".modelserve-jobs" / (repository.name or "root")
 
     def jobs_roots(self) -> list[Path]:
         return [Path(r.strip()) for r in self.jobs_input_roots.split(",") if r.strip()]

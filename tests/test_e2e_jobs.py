@@ -437,6 +437,33 @@ def test_a_job_survives_sigterm_to_its_processes_and_a_killed_one_fails_only_its
         assert "Traceback" not in running.output()
 
 
+def test_servers_of_other_repositories_never_run_a_job_and_keep_their_own_folders(
+    trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Two servers of different repositories sharing one jobs folder: each job runs on a
+    server of the repository it was submitted to (the other one's `iris` may be another
+    model). By default they do not even share the folder."""
+    other = tmp_path / "elsewhere" / "models"
+    shutil.copytree(trained_repository, other)
+    assert (
+        Settings(model_repository=trained_repository).jobs_folder()
+        != Settings(model_repository=other).jobs_folder()
+    )
+    env = jobs_env(tmp_path / "jobs", inputs)
+    with (
+        run_server(trained_repository, tmp_path, env=env) as mine,
+        run_server(other, tmp_path, env=env) as theirs,
+    ):
+        ids = [submit_body(mine.url, inputs / "iris.csv").json()["id"] for _ in range(6)]
+        for job_id in ids:
+            done = wait_state(mine.url, job_id, ("succeeded", "failed"))
+            assert done["state"] == "succeeded", done
+            assert done["owner"].endswith(f":{mine.process.pid}"), (done, theirs.process.pid)
+            assert "repository" not in done  # a server path, not part of the job's record
+        result = httpx.get(f"{mine.url}/v1/jobs/{ids[-1]}/result", timeout=60)
+        assert result.content == expected["iris:2"]
+
+
 def test_two_server_workers_run_each_job_once(
     trained_repository: Path, inputs: Path, expected: dict[str, bytes], tmp_path: Path
 ) -> None:

@@ -1,9 +1,11 @@
 """The job store: job records and their parts in SQLite (WAL), files in one folder per job.
 
 Every server worker opens the same database; a job is claimed inside one write transaction,
-so two workers never run it at once. A running job's owner (host and pid) refreshes a
-heartbeat; a job whose owner died (a dead pid on this host, or a heartbeat gone quiet) is
-claimed again and resumes from the parts it had not finished.
+so two workers never run it at once. A job records the model repository of the server it was
+submitted to, and only a server of that repository claims it: servers of other repositories
+that share the folder never score it with their own model of the same name. A running job's
+owner (host and pid) refreshes a heartbeat; a job whose owner died (a dead pid on this host, or
+a heartbeat gone quiet) is claimed again and resumes from the parts it had not finished.
 """
 
 import contextlib
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     owner TEXT,
     heartbeat REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    repository TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created);
 CREATE TABLE IF NOT EXISTS parts (
@@ -84,6 +87,9 @@ class Job:
     owner: str | None
     heartbeat: float | None
     attempts: int
+    # The resolved model repository of the server that took the job; None in a job recorded
+    # before the column existed, which any server may claim.
+    repository: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,20 +133,30 @@ def _columns(db: sqlite3.Connection) -> set[str]:
     return {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
 
 
+# Columns added since the first schema, with their definitions: a database written before
+# them gets them when a server opens it.
+_ADDED = {
+    "rows_total_estimated": "INTEGER NOT NULL DEFAULT 0",
+    "repository": "TEXT",
+}
+
+
 class JobStore:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, repository: str | None = None) -> None:
+        """`repository`: the server's resolved model repository, recorded on the jobs it adds;
+        it claims only those (and jobs recorded without one). None: claims any job."""
         self.folder = folder
+        self.repository = repository
         folder.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
-            if "rows_total_estimated" in _columns(db):
+            if _ADDED.keys() <= _columns(db):
                 return
-        with self._write() as db:  # a database written before the column: one worker adds it
-            if "rows_total_estimated" not in _columns(db):
-                db.execute(
-                    "ALTER TABLE jobs ADD COLUMN rows_total_estimated INTEGER NOT NULL DEFAULT 0"
-                )
+        with self._write() as db:  # an older database: one worker adds the columns
+            for name, definition in _ADDED.items():
+                if name not in _columns(db):
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -171,7 +187,11 @@ class JobStore:
         return uuid.uuid4().hex
 
     def add(self, job: Job) -> None:
-        values = {**job.__dict__, "column_types": json.dumps(job.column_types)}
+        values = {
+            **job.__dict__,
+            "column_types": json.dumps(job.column_types),
+            "repository": self.repository,
+        }
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         with self._write() as db:
@@ -203,11 +223,13 @@ class JobStore:
     def claim(self, owner: str) -> Job | None:
         """The oldest queued job, or a running one whose owner died, now owned by `owner`."""
         now = time.time()
+        query = "SELECT id, state, owner, heartbeat FROM jobs WHERE state IN ('queued', 'running')"
+        args: tuple[str, ...] = ()
+        if self.repository is not None:
+            query += " AND (repository IS NULL OR repository = ?)"
+            args = (self.repository,)
         with self._write() as db:
-            rows = db.execute(
-                "SELECT id, state, owner, heartbeat FROM jobs "
-                "WHERE state IN ('queued', 'running') ORDER BY created"
-            ).fetchall()
+            rows = db.execute(f"{query} ORDER BY created", args).fetchall()
             for row in rows:
                 if row["state"] == "running" and not _owner_is_dead(
                     row["owner"], row["heartbeat"], now

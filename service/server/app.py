@@ -99,10 +99,10 @@ def _http_error(request: Request, exc: Exception) -> Response:
     return Response(error_body(error), status_code=status, headers=headers)
 
 
-def _open_jobs(folder: Path) -> JobStore | None:
+def _open_jobs(folder: Path, repository: Path) -> JobStore | None:
     """The job store; a folder that cannot be written turns batch jobs off, not the server."""
     try:
-        store = JobStore(folder)
+        store = JobStore(folder, str(repository.resolve()))
     except (OSError, sqlite3.Error) as exc:
         logger.error(
             "batch jobs are off: %s cannot be written (%s); set MODELSERVE_JOBS_DIR to a "
@@ -204,7 +204,9 @@ def create_app(settings: Settings) -> InferenceMiddleware:
         for entry in registry.models.values():
             record_model(metrics, entry)
         state.router.registry = registry
-        state.jobs = await asyncio.to_thread(_open_jobs, settings.jobs_folder())
+        state.jobs = await asyncio.to_thread(
+            _open_jobs, settings.jobs_folder(), settings.model_repository
+        )
         jobs_stopping = threading.Event()
         # What startup built (the app, the models) lives as long as the process: frozen, it is
         # left out of every garbage collection that request garbage triggers. With it in, each

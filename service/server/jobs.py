@@ -35,7 +35,7 @@ def describe(job: Job) -> dict[str, object]:
     body: dict[str, object] = {
         key: value
         for key, value in asdict(job).items()
-        if key not in ("input_path", "owned_input", "heartbeat")
+        if key not in ("input_path", "owned_input", "heartbeat", "repository")
     }
     if not job.owned_input:
         body["input_path"] = job.input_path
