@@ -24,6 +24,7 @@ from tests.serving import RunningServer
 ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
 EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
 INFER = "/v2/models/iris/infer"
+JOBS = "/v1/jobs"
 JSON = {"Content-Type": "application/json"}
 ADMIN_JSON = {**JSON, "Authorization": f"Bearer {ADMIN_TOKEN}"}
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -169,6 +170,11 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         400,
         "empty batch",
     ),
+    # A job named by JSON (input_path) is refused as clearly as an inference request.
+    ("jobs-malformed-json", JOBS, b'{"model": "iris"', JSON, 400, "not valid JSON"),
+    ("jobs-number-out-of-range", JOBS, b"1e400", JSON, 400, "not valid JSON"),
+    ("jobs-deep-nesting", JOBS, b"[" * 100_000, JSON, 400, "not valid JSON"),
+    ("jobs-version-object", JOBS, b'{"model": "iris", "version": {}}', JSON, 400, "version must"),
     ("too-many-rows", INFER, TOO_MANY_ROWS, JSON, 413, "1001 rows is more than the limit of 1000"),
     ("too-large-with-content-length", INFER, TOO_LARGE, JSON, 413, "over the limit of 1000000"),
     ("100000-deep-nesting", INFER, DEEP, JSON, 400, "nested more than 512 levels"),

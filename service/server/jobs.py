@@ -138,15 +138,21 @@ async def _submit(exchange: Exchange) -> Answer:
     content_type = header(exchange.scope, b"content-type") or ""
     by_path = content_type.split(";", 1)[0].strip().lower() == "application/json"
     if by_path:
-        body = orjson.loads(await read_body(exchange.scope, exchange.receive, 1 << 20) or b"{}")
+        raw = await read_body(exchange.scope, exchange.receive, 1 << 20)
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise errors.InvalidInput(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise errors.InvalidInput("the JSON body must be an object")
         fields = {k: v for k, v in body.items() if v is not None}
     else:
         fields = dict(_query(exchange))
     name, version = fields.get("model"), fields.get("version")
-    if not isinstance(name, str) or (version is not None and not isinstance(version, str | int)):
+    if not isinstance(name, str):
         raise errors.InvalidInput("name the model: ?model=NAME[&version=V] (or in the JSON body)")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
+        raise errors.InvalidInput("version must be a version number or an alias name")
     model = exchange.model = exchange.state.router.resolve(
         name, None if version is None else str(version)
     )
