@@ -354,3 +354,44 @@ def test_idle_connections_do_not_keep_their_last_request_body(server: RunningSer
             sock.close()
     # 600 bodies of 60 KB would be 36 MB.
     assert held < 20 * MiB, f"{held / MiB:.0f} MiB held by 600 idle connections"
+
+
+def answered_then_sending(
+    server: RunningServer, head: bytes, seconds: float
+) -> tuple[bytes, float]:
+    """Sends `head`, reads its answer, then sends body bytes for up to `seconds`: the answer, and
+    how long the server let the body flow after it."""
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(head)
+        answer = sock.recv(65536)
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < seconds:
+                sock.sendall(b"7" * 65536)
+        except OSError:  # reset or broken pipe: the server closed the connection
+            pass
+        return answer, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("credentials", "length", "status"),
+    [(f"Bearer {LONG_KEY}", 2_000_000_000, 413), ("Bearer wrong", 500_000, 403)],
+    ids=["declared too large", "wrong key"],
+)
+def test_an_answer_given_before_the_body_arrived_ends_the_connection(
+    server: RunningServer, credentials: str, length: int, status: int
+) -> None:
+    """Refused before its body was read, a request's connection says `connection: close` and
+    closes within the linger time however long the client goes on sending (it stayed open as
+    long as the client sent, or forever once it went idle)."""
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {credentials}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    answer, flowed = answered_then_sending(server, head, seconds=15)
+    response = parse_response(answer)
+    assert response.status == status, answer[:200]
+    assert response.headers.get("connection") == "close", response.headers
+    assert flowed < 8, f"the server read the refused body for {flowed:.1f} s"
+    assert infer(server).status_code == 200

@@ -5,7 +5,7 @@ own request cycle for small inference requests.
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
@@ -45,6 +45,21 @@ _NOT_DIRECT = frozenset({b"transfer-encoding", b"expect", b"x-forwarded-for", b"
 
 # Requests parsed ahead of the one being answered past which reading stays paused.
 PIPELINE_DEPTH = 32
+
+
+class _LingeringClose:
+    """A connection's transport as a request cycle sees it once it answered before the body
+    arrived: closing it lingers (`BoundedHeadProtocol.linger`)."""
+
+    def __init__(self, protocol: "BoundedHeadProtocol") -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.linger()
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,35 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         self.running = cycle
+        # Shadows the method that run_asgi hands the application as its `send`.
+        send = cast(Callable[[Message], Awaitable[None]], cycle.send)
+        cycle.send = functools.partial(self.send_answer, cycle, send)  # type: ignore[method-assign]
         super()._start_asgi_task(cycle, app)
+
+    async def send_answer(
+        self,
+        cycle: RequestResponseCycle,
+        send: Callable[[Message], Awaitable[None]],
+        message: Message,
+    ) -> None:
+        """An answer that starts before its request's whole body arrived (refused: too large,
+        unauthorised, timed out) ends the connection: it says `connection: close`, and closing
+        lingers, so neither a body of any length nor an idle client holds the connection."""
+        if message["type"] == "http.response.start" and cycle.more_body:
+            cycle.keep_alive = False  # uvicorn adds `connection: close` and closes after it
+            cycle.transport = cast(asyncio.Transport, _LingeringClose(self))
+        await send(message)
+
+    def linger(self) -> None:
+        """Drops what the client still sends and closes once it stops sending or after
+        LINGER_S: closing on unread data would reset the connection, and the reset can destroy
+        the answer before the client has read it."""
+        if self.refused or self.transport.is_closing():
+            return
+        self.refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.start_timer(LINGER_S, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -245,6 +288,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.refused:
+            return  # lingering until it closes: no request follows on this connection
         if self.timeout_keep_alive_task is not None:
             # uvicorn now waits for the next request; its head gets the same time. While the
             # connection is idle, uvicorn's keep-alive timer closes it first if it is the shorter:
