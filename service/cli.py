@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM is how orchestrators stop a server: it ends with exit status 0. uvicorn takes the
     # signal over while it serves, drains, and then raises it again, which lands here.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    taken = _port_taken(settings.host, settings.grpc_port) if settings.grpc_port else None
+    if taken is not None:
+        logger.error(
+            "the gRPC port %s on %s is in use (%s): another server holds it; pass --grpc-port "
+            "(MODELSERVE_GRPC_PORT) with a free port, or 0 to serve no gRPC",
+            settings.grpc_port,
+            settings.host,
+            taken,
+        )
+        return 3
     root = settings.model_repository
     if (root / EXAMPLES_MARKER).is_file():
         from training.examples import examples_missing, train_examples
@@ -63,6 +74,27 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=settings.graceful_shutdown_s,
         )
     return 0
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `port` cannot be listened on, if it cannot: a bind without SO_REUSEPORT.
+
+    The workers bind the gRPC port with SO_REUSEPORT, so that they share it; the kernel would
+    let a second, unrelated server share it just as silently and split the calls between the
+    two. Checked once, before the workers start.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # A previous server's connections in TIME_WAIT do not hold the port; a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            probe.listen()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

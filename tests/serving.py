@@ -87,7 +87,7 @@ def run_server(
         )
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    # Each server its own gRPC port: two on the default one would share it (SO_REUSEPORT).
+    # Each server its own gRPC port: a second one on the default port would not start.
     environment = {**os.environ, "MODELSERVE_GRPC_PORT": str(free_port()), **(env or {})}
     grpc_port = int(environment["MODELSERVE_GRPC_PORT"])
     grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else ""

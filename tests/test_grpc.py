@@ -5,6 +5,8 @@ messages; after each bad request the server still answers.
 """
 
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +24,7 @@ from sklearn.datasets import load_iris
 from tests.conftest import API_KEY, FaultSetup, fault_env
 from tests.grpcclient import tritonclient_grpc
 from tests.scrape import access_lines, scrape, total
-from tests.serving import RunningServer, run_server, wait_for
+from tests.serving import RunningServer, free_port, run_server, wait_for
 
 triton = tritonclient_grpc()
 pb = triton.service_pb2
@@ -413,3 +415,17 @@ def test_readme_example(server: RunningServer, capsys: pytest.CaptureFixture[str
     shown = code.rsplit("# ", 1)[1].strip()
     exec(code.replace("localhost:8001", server.grpc_target), {})
     assert capsys.readouterr().out.strip() == shown
+
+
+def test_a_second_server_on_a_taken_grpc_port_refuses_to_start(
+    server: RunningServer, trained_repository: Path
+) -> None:
+    """Workers share the gRPC port through SO_REUSEPORT; an unrelated server must not share it
+    too (the kernel split the calls between the two servers)."""
+    port = server.grpc_target.rsplit(":", 1)[1]
+    command = [sys.executable, "-m", "service", "serve", "--model-repository"]
+    command += [str(trained_repository), "--port", str(free_port()), "--grpc-port", port]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert f"the gRPC port {port} on 127.0.0.1 is in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
