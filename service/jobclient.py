@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
     except JobClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a local file: the input to send, or where the result goes
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -554,6 +554,13 @@ def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
     by_path = modelserve_jobs(url, "submit", "iris", "/etc/passwd", "--input-path")
     assert by_path.returncode == 1
     assert "outside the allowed roots" in by_path.stderr
+    # Local files that are not there: one line each, no traceback.
+    missing = modelserve_jobs(url, "submit", "iris", str(tmp_path / "nowhere.csv"))
+    nowhere = modelserve_jobs(url, "result", job_id, str(tmp_path / "no" / "dir" / "x.csv"))
+    for refused, path in ((missing, "nowhere.csv"), (nowhere, "x.csv")):
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("error: ") and path in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("id,petal_width,sepal_length,petal_length,sepal_width\n1,x,1,1,1\n")
     failing = modelserve_jobs(url, "submit", "iris", str(bad)).stdout.strip()
