@@ -559,7 +559,8 @@ def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
     nowhere = modelserve_jobs(url, "result", job_id, str(tmp_path / "no" / "dir" / "x.csv"))
     for refused, path in ((missing, "nowhere.csv"), (nowhere, "x.csv")):
         assert refused.returncode == 1
-        assert refused.stderr.startswith("error: ") and path in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("error: "), refused.stderr
+        assert path in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("id,petal_width,sepal_length,petal_length,sepal_width\n1,x,1,1,1\n")
