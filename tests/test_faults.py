@@ -144,6 +144,41 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         "not valid JSON",
     ),
     ("1e39-into-fp32", INFER, infer_body([[1e39, 1.0, 1.0, 1.0]]), JSON, 400, "out of FP32 range"),
+    # Values of a declared integer datatype must fit it (they were taken as sent).
+    (
+        "1000-declared-int8",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1000, 1, 1, 1]], [1, 4], "INT8")]}),
+        JSON,
+        400,
+        "1000 is out of the range of INT8 (-128 to 127)",
+    ),
+    (
+        "minus-1-declared-uint8",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[-1, 1, 1, 1]], [1, 4], "UINT8")]}),
+        JSON,
+        400,
+        "-1 is out of the range of UINT8",
+    ),
+    (
+        "23-digits-declared-int64",
+        INFER,
+        b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"INT64","data":[[1,1,1,'
+        + b"9" * 23
+        + b"]]}]}",
+        JSON,
+        400,
+        "out of the range of INT64",
+    ),
+    (
+        "fraction-declared-int32",
+        INFER,
+        orjson.dumps({"inputs": [tensor([[1.5, 1, 1, 1]], [1, 4], "INT32")]}),
+        JSON,
+        400,
+        "datatype INT32 takes integers",
+    ),
     (
         "5000-digit-number",
         INFER,

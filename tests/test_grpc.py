@@ -151,6 +151,13 @@ def _mixed(request: Any) -> None:
     request.raw_input_contents.append(np.zeros(4, dtype="<f4").tobytes())
 
 
+def _int8_out_of_range(request: Any) -> None:
+    tensor = request.inputs[0]
+    tensor.datatype = "INT8"
+    tensor.contents.ClearField("fp32_contents")
+    tensor.contents.int_contents.extend([1000, 1, 1, 1])  # int_contents are 32 bits wide
+
+
 def _server_deadline(request: Any) -> None:
     request.parameters["timeout"].int64_param = 1  # microseconds, as tritonclient sends it
 
@@ -189,6 +196,7 @@ BAD_REQUESTS: list[tuple[str, Callable[[Any], None], Any, str]] = [
         "NaN",
     ),
     ("server deadline", _server_deadline, "DEADLINE_EXCEEDED", "deadline passed"),
+    ("INT8 out of range", _int8_out_of_range, "INVALID_ARGUMENT", "out of the range of INT8"),
 ]
 
 

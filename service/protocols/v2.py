@@ -134,7 +134,25 @@ def _decode_input(
             )
 
     array = array_from_json(memoryview(tensor["data"]), datatype, where, check)
+    if datatype[0] in "IU":
+        _check_integer_range(array, datatype, where)
     return name, array.reshape(shape), offset
+
+
+def _check_integer_range(array: NDArray[Any], datatype: str, where: str) -> None:
+    """JSON values of an integer datatype must be integers it can hold: they are taken as
+    given, and a 1000 declared INT8 (or a -1 declared UINT8) says the client meant otherwise."""
+    if not array.size:
+        return
+    info = np.iinfo(DATATYPES[datatype])
+    low, high = array.min(), array.max()
+    if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
+        raise InvalidInput(f"{where}: datatype {datatype} takes integers; 'data' has fractions")
+    if low < info.min or high > info.max:
+        raise InvalidInput(
+            f"{where}: {high if high > info.max else low} is out of the range of {datatype} "
+            f"({info.min} to {info.max})"
+        )
 
 
 def _binary_input(

@@ -65,7 +65,14 @@ def _from_contents(
         )
     if datatype == "BYTES":
         return np.asarray([value.decode("utf-8", "replace") for value in values], dtype=object)
-    return np.fromiter(values, dtype=DATATYPES[datatype], count=count)
+    dtype = DATATYPES[datatype]
+    try:
+        return np.fromiter(values, dtype=dtype, count=count)
+    except OverflowError:  # INT8 and INT16 travel in contents.int_contents, 32 bits wide
+        info = np.iinfo(dtype)
+        raise InvalidInput(
+            f"{where}: a value is out of the range of {datatype} ({info.min} to {info.max})"
+        ) from None
 
 
 def _from_raw(datatype: str, raw: bytes, shape: list[int], count: int, where: str) -> NDArray[Any]:
