@@ -79,8 +79,19 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("/v2/models/iris/versions/01/infer", v2([GOOD_ROW]), 404, "no version '01'"),
     ("/v1/models/iris:predict", {"instances": [[1, 2, 3]]}, 400, "4 features"),
     ("/v1/models/iris:predict", {"instances": [{"sepal_length": 1}]}, 400, "missing feature"),
-    ("/v1/models/iris:predict", {"instances": [[1, 2, 3, 4]], "extra": 1}, 400, "instances"),
-    ("/v1/models/iris:predict", {"rows": [[1, 2, 3, 4]]}, 400, "instances"),
+    (
+        "/v1/models/iris:predict",
+        {"instances": [[1, 2, 3, 4]], "extra": 1},
+        400,
+        "unknown field 'extra'",
+    ),
+    ("/v1/models/iris:predict", {"rows": [[1, 2, 3, 4]]}, 400, "unknown field 'rows'"),
+    (
+        "/v1/models/iris:predict",
+        {"instances": [[1, 2, 3, 4]], "inputs": [[1, 2, 3, 4]]},
+        400,
+        'exactly one of "instances" or "inputs"',
+    ),
     ("/v1/models/iris:predict", {"instances": []}, 400, "empty batch"),
     ("/v1/models/nope:predict", {"instances": [GOOD_ROW]}, 404, "not in the repository"),
 ]
@@ -124,6 +135,9 @@ FRAMEWORK_ERRORS: list[tuple[str, str, bytes | None, int, str, str]] = [
     ("GET", "/v2/nothing/here", None, 404, "RouteNotFound", "no endpoint at /v2/nothing/here"),
     ("GET", "/v3/models/iris", None, 404, "RouteNotFound", "/docs"),
     ("POST", "/v2/models/iris/generate", b"{}", 404, "RouteNotFound", "/v2/models/iris/generate"),
+    # A V1 verb that is not served: a missing endpoint, not a model name the GET route takes.
+    ("POST", "/v1/models/iris:explain", b"{}", 404, "RouteNotFound", "no endpoint :explain"),
+    ("POST", "/v1/models/iris/versions/1:predictx", b"{}", 404, "RouteNotFound", ":predictx"),
     ("POST", "/v2/health/live", None, 405, "MethodNotAllowed", "POST is not allowed"),
     ("DELETE", "/v1/models/iris", None, 405, "MethodNotAllowed", "it answers GET"),
     ("GET", "/v2/models/iris/infer", None, 405, "MethodNotAllowed", "send POST"),
@@ -168,3 +182,9 @@ def test_what_the_fast_path_passes_on_is_served_by_the_framework(client: httpx.C
             if method != "HEAD":
                 assert response.json()["error"] == f"{method} is not allowed here; send POST"
     assert client.get("/v2/health/ready").status_code == 200
+    # Probes that check with HEAD get the GET's status and headers, without the body.
+    for path in ("/", "/v2", "/v2/health/live", "/v2/health/ready"):
+        checked = client.head(path)
+        assert checked.status_code == 200, path
+        assert checked.content == b""
+        assert int(checked.headers["content-length"]) > 0

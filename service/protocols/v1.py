@@ -49,7 +49,11 @@ def decode_predict_request(
         body, 'the request body must be a JSON object such as {"instances": [[...]]}'
     )
     unknown = [k for k in request if k not in ("instances", "inputs")]
-    if unknown or len(request) != 1:
+    if unknown:
+        raise InvalidInput(
+            f'unknown field {unknown[0]!r}: the request body holds only "instances" (or "inputs")'
+        )
+    if len(request) != 1:
         raise InvalidInput('the request body must have exactly one of "instances" or "inputs"')
     rows = next(iter(request.values()))
     keyed = envelope.first_item_is_object(rows)

@@ -37,6 +37,11 @@ _ROUTE = re.compile(
     r"|/v1/models/(?P<scorename>[^/]*)(?:/versions/(?P<scoreversion>[^/]*))?:score"
     r"|(?P<jobs>/v1/jobs)(?:/(?P<job>[^/]+)(?P<result>/result)?)?"
 )
+# A V1 verb the routes above do not serve: the framework would take `name:verb` for a model
+# name and answer 405 (its GET route), where no such endpoint is a 404.
+_V1_VERB = re.compile(r"/v1/models/[^/:]*(?:/versions/[^/:]*)?:(?P<verb>[^/]*)")
+# Probes and load balancers that check with HEAD: answered as GET (the server sends no body).
+_HEAD_AS_GET = frozenset({"/", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"})
 _JSON = [(b"content-type", b"application/json")]
 # The state, protocol, path names and handler of a request the boundary serves.
 DirectRoute = tuple[ServiceState, str, tuple[str, str | None], boundary.Handler]
@@ -81,9 +86,19 @@ class InferenceMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD" and scope["path"] in _HEAD_AS_GET:
+            scope = {**scope, "method": "GET"}
         match = _ROUTE.fullmatch(scope["path"])
         state: ServiceState | None = getattr(self.app.state, "service", None)
         if match is None or state is None:
+            verb = _V1_VERB.fullmatch(scope["path"])
+            if verb is not None:
+                missing = errors.RouteNotFound(
+                    f"no endpoint :{verb['verb']}; a V1 model answers POST :predict, and "
+                    "POST :score with a file"
+                )
+                await send_response(send, 404, error_body(missing), error_headers(missing))
+                return
             await self.app(scope, receive, send)
             return
         if match["jobs"] is not None:
