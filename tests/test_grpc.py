@@ -197,6 +197,12 @@ BAD_REQUESTS: list[tuple[str, Callable[[Any], None], Any, str]] = [
     ),
     ("server deadline", _server_deadline, "DEADLINE_EXCEEDED", "deadline passed"),
     ("INT8 out of range", _int8_out_of_range, "INVALID_ARGUMENT", "out of the range of INT8"),
+    (
+        "10^12 rows claimed",  # refused before the contents are looked at, as over REST
+        lambda r: r.inputs[0].shape.__setitem__(0, 10**12),
+        "RESOURCE_EXHAUSTED",
+        "1000000000000 rows is more than the limit",
+    ),
 ]
 
 

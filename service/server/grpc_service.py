@@ -230,7 +230,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         router = self.state.router
         model = call.model = router.resolve(*call.names, routing_key)
-        decoded = infer.decode_infer_request(request)
+        decoded = infer.decode_infer_request(request, self.state.settings.max_batch_rows)
         key = decoded.parameters.get("routing_key")
         if key is not None:
             if not isinstance(key, str):

@@ -5,12 +5,13 @@ Both encodings of a tensor are spoken: typed `contents` and `raw_input_contents`
 to the same `InferCall` as a REST one, so outputs, parameters and the timeout mean the same.
 """
 
+import math
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 from service.protocols import v2
 from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.store.registry import ModelVersion
@@ -89,7 +90,7 @@ def _from_raw(datatype: str, raw: bytes, shape: list[int], count: int, where: st
 
 
 def _decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, index: int
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, index: int, max_rows: int
 ) -> tuple[str, NDArray[Any]]:
     where = f"input {tensor.name!r}" if tensor.name else f"inputs[{index}]"
     if not tensor.name:
@@ -99,7 +100,9 @@ def _decode_input(
     shape = list(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidInput(f"{where}: 'shape' must be non-negative integers, got {shape}")
-    count = int(np.prod(shape)) if shape else 1
+    if shape and shape[0] > max_rows:  # as over REST: refused before the contents are read
+        raise PayloadTooLarge(f"{where}: {shape[0]} rows is more than the limit of {max_rows}")
+    count = math.prod(shape)
     if raw is None:
         array = _from_contents(tensor, count, where)
     else:
@@ -127,8 +130,9 @@ def _requested_outputs(request: pb.ModelInferRequest) -> list[tuple[str, bool]] 
     return requested
 
 
-def decode_infer_request(request: pb.ModelInferRequest) -> v2.InferCall:
-    """The request's tensors checked against their declared shapes and datatypes."""
+def decode_infer_request(request: pb.ModelInferRequest, max_rows: int) -> v2.InferCall:
+    """The request's tensors checked against their declared shapes and datatypes; a tensor of
+    more than `max_rows` rows is refused."""
     if not request.inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     raws: list[bytes] | list[None] = list(request.raw_input_contents) or [None] * len(
@@ -141,7 +145,7 @@ def decode_infer_request(request: pb.ModelInferRequest) -> v2.InferCall:
         )
     tensors: dict[str, NDArray[Any]] = {}
     for index, (tensor, raw) in enumerate(zip(request.inputs, raws, strict=True)):
-        name, array = _decode_input(tensor, raw, index)
+        name, array = _decode_input(tensor, raw, index, max_rows)
         if name in tensors:
             raise InvalidInput(f"input {name!r} is given twice")
         tensors[name] = array
