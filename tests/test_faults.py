@@ -97,6 +97,22 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         415,
         "content type 'application/x-www-form-urlencoded'",
     ),
+    (
+        "octet-stream-to-v1",  # V1 has no binary extension
+        "/v1/models/iris:predict",
+        b"\xff\xfe",
+        {"Content-Type": "application/octet-stream"},
+        415,
+        "content type 'application/octet-stream' is not accepted here; send application/json;",
+    ),
+    (
+        "same-output-twice",
+        INFER,
+        infer_body(outputs=[{"name": "label"}, {"name": "label"}]),
+        JSON,
+        400,
+        "output 'label' is asked for twice",
+    ),
     ("top-level-array", INFER, b"[1, 2, 3]", JSON, 400, "must be a JSON object"),
     ("top-level-string", INFER, b'"inputs"', JSON, 400, "must be a JSON object"),
     ("top-level-null", INFER, b"null", JSON, 400, "must be a JSON object"),

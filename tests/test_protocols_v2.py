@@ -241,3 +241,12 @@ def test_binary_tensors_decode_without_a_copy() -> None:
 def test_large_arrays_written_by_blocks_of_rows_are_what_orjson_writes(array: np.ndarray) -> None:
     want = orjson.dumps({"p": array}, option=orjson.OPT_SERIALIZE_NUMPY)
     assert orjson.dumps({"p": json_array(array)}, option=orjson.OPT_SERIALIZE_NUMPY) == want
+
+
+def test_a_number_beyond_fp64_is_named_without_a_position_inside_its_array() -> None:
+    """orjson parses the data array alone: its line and column would point nowhere in the
+    request the client sent."""
+    body = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[1e400,1,1,1]]}]}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body, None, 1000)
+    assert refused.value.message == "input 'input': number is infinity when parsed as double"

@@ -58,7 +58,8 @@ def test_a_change_from_a_stale_revision_is_refused(iris: Path) -> None:
         ({"traffic": {"2": 0}}, "more than 0"),
         ({"shadow": {"source": 2, "target": 2}}, "different versions"),
         ({"shadow": {"source": 2, "target": 3, "fraction": 1.5}}, "fraction"),
-        ({"aliases": {"7": 2}}, "must be a name"),
+        ({"aliases": {"7": 2}}, "must be a name, not a number"),
+        ({"aliases": {"../x": 2}}, "must be a name of letters, digits"),
     ],
 )
 def test_an_invalid_routing_is_never_written(

@@ -184,7 +184,8 @@ def _loads(view: bytes | memoryview, where: str) -> Any:
     try:
         return orjson.loads(view)
     except orjson.JSONDecodeError as exc:  # numbers beyond FP64, for one
-        raise InvalidInput(f"{where}: {exc}") from None
+        # Its position is within this array, not within the request body: left out.
+        raise InvalidInput(f"{where}: {exc.msg}") from None
 
 
 def _check_numbers(text: bytes, where: str) -> None:

@@ -245,12 +245,16 @@ def select_outputs(model: ModelVersion, call: InferCall) -> list[tuple[str, bool
     known = [spec.name for spec in model.signature.outputs]
     if call.outputs is None:
         return [(name, call.binary_default) for name in known]
+    asked: set[str] = set()
     for name, _ in call.outputs:
         if name not in known:
             raise InvalidInput(
                 f"model {model.name!r} has no output {name!r}; it has "
                 f"{', '.join(repr(k) for k in known)}"
             )
+        if name in asked:  # answered once per name: a response names each output once
+            raise InvalidInput(f"output {name!r} is asked for twice")
+        asked.add(name)
     return call.outputs
 
 

@@ -46,17 +46,19 @@ _JSON = [(b"content-type", b"application/json")]
 # The state, protocol, path names and handler of a request the boundary serves.
 DirectRoute = tuple[ServiceState, str, tuple[str, str | None], boundary.Handler]
 _BINARY_TYPES = ("application/json", "application/octet-stream")
+_V1_TYPES = ("application/json",)  # V1 has no binary extension
 
 
-def _check_content_type(scope: Scope) -> None:
+def _check_content_type(scope: Scope, accepted: tuple[str, ...] = _BINARY_TYPES) -> None:
     content_type = header(scope, b"content-type")
     if content_type is None:
         return
     media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type and media_type not in _BINARY_TYPES:
+    if media_type and media_type not in accepted:
+        binary = " (or application/octet-stream with the binary tensor extension)"
         raise errors.UnsupportedMediaType(
-            f"content type {media_type!r} is not accepted here; send application/json "
-            "(or application/octet-stream with the binary tensor extension); curl -d needs "
+            f"content type {media_type!r} is not accepted here; send application/json"
+            f"{binary if len(accepted) > 1 else ''}; curl -d needs "
             "-H 'Content-Type: application/json'"
         )
 
@@ -142,8 +144,10 @@ def _hand_over(tensors: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
     return taken
 
 
-async def _read(exchange: Exchange, reservation: Reservation) -> bytes | bytearray:
-    _check_content_type(exchange.scope)
+async def _read(
+    exchange: Exchange, reservation: Reservation, accepted: tuple[str, ...] = _BINARY_TYPES
+) -> bytes | bytearray:
+    _check_content_type(exchange.scope, accepted)
     limit = exchange.state.settings.max_request_bytes
     return await read_body(exchange.scope, exchange.receive, limit, reservation.grow)
 
@@ -187,7 +191,7 @@ async def _infer_v2(exchange: Exchange) -> Answer:
 async def _predict_v1(exchange: Exchange) -> Answer:
     state = exchange.state
     with state.memory.reservation() as reservation:
-        body = await _read(exchange, reservation)
+        body = await _read(exchange, reservation, _V1_TYPES)
         model = exchange.model = state.router.resolve(*exchange.names, _routing_key(exchange.scope))
         tensors = v1.decode_predict_request(model, body, state.settings.max_batch_rows)
         del body

@@ -104,8 +104,13 @@ class ModelConfig(BaseModel):
     @model_validator(mode="after")
     def _aliases_are_not_numbers(self) -> "ModelConfig":
         for alias in self.aliases:
-            if not is_model_name(alias) or alias.isdigit():
+            if alias.isdigit():
                 raise ValueError(f"alias {alias!r} must be a name, not a number")
+            if not is_model_name(alias):
+                raise ValueError(
+                    f"alias {alias!r} must be a name of letters, digits, '_', '.' and '-' "
+                    "(64 at most), starting with a letter or digit"
+                )
         return self
 
     @model_validator(mode="after")
