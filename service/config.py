@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         description="Seconds a client has to send a request head, from connecting or from the "
         "previous answer; past them: 408 and the connection closes.",
     )
+    body_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an upload (a job's input, a file to `:score`) may go without any "
+        "of its body arriving; past them: 408. Other bodies are bounded by the request deadline.",
+    )
     max_batch_rows: int = Field(
         1_000_000, ge=1, description="Most rows accepted in one inference request."
     )

@@ -19,6 +19,7 @@
     ├── StorageFull          a job's files would take disk use past its limit
     ├── DeadlineExceeded     the request's deadline passed
     ├── HeadersTimeout       a request head not received in time
+    ├── BodyTimeout          an upload whose body stopped arriving
     ├── PredictionFailed     the model raised while predicting
     └── ModelLoadError       an artifact that cannot be served
 
@@ -112,6 +113,10 @@ class DeadlineExceeded(ServiceError):
 
 
 class HeadersTimeout(ServiceError):
+    pass
+
+
+class BodyTimeout(ServiceError):
     pass
 
 

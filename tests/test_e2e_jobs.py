@@ -5,11 +5,14 @@ import pty
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -789,3 +792,33 @@ def test_the_readmes_job_commands_run_as_written(
     printed = done.stdout.splitlines()  # wait's state, any running jobs listed, cancel's word
     assert (printed[0], printed[-1]) == ("succeeded", "deleted"), done.stdout
     assert (tmp_path / "scored.csv").read_bytes() == expected["iris:2"]
+
+
+def test_an_upload_that_stops_arriving_ends_with_408(
+    trained_repository: Path, inputs: Path, tmp_path: Path
+) -> None:
+    """A job's input and a file to :score have no deadline (their length is the client's): a
+    client that stops sending is ended after MODELSERVE_BODY_IDLE_TIMEOUT_S, not held forever."""
+    env = jobs_env(tmp_path / "jobs", inputs, MODELSERVE_BODY_IDLE_TIMEOUT_S="1")
+    with run_server(trained_repository, tmp_path, env=env) as running:
+        parts = urlsplit(running.url)
+        for path in ("/v1/jobs?model=iris", "/v1/models/iris:score"):
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+            chunk = b"id,petal_width,sepal_length,petal_length,sepal_width\n"
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                sock.sendall(head + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                started = time.monotonic()
+                answer = b""
+                while b"}" not in answer:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+                took = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b"no part of the request body arrived for 1 s" in answer, answer
+            assert took < 5, took
+        assert httpx.get(f"{running.url}/v1/jobs").json()["jobs"] == []  # nothing half-kept

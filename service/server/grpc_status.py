@@ -26,6 +26,7 @@ GRPC_CODES: dict[type[errors.ServiceError], StatusCode] = {
     errors.RateLimited: StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: StatusCode.DEADLINE_EXCEEDED,
     errors.HeadersTimeout: StatusCode.DEADLINE_EXCEEDED,
+    errors.BodyTimeout: StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -1,5 +1,6 @@
 """HTTP plumbing shared by every route: the error table, error bodies, and bounded body reads."""
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -22,6 +23,7 @@ STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.Unauthorized: 401,
     errors.InvalidToken: 401,
     errors.HeadersTimeout: 408,
+    errors.BodyTimeout: 408,
     errors.Forbidden: 403,
     errors.ModelNotFound: 404,
     errors.RouteNotFound: 404,
@@ -144,6 +146,22 @@ async def _read_declared(receive: Receive, length: int) -> bytearray:
         size += len(chunk)
     del body[size:]
     return body
+
+
+def idle_bounded(receive: Receive, idle_s: float) -> Receive:
+    """`receive` for an upload, which no deadline bounds (its length is the client's): 408
+    once no part of the body arrives for `idle_s` seconds, so a trickle cannot hold it forever."""
+
+    async def bounded() -> Message:
+        try:
+            return await asyncio.wait_for(receive(), idle_s)
+        except TimeoutError:
+            raise errors.BodyTimeout(
+                f"no part of the request body arrived for {idle_s:g} s "
+                "(MODELSERVE_BODY_IDLE_TIMEOUT_S)"
+            ) from None
+
+    return bounded
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -21,7 +21,7 @@ from service.jobs.store import STATES, Job, JobStore
 from service.protocols.files import CONTENT_TYPES, format_of_media_type, format_of_path
 from service.scoring.columns import parse_column_types
 from service.server.boundary import Answer, Exchange, Handler
-from service.server.http import body_chunks, header, read_body
+from service.server.http import body_chunks, header, idle_bounded, read_body
 
 _JSON = [(b"content-type", b"application/json")]
 _FORMATS = ("csv", "ndjson", "parquet")
@@ -114,7 +114,8 @@ async def _spool(exchange: Exchange, store: JobStore, target: Path) -> None:
     written = 0
     try:
         with target.open("wb") as out:
-            async for data in body_chunks(exchange.receive):
+            idle_s = exchange.state.settings.body_idle_timeout_s
+            async for data in body_chunks(idle_bounded(exchange.receive, idle_s)):
                 written += len(data)
                 if used + written > limit:
                     raise errors.StorageFull(

@@ -42,7 +42,15 @@ from service.scoring.columns import (
 )
 from service.scoring.tabular import check_columns, feature_names
 from service.server.boundary import Exchange
-from service.server.http import Receive, Scope, Send, body_chunks, header, status_of
+from service.server.http import (
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header,
+    idle_bounded,
+    status_of,
+)
 from service.server.outbox import Outbox
 from service.server.state import ServiceState
 from service.store.registry import ModelVersion
@@ -206,7 +214,8 @@ async def serve_score(exchange: Exchange) -> None:
     model = exchange.model = state.router.resolve(*exchange.names, key)
     job = _job(state, model, exchange.scope)
     queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(_AHEAD)
-    reader = asyncio.create_task(_read_ahead(job, exchange.receive, queue))
+    receive = idle_bounded(exchange.receive, exchange.state.settings.body_idle_timeout_s)
+    reader = asyncio.create_task(_read_ahead(job, receive, queue))
     try:
         await _respond(exchange, job, queue)
     finally:
