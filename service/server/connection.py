@@ -142,10 +142,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         send: Callable[[Message], Awaitable[None]],
         message: Message,
     ) -> None:
-        """An answer that starts before its request's whole body arrived (refused: too large,
+        """A refusal that starts before its request's whole body arrived (too large,
         unauthorised, timed out) ends the connection: it says `connection: close`, and closing
-        lingers, so neither a body of any length nor an idle client holds the connection."""
-        if message["type"] == "http.response.start" and cycle.more_body:
+        lingers, so neither a body of any length nor an idle client holds the connection. (A
+        success may start early too: `:score` streams its answer while it reads the body.)"""
+        if (
+            message["type"] == "http.response.start"
+            and message["status"] >= 400
+            and cycle.more_body
+        ):
             cycle.keep_alive = False  # uvicorn adds `connection: close` and closes after it
             cycle.transport = cast(asyncio.Transport, _LingeringClose(self))
         await send(message)
