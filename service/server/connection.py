@@ -159,9 +159,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Drops what the client still sends and closes once it stops sending or after
         LINGER_S: closing on unread data would reset the connection, and the reset can destroy
         the answer before the client has read it."""
-        if self.refused or self.transport.is_closing():
-            return
         self.refused = True
+        if self.transport.is_closing():
+            return
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.start_timer(LINGER_S, self.transport.close)
@@ -330,9 +330,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()  # an answer is under way: a second one cannot follow it
             return
         self.transport.write(self.answer(exc))
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.start_timer(LINGER_S, self.transport.close)
+        self.linger()
 
     def answer(self, exc: errors.ServiceError) -> bytes:
         body = error_body(exc)
