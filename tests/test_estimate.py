@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from service.jobs.estimate import estimate_rows
-from service.jobs.store import JobStore
+from service.jobs.store import Job, JobStore
 
 
 def lines(count: int, width: int = 40) -> bytes:
@@ -57,11 +57,28 @@ def test_a_database_without_the_estimate_column_gets_it(tmp_path: Path) -> None:
     database.execute(
         "INSERT INTO jobs (id, state, model, version, input_path, owned_input, input_format, "
         "output_format, on_error, column_types, rows_total, created) "
-        "VALUES ('old', 'succeeded', 'iris', 2, '/in.csv', 1, 'csv', 'csv', 'fail', '{}', 7, 1.0)"
+        "VALUES ('old', 'queued', 'iris', 2, '/in.csv', 1, 'csv', 'csv', 'fail', '{}', 7, 1.0)"
     )
     database.commit()
     database.close()
-    store = JobStore(tmp_path)
+    store = JobStore(tmp_path, "/srv/models")
     old = store.get("old")
     assert old is not None
-    assert (old.rows_total, old.rows_total_estimated) == (7, False)
+    assert (old.rows_total, old.rows_total_estimated, old.repository) == (7, False, None)
+    # Recorded before jobs named their repository: any server may run it.
+    claimed = store.claim("here:1")
+    assert claimed is not None
+    assert claimed.id == "old"
+
+
+def test_a_job_is_claimed_only_by_a_server_of_its_repository(tmp_path: Path) -> None:
+    mine, theirs = JobStore(tmp_path, "/srv/models"), JobStore(tmp_path, "/srv/other")
+    job = Job(
+        mine.new_id(), "queued", "iris", 2, "/in.csv", True, "csv", "csv", "fail", {}, 0, 7,
+        False, None, 1.0, None, None, None, None, 0,
+    )  # fmt: skip
+    mine.add(job)
+    assert theirs.claim("there:1") is None
+    claimed = mine.claim("here:1")
+    assert claimed is not None
+    assert (claimed.id, claimed.repository) == (job.id, "/srv/models")
