@@ -277,3 +277,30 @@ def test_a_sample_file_must_hold_the_features(repository: Path, tmp_path: Path) 
     result = convert(repository, "iris:1", "--sample", str(sample))
     assert result.returncode == 1
     assert f"lacks the feature column {features[3]!r}" in result.stderr
+
+
+def test_converts_a_linear_classifier_with_integer_classes(
+    repository: Path, tmp_path: Path
+) -> None:
+    """skl2onnx's LinearClassifier (and SVMClassifier) name integer classes `classlabels_ints`,
+    not `classlabels_int64s` as tree ensembles do: such a conversion was refused, its classes
+    read as None."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    wine = datasets.load_wine()
+    rows = np.asarray(wine.data, dtype=np.float32)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(
+        rows, wine.target
+    )
+    artifact = tmp_path / "wine.joblib"
+    joblib.dump(model, artifact)
+    features = [f"f{i}" for i in range(rows.shape[1])]
+    package_artifact(artifact, repository, "wine", 1, features=features)
+    sample = write_csv(tmp_path / "wine.csv", rows, features)
+    result = convert(repository, "wine:1", "--sample", str(sample))
+    assert result.returncode == 0, result.stderr
+    entry = load_registry(repository, LoadOptions()).model("wine")
+    assert entry.versions[2].signature.classes == [0, 1, 2]
+    converted = entry.versions[2].runtime.predict({"input": rows}).outputs
+    np.testing.assert_array_equal(converted["label"], model.predict(rows))

@@ -81,7 +81,9 @@ def _class_labels(data: bytes) -> list[str | int] | None:
         for attribute in node.attribute:
             if attribute.name == "classlabels_strings":
                 return [s.decode() for s in attribute.strings]
-            if attribute.name == "classlabels_int64s":
+            # TreeEnsembleClassifier names its integer classes so; LinearClassifier and
+            # SVMClassifier name them `classlabels_ints`.
+            if attribute.name in ("classlabels_int64s", "classlabels_ints"):
                 return list(attribute.ints)
     return None
 
