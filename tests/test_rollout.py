@@ -162,6 +162,33 @@ def test_replicas_sharing_a_repository_follow_each_other(
         )
 
 
+def test_a_version_loaded_through_another_worker_can_be_routed_at_once(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """A load answered 200 by one worker (or replica) is followed at once by a routing change
+    answered by another that has not synced yet: the routing must not be refused."""
+    root = _iris_repository(trained_repository, tmp_path / "models")
+    slow_sync = {**ENV, "MODELSERVE_ROUTING_SYNC_S": "60"}  # the other never syncs in time
+    for logs in ("a", "b"):
+        (tmp_path / logs).mkdir()
+    with (
+        run_server(root, tmp_path / "a", env=slow_sync) as first,
+        run_server(root, tmp_path / "b", env=slow_sync) as second,
+    ):
+        shutil.copytree(root / "iris" / "1", root / "iris" / "7")
+        loaded = httpx.post(f"{first.url}/v2/repository/models/iris/load", headers=ADMIN)
+        assert loaded.status_code == 200, loaded.text
+        shadow = {"shadow": {"source": 2, "target": 7, "fraction": 0.5}}
+        routed = httpx.put(_routing_url(second), json=shadow, headers=ADMIN)
+        assert routed.status_code == 200, routed.text
+        # A version that is nowhere is still refused, saying which versions serve.
+        missing = httpx.put(_routing_url(second), json={"aliases": {"next": 8}}, headers=ADMIN)
+        assert missing.status_code == 400, missing.text
+        assert "version 8 of model 'iris', which does not serve (serving: 1, 2, 3, 7)" in (
+            missing.json()["error"]
+        )
+
+
 def _route(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "service", "route", "iris", "--url", server.url, *args]
     return subprocess.run(

@@ -75,17 +75,33 @@ def _versions_named(routing: Routing) -> dict[str, list[int]]:
     return named
 
 
-def _check_versions(state: ServiceState, name: str, routing: Routing) -> None:
-    """Routing may only point at versions that serve: a typo must not take traffic down."""
+def _unserved(state: ServiceState, name: str, routing: Routing) -> tuple[str, int] | None:
+    """The first routing field naming a version this worker does not serve, and that version."""
     entry = state.registry.model(name)
     for key, versions in _versions_named(routing).items():
         missing = [v for v in versions if v not in entry.versions]
         if missing:
-            serving = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
-            raise InvalidInput(
-                f"{key} names version {missing[0]} of model {name!r}, which does not serve "
-                f"(serving: {serving}); load it first"
-            )
+            return key, missing[0]
+    return None
+
+
+async def _check_versions(state: ServiceState, name: str, routing: Routing) -> None:
+    """Routing may only point at versions that serve: a typo must not take traffic down.
+
+    A version another worker loaded a moment ago reaches this one at its next sync round: the
+    model is read again first, so that a load answered 200 is never followed by a refusal.
+    """
+    if _unserved(state, name, routing) is None:
+        return
+    await reload_models(state, [name], "routing names a version not yet applied here")
+    unserved = _unserved(state, name, routing)
+    if unserved is not None:
+        key, version = unserved
+        serving = ", ".join(str(v) for v in sorted(state.registry.model(name).versions))
+        raise InvalidInput(
+            f"{key} names version {version} of model {name!r}, which does not serve "
+            f"(serving: {serving or 'none'}); load it first"
+        )
 
 
 @router.get("/v2/repository/models/{name}/routing", response_model=Routing)
@@ -109,8 +125,8 @@ async def put_routing(
 
     async def change() -> RoutingChange:
         folder = _folder(state, name)
-        _check_versions(state, name, routing)
         async with state.repository_lock:
+            await _check_versions(state, name, routing)
             await asyncio.to_thread(
                 change_config, folder, lambda doc: set_routing(doc, changes), routing.revision
             )
