@@ -184,8 +184,9 @@ def test_a_version_loaded_through_another_worker_can_be_routed_at_once(
         # A version that is nowhere is still refused, saying which versions serve.
         missing = httpx.put(_routing_url(second), json={"aliases": {"next": 8}}, headers=ADMIN)
         assert missing.status_code == 400, missing.text
-        assert "version 8 of model 'iris', which does not serve (serving: 1, 2, 3, 7)" in (
-            missing.json()["error"]
+        assert (
+            "version 8 of model 'iris', which does not serve (serving: 1, 2, 3, 7)"
+            in (missing.json()["error"])
         )
 
 
