@@ -84,6 +84,10 @@ def test_a_routing_change_is_durable_and_answers_its_revision(routed: RunningSer
         ({"default_version": 1, "revision": 0}, 200, ""),
         ({"default_version": 1, "revision": 0}, 409, "revision 1, not 0"),
         ({"colour": "blue"}, 400, "colour"),
+        # A policy that would stop serving what the routing names (it took the model offline).
+        ({"version_policy": {"latest": 1}}, 400, "leaves out version 2 of model 'iris', which"),
+        ({"version_policy": {"specific": []}}, 400, "(it would serve: none)"),
+        ({"version_policy": {"specific": [1, 2]}}, 200, ""),
     ],
 )
 def test_bad_routing_is_refused_with_the_reason(

@@ -7,6 +7,7 @@ how long the others may take.
 """
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from service.server.audit import audited
 from service.server.polling import reload_models, worker_statuses
 from service.server.routes import ERRORS, Admin, AdminIdentity, State
 from service.server.state import ServiceState
-from service.store.repository import CONFIG_NAME, model_dir, read_model_config
+from service.store.repository import CONFIG_NAME, ModelConfig, model_dir, read_model_config
 from service.store.routing import change_config, routing_document, set_routing, set_unloaded
 
 # 409: a PUT whose revision is not the file's; 403 also for a repository that is read-only.
@@ -104,6 +105,33 @@ async def _check_versions(state: ServiceState, name: str, routing: Routing) -> N
         )
 
 
+def _policy_keeps_what_routing_names(
+    state: ServiceState, name: str
+) -> Callable[[ModelConfig], None]:
+    """A new version policy must keep serving every version the routing names: the default,
+    aliases, traffic and shadow would otherwise point at versions that no longer serve."""
+    loaded = sorted(state.registry.model(name).versions)
+
+    def check(config: ModelConfig) -> None:
+        kept = set(config.version_policy.select(loaded))
+        named = {
+            "default_version": [] if config.default_version is None else [config.default_version],
+            "aliases": sorted(set(config.aliases.values())),
+            "traffic": sorted(config.traffic),
+            "shadow": [] if config.shadow is None else [config.shadow.source, config.shadow.target],
+        }
+        for key, versions in named.items():
+            left_out = [v for v in versions if v not in kept]
+            if left_out:
+                serving = ", ".join(str(v) for v in sorted(kept)) or "none"
+                raise InvalidInput(
+                    f"the version_policy leaves out version {left_out[0]} of model {name!r}, "
+                    f"which {key} names (it would serve: {serving}); change {key} first"
+                )
+
+    return check
+
+
 @router.get("/v2/repository/models/{name}/routing", response_model=Routing)
 def get_routing(state: State, name: str) -> Routing:
     folder = _folder(state, name)
@@ -127,8 +155,17 @@ async def put_routing(
         folder = _folder(state, name)
         async with state.repository_lock:
             await _check_versions(state, name, routing)
+            check = (
+                _policy_keeps_what_routing_names(state, name)
+                if "version_policy" in changes
+                else None
+            )
             await asyncio.to_thread(
-                change_config, folder, lambda doc: set_routing(doc, changes), routing.revision
+                change_config,
+                folder,
+                lambda doc: set_routing(doc, changes),
+                routing.revision,
+                check,
             )
             await reload_models(state, [name], "routing changed through the API")
         return _answer(state, name, folder)

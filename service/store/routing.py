@@ -70,11 +70,13 @@ def change_config(
     folder: Path,
     change: Callable[["TOMLDocument"], None],
     expected_revision: int | None = None,
+    check: Callable[[ModelConfig], None] | None = None,
 ) -> ModelConfig:
     """Apply `change` to model.toml, bump its revision and write it; returns what was written.
 
     With `expected_revision`, the change is refused (Conflict) if the file moved on meanwhile,
-    so a read-modify-write by a client cannot undo another client's change.
+    so a read-modify-write by a client cannot undo another client's change. `check` may refuse
+    the resulting configuration before anything is written.
     """
     import tomlkit
 
@@ -94,6 +96,8 @@ def change_config(
             config = ModelConfig.model_validate(tomllib.loads(text))
         except (ValidationError, tomllib.TOMLDecodeError) as exc:
             raise InvalidInput(f"the routing is not valid: {_first_error(exc)}") from None
+        if check is not None:
+            check(config)
         try:
             _write(folder, text)
         except OSError as exc:
