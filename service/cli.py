@@ -1,9 +1,11 @@
 """modelserve serve | score | validate | package | convert | route | profile: the command line."""
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -155,14 +157,28 @@ def _package(args: argparse.Namespace) -> int:
             allow_nan=args.allow_nan,
             allow_signature_change=args.allow_signature_change,
         )
-        if args.data is not None:
-            _store_training_rows(packaged.folder, args.data)
     except ServiceError as exc:
         return _fail(exc.message)
     except OSError as exc:
         return _fail(str(exc))
+    failure = None
+    if args.data is not None:
+        try:
+            _store_training_rows(packaged.folder, args.data)
+        except ServiceError as exc:
+            failure = exc.message
+        except OSError as exc:
+            failure = str(exc)
+    if failure is not None:
+        # Nothing half-made stays behind for a server's polling or a load to pick up.
+        shutil.rmtree(packaged.folder)
+        with contextlib.suppress(OSError):
+            packaged.folder.parent.rmdir()  # a model folder this command created, now empty
+        _fail(failure)
     for note in packaged.notes:
         print(f"note: {note}", file=sys.stderr)
+    if failure is not None:
+        return 1
     print(f"packaged {args.artifact} as {packaged.folder}")
     return 0
 

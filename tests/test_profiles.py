@@ -163,3 +163,23 @@ def test_package_with_data_profiles_a_regressor_on_its_predictions(tmp_path: Pat
     assert prediction.max == pytest.approx(predicted.max(), rel=1e-4)
     metadata = ArtifactMetadata.read(repository / "reg" / "1" / "metadata.json")
     assert metadata.reference_sample is not None
+
+
+def test_package_with_data_that_does_not_fit_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model fitted on a bare array gets features x0, x1, ...: training rows with other column
+    names are refused, and the version is not left behind for a server to pick up."""
+    rows = np.random.default_rng(0).normal(size=(50, 3))
+    artifact = tmp_path / "reg.joblib"
+    joblib.dump(Ridge().fit(rows, rows.sum(axis=1)), artifact)
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"a": rows[:, 0], "b": rows[:, 1], "c": rows[:, 2]}), data)
+    repository = tmp_path / "models"
+    args = ["package", str(artifact), "--name", "reg", "--model-repository", str(repository)]
+    assert main([*args, "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: "), err
+    assert "lacks the feature columns 'x0'" in err, err
+    assert "pass --features" in err  # the note that says why the names are x0, x1, ...
+    assert not (repository / "reg").exists()
