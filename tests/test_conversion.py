@@ -104,6 +104,12 @@ def test_converts_an_example_with_parity(repository: Path, name: str) -> None:
     )
     for key in ("task", "features", "classes", "inputs", "training"):
         assert metadata[key] == source[key], key
+    # The source's drift profile holds for it (same rows, predictions at parity): it is kept.
+    assert source["profile"] is not None
+    assert metadata["profile"] == source["profile"]
+    assert (folder / "profile.json").read_bytes() == (
+        repository / name / "1" / "profile.json"
+    ).read_bytes()
     assert metadata["outputs"] == source["outputs"]
     graph = onnx.load(folder / "model.onnx").graph
     assert [i.name for i in graph.input] == ["input"]

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper
 from service.errors import InvalidInput, ModelNotFound
 from service.store.metadata import ArtifactMetadata, ConvertedFrom, Parity
 from service.store.packaging import next_version
+from service.store.profiles import Profile, profile_problem, read_profile, write_profile
 from service.store.repository import (
     PICKLE_SUFFIXES,
     model_dir,
@@ -189,7 +190,14 @@ def convert_version(
         converter={"skl2onnx": _skl2onnx_version(), "scikit-learn": sklearn.__version__},
         parity=parity.figures,
     )
-    written = _write_version(root, folder / str(target_number), data, converted, sample)
+    written = _write_version(
+        root,
+        folder / str(target_number),
+        data,
+        converted,
+        sample,
+        _profile_of(source_dir, metadata),
+    )
     return Conversion(conversion.source, conversion.target, parity, written)
 
 
@@ -422,12 +430,21 @@ def _vector(values: NDArray[np.float64]) -> str:
     return "[" + ", ".join(f"{v:.8g}" for v in values) + "]"
 
 
+def _profile_of(source_dir: Path, metadata: ArtifactMetadata) -> Profile | None:
+    """The source version's drift profile, if it has an intact one: the converted version
+    takes the same rows and, with parity checked, predicts alike, so the profile holds for it."""
+    if metadata.profile is None or profile_problem(source_dir, metadata) is not None:
+        return None
+    return read_profile(source_dir, metadata)
+
+
 def _write_version(
     root: Path,
     target: Path,
     data: bytes,
     metadata: ArtifactMetadata,
     sample: NDArray[np.float32],
+    profile: Profile | None,
 ) -> Path:
     """Write the version into a hidden folder of the repository, then rename it into place:
     a server polling the repository sees no version or a whole one."""
@@ -436,6 +453,8 @@ def _write_version(
     try:
         (staging / metadata.artifact).write_bytes(data)
         metadata.reference_sample = write_sample(staging, choose_rows(sample), metadata.features)
+        if profile is not None:
+            metadata.profile = write_profile(staging, profile)
         metadata.write(staging / "metadata.json")
         if target.exists():
             raise InvalidInput(f"{target} appeared during the conversion; nothing was written")

@@ -157,13 +157,18 @@ def build_profile(
     return Profile(rows=len(matrix), features=profiled, prediction=prediction)
 
 
-def store_profile(folder: Path, profile: Profile) -> ReferenceProfile:
-    """Write profile.json beside a packaged version and record its sha256 in metadata.json."""
+def write_profile(folder: Path, profile: Profile) -> ReferenceProfile:
+    """Write profile.json into a version's folder; what metadata.json records of it."""
     path = folder / PROFILE_FILE
     path.write_text(profile.model_dump_json(indent=1) + "\n")
-    info = ReferenceProfile(
+    return ReferenceProfile(
         file=PROFILE_FILE, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), rows=profile.rows
     )
+
+
+def store_profile(folder: Path, profile: Profile) -> ReferenceProfile:
+    """Write profile.json beside a packaged version and record its sha256 in metadata.json."""
+    info = write_profile(folder, profile)
     metadata_path = folder / "metadata.json"
     metadata = ArtifactMetadata.read(metadata_path)
     metadata.model_copy(update={"profile": info}).write(metadata_path)
