@@ -641,9 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)  # `serve` puts its own in place
     try:
         code: int = args.run(args)
+        sys.stdout.flush()  # a pipe's buffer: written here, where a closed pipe is handled
     except KeyboardInterrupt:  # Ctrl-C: what was cleaned up in `finally` blocks, no traceback
         print("\nmodelserve: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader of stdout left (`| head`): nothing more to say
+        # Python flushes stdout again at exit; pointed at /dev/null, that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     # The interpreter's last collections walk every object the imports made (numpy, pyarrow,
     # pydantic...): about 50 ms of each command's exit, which frozen objects are spared.
     gc.freeze()

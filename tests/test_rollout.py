@@ -229,6 +229,15 @@ def test_the_route_command_shows_and_changes_the_routing(routed: RunningServer) 
     usage = _route(routed, "--traffic", "2")
     assert usage.returncode == 2
     assert "KEY=VALUE" in usage.stderr
+    # A reader that leaves before the output comes (`| head`): no traceback.
+    command = [sys.executable, "-m", "service", "route", "iris", "--url", routed.url]
+    env = {"MODELSERVE_ADMIN_TOKEN": TOKEN, "PATH": ""}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as cut:
+        assert cut.stdout is not None
+        cut.stdout.close()
+        _, errors = cut.communicate(timeout=60)
+    assert cut.returncode == 141, errors  # 128 + SIGPIPE, as a shell reports a cut pipe
+    assert errors == b"", errors
 
 
 def _walkthrough() -> list[str]:
