@@ -310,3 +310,28 @@ def test_converts_a_linear_classifier_with_integer_classes(
     assert entry.versions[2].signature.classes == [0, 1, 2]
     converted = entry.versions[2].runtime.predict({"input": rows}).outputs
     np.testing.assert_array_equal(converted["label"], model.predict(rows))
+
+
+def test_an_estimator_skl2onnx_cannot_convert_is_named_in_one_line(
+    repository: Path, tmp_path: Path
+) -> None:
+    """Any step of a Pipeline may be the one skl2onnx cannot convert: all of them are named."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    iris = datasets.load_iris()
+    rows = np.asarray(iris.data, dtype=np.float32)
+    model = make_pipeline(FunctionTransformer(np.log1p), LogisticRegression(max_iter=500))
+    artifact = tmp_path / "logs.joblib"
+    joblib.dump(model.fit(rows, iris.target), artifact)
+    features = [f"f{i}" for i in range(rows.shape[1])]
+    package_artifact(artifact, repository, "logs", 1, features=features)
+    sample = write_csv(tmp_path / "rows.csv", rows, features)
+    result = convert(repository, "logs:1", "--sample", str(sample))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "error: skl2onnx cannot convert Pipeline(FunctionTransformer, LogisticRegression) ("
+    ), lines[0]
+    assert_nothing_written(repository, "logs", {"1"})

@@ -255,6 +255,10 @@ def _skl2onnx_version() -> str:
     return str(skl2onnx.__version__)
 
 
+# Of an exporter's message, at most this much goes into the one-line error.
+_REASON_CHARS = 300
+
+
 def _to_onnx(estimator: Any, metadata: ArtifactMetadata) -> onnx.ModelProto:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -271,9 +275,14 @@ def _to_onnx(estimator: Any, metadata: ArtifactMetadata) -> onnx.ModelProto:
             target_opset=TARGET_OPSET,
         )
     except Exception as exc:  # skl2onnx raises many unrelated types for what it cannot convert
-        reason = " ".join(str(exc).split())[:300]
+        # Any step may be the one it cannot convert: a Pipeline is named with all of them.
+        names = [type(step).__name__ for _, step in steps] if steps else []
+        what = f"Pipeline({', '.join(names)})" if steps else type(final).__name__
+        reason = " ".join(str(exc).split())
+        if len(reason) > _REASON_CHARS:  # cut between words
+            reason = reason[:_REASON_CHARS].rsplit(" ", 1)[0] + " …"
         raise InvalidInput(
-            f"skl2onnx cannot convert {type(final).__name__} ({type(exc).__name__}: {reason})"
+            f"skl2onnx cannot convert {what} ({type(exc).__name__}: {reason})"
         ) from exc
     _trees_in_double(model.graph)
     _canonical_outputs(model.graph, [spec.name for spec in metadata.outputs])
