@@ -104,6 +104,18 @@ def test_unsigned_untrusted_and_garbled_versions_are_refused(
 
     (root / "iris" / "2" / "signature.json").write_text('{"key_id": "x", "signature": "%%"}')
     assert _failures(root, trusted)[2].startswith("bad_signature: ")
+    # A garbled file is said to be one, in words (not the reader's internals, nor "changed
+    # after it was signed" for a signature that claims no algorithm).
+    signed_by = json.loads((root / "iris" / "1" / "signature.json").read_text())
+    for garbled, reason in (
+        ("[1]", "(not a JSON object)"),
+        (json.dumps({**signed_by, "algorithm": "none"}), "(algorithm 'none', not 'Ed25519')"),
+        (json.dumps({"algorithm": "Ed25519", "key_id": "x"}), "(no 'signature')"),
+    ):
+        (root / "iris" / "2" / "signature.json").write_text(garbled)
+        failure = _failures(root, trusted)[2]
+        assert failure.startswith("bad_signature: "), failure
+        assert f"not a signature file {reason}; not loaded" in failure, failure
 
     (root / "iris" / "2" / "signature.json").unlink()
     failures = _failures(root, trusted)
@@ -116,9 +128,13 @@ def test_unsigned_untrusted_and_garbled_versions_are_refused(
     assert lenient.resolve("iris", "1").warnings == []
 
 
-def test_sign_needs_an_ed25519_key(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_sign_needs_an_ed25519_key(
+    signed: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _, public = signed
     assert main(["sign", "iris:1", "--key", str(public), "--model-repository", str(root)]) == 1
+    said = capsys.readouterr().err
+    assert f"{public}: not an unencrypted PEM private key (it holds a public key)" in said, said
     assert main(["sign", "iris", "--key", str(public), "--model-repository", str(root)]) == 1
 
 

@@ -50,9 +50,24 @@ def _read_key(path: Path, private: bool) -> "Ed25519PublicKey | Ed25519PrivateKe
     )
 
     data = path.read_bytes()
-    key = load_pem_private_key(data, password=None) if private else load_pem_public_key(data)
+    kind = "private" if private else "public"
+    try:
+        key = load_pem_private_key(data, password=None) if private else load_pem_public_key(data)
+    except (ValueError, TypeError):  # another kind of key, a passphrase, not PEM at all
+        other = "public" if private else "private"
+        hint = (
+            f" (it holds a {other} key)" if f"{other.upper()} KEY" in data.decode("latin-1") else ""
+        )
+        raise ValueError(
+            f"{path}: not an unencrypted PEM {kind} key{hint}; "
+            + (
+                "sign with the private key, e.g. from "
+                "`openssl genpkey -algorithm ed25519 -out signing.pem`"
+                if private
+                else "trust the public key, from `openssl pkey -in signing.pem -pubout`"
+            )
+        ) from None
     if not isinstance(key, Ed25519PrivateKey | Ed25519PublicKey):
-        kind = "private" if private else "public"
         raise ValueError(
             f"{path}: not an Ed25519 {kind} key; make one with "
             "`openssl genpkey -algorithm ed25519 -out signing.pem`"
@@ -93,9 +108,18 @@ class TrustedKeys:
             return None
         try:
             document = json.loads(signature_path.read_bytes())
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+            if document.get("algorithm") != "Ed25519":
+                raise ValueError(f"algorithm {document.get('algorithm')!r}, not 'Ed25519'")
             signer = str(document["key_id"])
             signature = base64.b64decode(document["signature"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise ModelLoadError(
+                f"{signature_path}: not a signature file (no {exc}); not loaded",
+                reason="bad_signature",
+            ) from None
+        except (ValueError, TypeError) as exc:
             raise ModelLoadError(
                 f"{signature_path}: not a signature file ({exc}); not loaded",
                 reason="bad_signature",
