@@ -106,7 +106,15 @@ def test_the_control_plane_logs_and_answers_with_request_ids(
         200,
     )
     assert (entry["model"], entry["version"], entry["protocol"]) == ("iris", "2", "v2")
-    assert _line(workers_server, "route-1")["status"] == 404
+    missed = _line(workers_server, "route-1")
+    # The control plane's errors carry their type too (answered inside the framework).
+    assert (missed["status"], missed["error"]) == (404, "RouteNotFound")
+    assert _line(workers_server, "meta-1")["error"] is None
+    refused = httpx.post(
+        f"{workers_server.url}/v2/repository/index", headers={"X-Request-ID": "admin-1"}
+    )
+    assert refused.status_code in (401, 403)
+    assert _line(workers_server, "admin-1")["error"] == refused.json()["type"]
     # Probes and scrapes are logged at debug level only, so not at the default info.
     logged = {e["request_id"] for e in access_lines(workers_server.output())}
     assert "probe-1" not in logged

@@ -34,7 +34,7 @@ from service.observability.metrics import JobStates, create_metrics, record_mode
 from service.observability.payloads import create_payload_log
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
-from service.server.access import AccessLogMiddleware
+from service.server.access import AccessLogMiddleware, note_error
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import (
     BodyLimit,
@@ -59,14 +59,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _service_error(_: Request, exc: Exception) -> Response:
+def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    note_error(request.scope, type(exc).__name__)
     headers = {k.decode(): v.decode() for k, v in error_headers(exc)}
     return Response(error_body(exc), status_code=status_of(exc), headers=headers)
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    note_error(request.scope, "InvalidInput")
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
     return JSONResponse(
@@ -96,6 +98,7 @@ def _http_error(request: Request, exc: Exception) -> Response:
         message = str(exc.detail)
     headers["content-type"] = "application/json"
     error = framework_error(status, message)
+    note_error(request.scope, type(error).__name__)
     return Response(error_body(error), status_code=status, headers=headers)
 
 
