@@ -128,6 +128,17 @@ def test_latest_policy(repository: Path) -> None:
     assert sorted(load_registry(repository, LoadOptions()).model("iris").versions) == [2]
 
 
+def test_an_alias_on_a_version_that_does_not_serve_says_so(repository: Path) -> None:
+    """Not that the alias does not exist: it does, in model.toml, on a version left out."""
+    config = "[version_policy]\nlatest = 1\n[aliases]\nstable = 1\n"
+    (repository / "iris" / "model.toml").write_text(config)
+    registry = load_registry(repository, LoadOptions())
+    with pytest.raises(ModelNotFound, match="alias 'stable' names version 1, which does not serve"):
+        registry.resolve("iris", "stable")
+    with pytest.raises(ModelNotFound, match="has no version 'canary'"):
+        registry.resolve("iris", "canary")
+
+
 def test_invalid_model_toml_falls_back_to_defaults(repository: Path) -> None:
     (repository / "iris" / "model.toml").write_text("default_version = 'two'\n")
     entry = load_registry(repository, LoadOptions()).model("iris")
