@@ -164,8 +164,7 @@ class Registry:
             named = entry.config.aliases.get(version)
             if named is not None:  # in model.toml, on a version that did not load or is left out
                 raise ModelNotFound(
-                    f"model {name!r}: alias {version!r} names version {named}, which does not "
-                    "serve"
+                    f"model {name!r}: alias {version!r} names version {named}, which does not serve"
                 )
             raise ModelNotFound(f"model {name!r} has no version {version!r}")
         loaded = entry.versions.get(number)
