@@ -13,6 +13,7 @@ import joblib
 import numpy as np
 from numpy.typing import NDArray
 from sklearn.datasets import load_iris
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 from service.store.metadata import Task
@@ -118,3 +119,13 @@ def add_fault_models(root: Path, workdir: Path) -> None:
         package_artifact(artifact, root, name, 1, features=features, task=task)
     # With batching off, each request is a call of its own.
     (root / "slow_alone" / "model.toml").write_text("[batching]\nmax_batch_rows = 0\n")
+    # A model that takes missing values (HistGradientBoosting routes NaN), packaged to say so.
+    artifact = workdir / "gaps.joblib"
+    joblib.dump(fitted_with_gaps(), artifact)
+    package_artifact(artifact, root, "gaps", 1, features=features, allow_nan=True)
+
+
+def fitted_with_gaps() -> HistGradientBoostingClassifier:
+    rows = IRIS.data.copy()
+    rows[::7, 1] = np.nan  # trained on missing values, so a missing one has a learned branch
+    return HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(rows, IRIS.target)

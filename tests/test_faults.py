@@ -17,7 +17,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ADMIN_TOKEN, API_KEY
-from tests.models_for_faults import IRIS, POISON
+from tests.models_for_faults import IRIS, POISON, fitted_with_gaps
 from tests.rawhttp import chunked, exchange, request_head
 from tests.serving import RunningServer
 
@@ -548,6 +548,32 @@ def test_non_finite_predictions_are_strict_json(fault_client: httpx.Client) -> N
             assert token not in response.content
     assert v2.json()["outputs"][0]["data"] == [None, None, None, 7.0]
     assert v1.json()["predictions"] == [None, None, None, 7.0]
+
+
+def test_a_model_that_takes_missing_values_takes_json_nulls(fault_client: httpx.Client) -> None:
+    """JSON has no NaN: for a model packaged with allow_nan, null is a missing value (V2 and
+    V1, rows as lists or objects); for any other model it stays a 400."""
+    rows: list[list[float | None]] = [[5.1, None, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+    features = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    expected = fitted_with_gaps().predict(np.array(rows, dtype=np.float64).astype(np.float32))
+    v2 = fault_client.post("/v2/models/gaps/infer", content=infer_body(rows), headers=JSON)
+    listed = fault_client.post("/v1/models/gaps:predict", json={"instances": rows})
+    keyed = [dict(zip(features, row, strict=True)) for row in rows]
+    named = fault_client.post("/v1/models/gaps:predict", json={"instances": keyed})
+    assert v2.status_code == 200, v2.text
+    labels = {o["name"]: o["data"] for o in v2.json()["outputs"]}["label"]
+    assert labels == expected.tolist()
+    for response in (listed, named):
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == expected.tolist()
+    # Not for a model without allow_nan, nor as a value of an integer datatype.
+    iris = fault_client.post(INFER, content=infer_body(rows), headers=JSON)
+    assert iris.status_code == 400
+    assert "null values" in iris.json()["error"]
+    as_int = orjson.dumps({"inputs": [tensor([[5, None, 1, 0]], [1, 4], "INT32")]})
+    refused = fault_client.post("/v2/models/gaps/infer", content=as_int, headers=JSON)
+    assert refused.status_code == 400
+    assert "null values" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("model", ["slow", "slow_alone"], ids=["batched", "unbatched"])

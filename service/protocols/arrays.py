@@ -82,6 +82,34 @@ def array_from_json(
     return parse_numbers(view, where, check)
 
 
+def array_with_nulls(
+    raw: bytes | memoryview, where: str, check: ShapeCheck | None = None
+) -> NDArray[np.float64]:
+    """A JSON array of numbers whose nulls are missing values (NaN), for a model that takes
+    them: JSON has no NaN. Read through Python lists, as only such requests come this way."""
+    text = bytes(raw)
+    if not text or text[0] != _OPENING_BRACKET:
+        raise InvalidInput(f"{where}: 'data' must be a list")
+    other = text.translate(None, _NUMBER_TEXT + b"nul")
+    if other:
+        problem = _FOUND.get(other[0], "values must be numbers; found objects")
+        raise InvalidInput(f"{where}: {problem}")
+    return values_with_nulls(_loads(text, where), where, check)
+
+
+def values_with_nulls(
+    values: Any, where: str, check: ShapeCheck | None = None
+) -> NDArray[np.float64]:
+    """Decoded JSON numbers and nulls (nested lists) as float64, each null a NaN."""
+    try:
+        array = np.asarray(values, dtype=np.float64)  # None becomes NaN
+    except (ValueError, TypeError):
+        raise ragged(where) from None
+    if check is not None:
+        check(array.shape)
+    return array
+
+
 def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[Any]:
     """A decoded JSON list (nested or flat) as an ndarray; rejects ragged rows and non-numbers."""
     if datatype == "BYTES":

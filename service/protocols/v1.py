@@ -7,7 +7,12 @@ from numpy.typing import NDArray
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.protocols import envelope
-from service.protocols.arrays import array_from_json, array_from_values
+from service.protocols.arrays import (
+    array_from_json,
+    array_from_values,
+    array_with_nulls,
+    values_with_nulls,
+)
 from service.protocols.v2 import json_array, labels_by_class
 from service.store.registry import ModelVersion
 from service.store.runtimes import Prediction
@@ -68,10 +73,17 @@ def decode_predict_request(
         if count > max_rows:
             raise PayloadTooLarge(f"instances: {count} rows is more than the limit of {max_rows}")
 
+    # JSON has no NaN: a model that takes missing values takes them as nulls.
+    nulls = model.metadata is not None and model.metadata.allow_nan
     if keyed:
         table = _rows_from_objects(model, envelope.value(rows))
-        array = array_from_values(table, None, "instances")
-        check(array.shape)
+        if nulls:
+            array = values_with_nulls(table, "instances", check)
+        else:
+            array = array_from_values(table, None, "instances")
+            check(array.shape)
+    elif nulls and b"null" in bytes(rows):
+        array = array_with_nulls(memoryview(rows), "instances", check)
     else:
         array = array_from_json(memoryview(rows), None, "instances", check)
     if array.ndim == 1 and len(spec.shape) == 2 and array.size == spec.shape[1]:

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.protocols import envelope
-from service.protocols.arrays import array_from_json
+from service.protocols.arrays import array_from_json, array_with_nulls
 from service.store.labels import ClassLabels
 from service.store.registry import ModelVersion
 from service.store.runtimes import Prediction
@@ -101,7 +101,12 @@ def _field(fields: Mapping[str, envelope.Field], key: str, default: Any = None) 
 
 
 def _decode_input(
-    tensor: dict[str, msgspec.Raw], binary: memoryview, offset: int, index: int, max_rows: int
+    tensor: dict[str, msgspec.Raw],
+    binary: memoryview,
+    offset: int,
+    index: int,
+    max_rows: int,
+    nulls: bool = False,
 ) -> tuple[str, NDArray[Any], int]:
     where = f"inputs[{index}]"
     _check_keys(tensor, _INPUT_KEYS, where)
@@ -133,7 +138,10 @@ def _decode_input(
                 f"{where}: 'data' has {values} values but shape {shape} needs {count}"
             )
 
-    array = array_from_json(memoryview(tensor["data"]), datatype, where, check)
+    if nulls and datatype.startswith("FP"):
+        array = array_with_nulls(memoryview(tensor["data"]), where, check)
+    else:
+        array = array_from_json(memoryview(tensor["data"]), datatype, where, check)
     if datatype[0] in "IU":
         _check_integer_range(array, datatype, where)
     return name, array.reshape(shape), offset
@@ -195,10 +203,11 @@ def _requested_outputs(value: Any) -> list[tuple[str, bool]]:
 
 
 def decode_infer_request(
-    body: bytes | bytearray, header_length: str | None, max_rows: int
+    body: bytes | bytearray, header_length: str | None, max_rows: int, nulls: bool = False
 ) -> InferCall:
     """The request's tensors and options; a tensor of more than `max_rows` rows is refused
-    before its data is decoded."""
+    before its data is decoded. With `nulls`, a null in a floating-point tensor's JSON data is
+    a missing value (NaN)."""
     view = memoryview(body)
     if header_length is None:
         json_part, binary = view, view[len(view) :]
@@ -222,7 +231,7 @@ def decode_infer_request(
     tensors: dict[str, NDArray[Any]] = {}
     offset = 0
     for index, tensor in enumerate(inputs):
-        name, array, offset = _decode_input(tensor, binary, offset, index, max_rows)
+        name, array, offset = _decode_input(tensor, binary, offset, index, max_rows, nulls)
         if name in tensors:
             raise InvalidInput(f"input {name!r} is given twice")
         tensors[name] = array
