@@ -78,7 +78,7 @@ def conform_tensor(
             )
         with np.errstate(over="ignore", invalid="ignore"):
             array = array.astype(spec.dtype)
-    allow_nan = model.metadata is not None and model.metadata.allow_nan
+    allow_nan = model.allow_nan
     if array.dtype.kind == "f" and not allow_nan and not np.isfinite(array).all():
         raise InvalidInput(
             f"{_where(model, spec)}: contains NaN, Infinity or a value out of {spec.datatype} range"

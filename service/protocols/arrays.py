@@ -35,6 +35,8 @@ SMALL_BYTES = 4096
 LONG_INTEGER_LIMIT_BYTES = 1 << 20
 
 _OPENING_BRACKET = ord("[")
+# What a refusal of JSON nulls says: a model that takes missing values decodes them instead.
+NULL_VALUES = "null values"
 # What numbers, their lists and whitespace are written with; deleted, they leave what is not.
 # Such checks use translate and plain searches: Python's regular expressions try a pattern that
 # begins with a lookbehind or a character class at every byte, a digit count at every digit.
@@ -60,7 +62,7 @@ _FOUND = {
     ord('"'): "values must be numbers; found strings",
     ord("t"): "values must be numbers, got booleans",
     ord("f"): "values must be numbers, got booleans",
-    ord("n"): "null values; expected a rectangle of numbers",
+    ord("n"): f"{NULL_VALUES}; expected a rectangle of numbers",
 }
 
 
@@ -124,7 +126,7 @@ def array_from_values(values: Any, datatype: str | None, where: str) -> NDArray[
     if array.dtype.kind not in "biuf":
         if array.dtype.kind == "O":
             raise InvalidInput(
-                f"{where}: ragged rows or null values; expected a rectangle of numbers"
+                f"{where}: ragged rows or {NULL_VALUES}; expected a rectangle of numbers"
             )
         raise InvalidInput(f"{where}: values must be numbers; found strings")
     if array.dtype.kind == "b" and datatype not in (None, "BOOL"):

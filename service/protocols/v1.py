@@ -74,7 +74,7 @@ def decode_predict_request(
             raise PayloadTooLarge(f"instances: {count} rows is more than the limit of {max_rows}")
 
     # JSON has no NaN: a model that takes missing values takes them as nulls.
-    nulls = model.metadata is not None and model.metadata.allow_nan
+    nulls = model.allow_nan
     if keyed:
         table = _rows_from_objects(model, envelope.value(rows))
         if nulls:

@@ -106,7 +106,7 @@ def extract_features(
     """
     names = feature_names(model)
     spec = model.signature.inputs[0]
-    allow_nan = model.metadata is not None and model.metadata.allow_nan
+    allow_nan = model.allow_nan
     rows = table.num_rows
     matrix = np.empty((rows, len(names)), dtype=spec.dtype)
     first_error: dict[int, RowError] = {}

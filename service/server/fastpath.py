@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 
 from service import errors
 from service.protocols import v1, v2
+from service.protocols.arrays import NULL_VALUES
 from service.server import boundary
 from service.server.boundary import Answer, Exchange
 from service.server.http import (
@@ -30,7 +31,6 @@ from service.server.jobs import jobs_handler
 from service.server.memory import Reservation
 from service.server.score import serve_score
 from service.server.state import ServiceState
-from service.store.registry import ModelVersion
 
 _ROUTE = re.compile(
     r"/v2/models/(?P<v2name>[^/]*)(?:/versions/(?P<v2version>[^/]*))?/infer"
@@ -132,10 +132,6 @@ def _rows(tensors: dict[str, NDArray[Any]]) -> int:
     return 0 if first is None else (first.shape[0] if first.ndim else 1)
 
 
-def _takes_nulls(model: ModelVersion) -> bool:
-    return model.metadata is not None and model.metadata.allow_nan
-
-
 def _routing_key(scope: Scope) -> str | None:
     """X-Routing-Key: requests that carry the same key reach the same version of a split."""
     return header(scope, b"x-routing-key")
@@ -168,7 +164,7 @@ async def _infer_v2(exchange: Exchange) -> Answer:
         except errors.InvalidInput as refused:
             # JSON has no NaN: a model that takes missing values takes them as nulls. Decoded
             # again only then, so that other requests pay nothing for it.
-            if "null values" not in refused.message or not _takes_nulls(model):
+            if NULL_VALUES not in refused.message or not model.allow_nan:
                 raise
             call = v2.decode_infer_request(body, split, state.settings.max_batch_rows, True)
         del body  # what the tensors do not view is garbage from here

@@ -114,12 +114,7 @@ def _policy_keeps_what_routing_names(
 
     def check(config: ModelConfig) -> None:
         kept = set(config.version_policy.select(loaded))
-        named = {
-            "default_version": [] if config.default_version is None else [config.default_version],
-            "aliases": sorted(set(config.aliases.values())),
-            "traffic": sorted(config.traffic),
-            "shadow": [] if config.shadow is None else [config.shadow.source, config.shadow.target],
-        }
+        named = _versions_named(Routing.model_validate(routing_document(config)))
         for key, versions in named.items():
             left_out = [v for v in versions if v not in kept]
             if left_out:

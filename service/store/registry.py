@@ -79,6 +79,11 @@ class ModelVersion:
         return ClassLabels(classes) if self.signature.task == "classification" and classes else None
 
     @property
+    def allow_nan(self) -> bool:
+        """Whether the model takes missing and infinite values (its metadata says so)."""
+        return self.metadata is not None and self.metadata.allow_nan
+
+    @property
     def batchable(self) -> bool:
         """Requests can share a call only if every tensor's first axis is the row axis."""
         tensors = [*self.signature.inputs, *self.signature.outputs]
