@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from service.config import Settings
-from service.jobs.parts import JOB_NICENESS, new_pool
+from service.jobs.parts import JOB_NICENESS, close_pool, new_pool
 from tests.serving import RunningServer, run_server, stop, wait_for
 
 ROWS = 30_000
@@ -711,6 +713,31 @@ def test_job_processes_run_at_a_lower_priority_than_the_server(tmp_path: Path) -
         assert pool.submit(os.nice, 0).result(timeout=60) == JOB_NICENESS
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_pool_whose_process_died_closes_whichever_process_died(
+    tmp_path: Path, victim: int
+) -> None:
+    """One process scores, the other waits for work holding the task queue's lock. Either
+    one killed, closing the broken pool ends (it once waited forever for the idle one)."""
+    pool = new_pool(Settings(model_repository=tmp_path, jobs_processes=2))
+    assert isinstance(pool, ProcessPoolExecutor)
+    warm = [pool.submit(time.sleep, 0.5) for _ in range(2)]  # both processes started
+    for future in warm:
+        future.result(timeout=60)
+    busy = pool.submit(sum, range(10**10))
+    time.sleep(0.5)
+    processes = sorted(pool._processes)
+    assert len(processes) == 2
+    os.kill(processes[victim], signal.SIGKILL)
+    with pytest.raises(BrokenExecutor):
+        busy.result(timeout=60)
+    closing = threading.Thread(target=close_pool, args=(pool, True), daemon=True)
+    closing.start()
+    closing.join(timeout=20)
+    assert not closing.is_alive(), "closing the broken pool did not end"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in processes)
 
 
 def readme_commands(heading: str) -> list[list[str]]:

@@ -99,9 +99,15 @@ def partial_path(store: JobStore, job: Job, index: int) -> Path:
     return store.job_folder(job.id) / f"part-{index}.{job.attempts}.partial"
 
 
-def close_pool(pool: Executor) -> None:
+def close_pool(pool: Executor, broken: bool = False) -> None:
     """Stops the pool and waits for its processes (a Dask executor takes no cancel_futures)."""
     if isinstance(pool, ProcessPoolExecutor):
+        if broken:
+            # A process that died idle held the task queue's lock, so the others can never
+            # take the stop sentinel, and they ignore the SIGTERM that CPython sends them
+            # (_prepare_process): without this kill the wait below never ends.
+            for process in list((pool._processes or {}).values()):
+                process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
     else:
         pool.shutdown(wait=True)

@@ -204,7 +204,7 @@ async def run_jobs(
             try:
                 await asyncio.to_thread(execute, store, settings, pool, job, owner, stopping)
             except BrokenExecutor:
-                await asyncio.to_thread(close_pool, pool)
+                await asyncio.to_thread(close_pool, pool, True)
                 pool = None
             final = await asyncio.to_thread(store.get, job.id)
             if final is not None and final.state in FINISHED and final.owner == owner:
