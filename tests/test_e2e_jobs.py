@@ -439,6 +439,11 @@ def test_a_job_survives_sigterm_to_its_processes_and_a_killed_one_fails_only_its
         assert done["state"] == "succeeded", done
         result = httpx.get(f"{url}{done['result']}", timeout=60)
         assert result.content == expected["iris:2"]
+        # A pool process killed between jobs: the next job gets a new pool, not a failure.
+        os.kill(pool_processes(pid)[0], signal.SIGKILL)
+        time.sleep(0.5)
+        fourth = submit_body(url, inputs / "iris.csv").json()["id"]
+        assert wait_state(url, fourth, ("succeeded", "failed"))["state"] == "succeeded"
         assert "Traceback" not in running.output()
 
 

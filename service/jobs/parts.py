@@ -99,6 +99,11 @@ def partial_path(store: JobStore, job: Job, index: int) -> Path:
     return store.job_folder(job.id) / f"part-{index}.{job.attempts}.partial"
 
 
+def pool_broken(pool: Executor) -> bool:
+    """Whether a process of the pool died (CPython marks the pool; it has no public accessor)."""
+    return bool(getattr(pool, "_broken", False))
+
+
 def close_pool(pool: Executor, broken: bool = False) -> None:
     """Stops the pool and waits for its processes (a Dask executor takes no cancel_futures)."""
     if isinstance(pool, ProcessPoolExecutor):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError
-from service.jobs.parts import Stopped, close_pool, new_pool, score_parts
+from service.jobs.parts import Stopped, close_pool, new_pool, pool_broken, score_parts
 from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
 from service.scoring import ModelReference, cached_model
 from service.scoring.joining import join_parts
@@ -199,6 +199,11 @@ async def run_jobs(
                 await asyncio.to_thread(stopping.wait, _IDLE_S)  # ends at once on a stop
                 continue
             logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
+            if pool is not None and pool_broken(pool):
+                # A process died between jobs (the OOM killer picks idle ones too): the next
+                # job gets a new pool instead of failing on this one.
+                await asyncio.to_thread(close_pool, pool, True)
+                pool = None
             pool = pool or new_pool(settings)
             started = time.perf_counter()
             try:
@@ -212,4 +217,4 @@ async def run_jobs(
     finally:
         if pool is not None:
             # Waited for, so that its processes and semaphores are gone before the server.
-            await asyncio.to_thread(close_pool, pool)
+            await asyncio.to_thread(close_pool, pool, pool_broken(pool))
