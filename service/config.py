@@ -170,8 +170,9 @@ class Settings(BaseSettings):
     body_idle_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="Seconds an upload (a job's input, a file to `:score`) may go without any "
-        "of its body arriving; past them: 408. Other bodies are bounded by the request deadline.",
+        description="Seconds a request body may go without any of its next part arriving; "
+        "past them: 408. Uploads (a job's input, a file to `:score`) have no other bound; "
+        "inference bodies are also within the request deadline.",
     )
     max_batch_rows: int = Field(
         1_000_000, ge=1, description="Most rows accepted in one inference request."

@@ -6,6 +6,7 @@ After every case the server must still be live and still give the right predicti
 import concurrent.futures
 import random
 import string
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import ADMIN_TOKEN, API_KEY
 from tests.models_for_faults import IRIS, POISON, fitted_with_gaps
 from tests.rawhttp import chunked, exchange, request_head
-from tests.serving import RunningServer
+from tests.serving import RunningServer, wait_for
 
 ROWS = IRIS.data[[0, 60, 120]].astype(np.float32)
 EXPECTED = [str(IRIS.target_names[t]) for t in IRIS.target[[0, 60, 120]]]
@@ -508,6 +509,33 @@ def test_content_length_longer_than_the_body_meets_the_deadline(
     assert answer is not None
     assert answer.status == 504
     assert "deadline" in orjson.loads(answer.body)["error"]
+
+
+@pytest.mark.parametrize("admin", [True, False], ids=["admin", "no-credentials"])
+def test_a_control_plane_body_that_stops_arriving_ends_with_408(
+    fault_server: RunningServer, admin: bool
+) -> None:
+    """No deadline covers the routes the framework serves: a body that stops arriving is ended
+    after MODELSERVE_BODY_IDLE_TIMEOUT_S (2 s here), not held with its connection forever."""
+    request_id = f"stalled-body-{admin}"
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+    if admin:
+        headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+    head = request_head("PUT", "/v2/repository/models/iris/routing", headers, length=100)
+    started = time.monotonic()
+    answer = exchange(fault_server.url, head, (b'{"default_version"',), timeout=20)
+    took = time.monotonic() - started
+    assert answer is not None
+    assert answer.status == 408, answer
+    assert "no part of the request body arrived for 2 s" in orjson.loads(answer.body)["error"]
+    assert 1.5 < took < 8, took
+
+    def logged() -> list[str]:
+        return [x for x in fault_server.output().splitlines() if f"request_id={request_id}" in x]
+
+    wait_for(lambda: bool(logged()), 10, "its access line")
+    assert "status=408" in logged()[0], logged()
+    assert "error=BodyTimeout" in logged()[0], logged()
 
 
 def test_client_that_leaves_mid_body(fault_server: RunningServer) -> None:

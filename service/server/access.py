@@ -20,6 +20,7 @@ from service.server.http import (
     Send,
     error_body,
     error_headers,
+    noted_error,
     send_response,
 )
 
@@ -126,17 +127,6 @@ def _protocol(path: str) -> str | None:
     return None
 
 
-def note_error(scope: Scope, kind: str) -> None:
-    """The error type a control-plane answer carries, for its access line: the handlers that
-    answer errors run inside the framework, the line is written outside it."""
-    state = scope.get("state")
-    if isinstance(state, dict):  # one per request: a shallow copy of the lifespan's state
-        state[_ERROR_KEY] = kind
-
-
-_ERROR_KEY = "modelserve.access.error"
-
-
 class AccessLogMiddleware:
     """Request ids and access lines for the control plane, and its last error boundary: an
     exception no handler took is logged with its traceback and answers a JSON 500."""
@@ -173,8 +163,7 @@ class AccessLogMiddleware:
                 )
                 status = 500
         if error is None and status >= 400:
-            state = scope.get("state")
-            error = state.get(_ERROR_KEY) if isinstance(state, dict) else None
+            error = noted_error(scope)
         quiet = scope["path"] in _QUIET_PATHS or (
             scope["method"] == "GET" and status < 400 and _from_status_page(scope)
         )

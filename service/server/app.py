@@ -34,13 +34,14 @@ from service.observability.metrics import JobStates, create_metrics, record_mode
 from service.observability.payloads import create_payload_log
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
-from service.server.access import AccessLogMiddleware, note_error
+from service.server.access import AccessLogMiddleware
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import (
-    BodyLimit,
+    BodyGuard,
     error_body,
     error_headers,
     framework_error,
+    note_error,
     status_of,
 )
 from service.server.openapi import add_inference_paths
@@ -267,8 +268,10 @@ def create_app(settings: Settings) -> InferenceMiddleware:
     app.include_router(routes)
     app.mount(STATIC_URL, static_files(), name="status-static")
     app.include_router(rollout)
-    # Guards the routes FastAPI serves; the fast path in front has its own limit.
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    # Guards the routes FastAPI serves; the fast path in front has its own bounds.
+    app.add_middleware(
+        BodyGuard, limit=settings.max_request_bytes, idle_s=settings.body_idle_timeout_s
+    )
     # What the fast path does not serve goes through the access log.
     app.add_middleware(AccessLogMiddleware)
     app.add_exception_handler(ServiceError, _service_error)

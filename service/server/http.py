@@ -188,18 +188,39 @@ async def send_response(send: Send, status: int, body: bytes, headers: Headers) 
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413 as soon as that is known.
+_ERROR_KEY = "modelserve.access.error"
 
-    For routes that read their body through the framework: a declared Content-Length is
-    checked before anything is read, and a chunked body is counted as it arrives, so no
-    body larger than the limit is ever held in memory. (The inference fast path reads its
-    body with `read_body`, which enforces the same limit.)
+
+def note_error(scope: Scope, kind: str) -> None:
+    """The error type a control-plane answer carries, for its access line: the handlers that
+    answer errors run inside the framework, the line is written outside it."""
+    state = scope.get("state")
+    if isinstance(state, dict):  # one per request: a shallow copy of the lifespan's state
+        state[_ERROR_KEY] = kind
+
+
+def noted_error(scope: Scope) -> str | None:
+    state = scope.get("state")
+    kind = state.get(_ERROR_KEY) if isinstance(state, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+class BodyGuard:
+    """Bounds the request bodies of the routes the framework serves: 413 for one over `limit`
+    bytes as soon as that is known, 408 for one whose next part does not arrive within
+    `idle_s` seconds (a client that trickles a body, or stops sending it, would otherwise
+    hold its request and connection forever).
+
+    A declared Content-Length is checked before anything is read, and a chunked body is
+    counted as it arrives, so no body larger than the limit is ever held in memory. (The
+    inference fast path reads its body with `read_body` under the request deadline, and
+    uploads with `idle_bounded`.)
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, idle_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -208,47 +229,65 @@ class BodyLimit:
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _refuse(
+                scope,
                 send,
                 errors.PayloadTooLarge(
                     f"request body of {declared} bytes is over the limit of {self.limit}"
                 ),
             )
             return
-        received = 0
-        overflow: errors.PayloadTooLarge | None = None
-        started = replaced = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, overflow
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                overflow = errors.PayloadTooLarge(
-                    f"request body is over the limit of {self.limit} bytes"
-                )
-                raise overflow
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            # The framework answers a failed body read with its own 400; say 413 instead.
-            nonlocal started, replaced
-            if overflow is not None and not started:
-                started = replaced = True
-                await _refuse(send, overflow)
-            if replaced:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        body = _GuardedBody(self, scope, receive, send)
         try:
-            await self.app(scope, counting_receive, guarded_send)
-        except errors.PayloadTooLarge:
-            if started or overflow is None:  # too late for a status code, or not ours
+            await self.app(scope, body.receive, body.send)
+        except (errors.PayloadTooLarge, errors.BodyTimeout):
+            if body.started or body.refusal is None:  # too late for a status code, or not ours
                 raise
-        if overflow is not None and not started:
-            await _refuse(send, overflow)
+        if body.refusal is not None and not body.started:
+            await _refuse(scope, send, body.refusal)
 
 
-async def _refuse(send: Send, exc: errors.ServiceError) -> None:
+class _GuardedBody:
+    """One request's `receive` and `send` under a BodyGuard."""
+
+    def __init__(self, guard: BodyGuard, scope: Scope, receive: Receive, send: Send) -> None:
+        self.guard, self.scope, self._receive, self._send = guard, scope, receive, send
+        self.received = 0
+        self.refusal: errors.ServiceError | None = None
+        self.complete = self.started = self.replaced = False
+
+    async def receive(self) -> Message:
+        if self.complete:  # past the body: waits for the client to leave, however long
+            return await self._receive()
+        idle_s, limit = self.guard.idle_s, self.guard.limit
+        try:
+            message = await asyncio.wait_for(self._receive(), idle_s)
+        except TimeoutError:
+            self.refusal = errors.BodyTimeout(
+                f"no part of the request body arrived for {idle_s:g} s "
+                "(MODELSERVE_BODY_IDLE_TIMEOUT_S)"
+            )
+            raise self.refusal from None
+        self.complete = not message.get("more_body", False)
+        self.received += len(message.get("body", b""))
+        if self.received > limit:
+            self.refusal = errors.PayloadTooLarge(
+                f"request body is over the limit of {limit} bytes"
+            )
+            raise self.refusal
+        return message
+
+    async def send(self, message: Message) -> None:
+        # The framework answers a failed body read with its own 400; say why instead.
+        if self.refusal is not None and not self.started:
+            self.started = self.replaced = True
+            await _refuse(self.scope, self._send, self.refusal)
+        if self.replaced:
+            return
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
+async def _refuse(scope: Scope, send: Send, exc: errors.ServiceError) -> None:
+    note_error(scope, type(exc).__name__)
     headers = [*error_headers(exc), (b"connection", b"close")]
     await send_response(send, status_of(exc), error_body(exc), headers)
