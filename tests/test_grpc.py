@@ -5,10 +5,12 @@ messages; after each bad request the server still answers.
 """
 
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +445,108 @@ def test_a_second_server_on_a_taken_grpc_port_refuses_to_start(
     assert done.returncode == 3, done.stderr
     assert f"the gRPC port {port} on 127.0.0.1 is in use" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _seen(server: RunningServer, text: str) -> bool:
+    return text in server.output()
+
+
+def _logged(server: RunningServer, text: str) -> list[str]:
+    return [line for line in server.output().splitlines() if text in line]
+
+
+def test_a_corrupt_message_is_invalid_argument_and_the_server_carries_on(
+    server: RunningServer, client: Any
+) -> None:
+    channel = grpc.insecure_channel(server.grpc_target)
+    try:
+        for method in ("ModelInfer", "ModelMetadata"):
+            raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}"
+            )
+            request_id = f"corrupt-{method}"
+            with pytest.raises(grpc.RpcError) as failure:
+                raw(b"\xff\xff\xff\xff\xff\x0a\x05ir", metadata=(("x-request-id", request_id),))
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"not a valid inference.{method}Request" in str(failure.value.details())
+            wait_for(partial(_seen, server, request_id), 10, "its access line")
+            line = _logged(server, request_id)[0]
+            assert "status=400" in line, line
+            assert "error=InvalidInput" in line, line
+    finally:
+        channel.close()
+    assert "Traceback" not in server.output()
+    assert list(client.infer("iris", [_input(ROWS)]).as_numpy("label")) == [
+        label.encode() for label in EXPECTED
+    ]
+
+
+def _http2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    head = len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+    return head + payload
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """A header "without indexing", its name and value as plain strings (each under 127 bytes)."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def _stalled_call(target: str, message: Any) -> socket.socket:
+    """A raw HTTP/2 connection that makes one call and never opens its window (it sends no
+    WINDOW_UPDATE): the server can send it 64 kB of the answer, and holds the rest."""
+    body = message.SerializeToString()
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+    head = b"".join(
+        _hpack_literal(name, value)
+        for name, value in (
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            (":authority", target),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        )
+    )
+    frames = [_http2_frame(1, 0x4, 1, head)]  # HEADERS, END_HEADERS
+    for start in range(0, len(framed), 16384):
+        end = 0x1 if start + 16384 >= len(framed) else 0  # END_STREAM on the last DATA
+        frames.append(_http2_frame(0, end, 1, framed[start : start + 16384]))
+    host, port = target.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    settings, ack = _http2_frame(4, 0, 0, b""), _http2_frame(4, 0x1, 0, b"")
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + ack + b"".join(frames))
+    return connection
+
+
+def _answers(client: Any, rows: np.ndarray[Any, Any]) -> bool:
+    try:
+        return client.infer("iris", [_input(rows)], model_version="2") is not None
+    except triton.InferenceServerException:
+        return False
+
+
+def test_answers_a_client_does_not_read_stay_within_the_memory_budget(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """An answer the client does not read waits in the server: the call's share of
+    MODELSERVE_MAX_DECODING_BYTES stays reserved until the call ends, so such clients meet the
+    budget instead of growing the process (the share was returned once the answer was made)."""
+    rows = np.tile(ROWS, (1334, 1))[:4000]  # 64 kB: within the server's first window
+    message = pb.ModelInferRequest(model_name="iris", model_version="2")
+    message.inputs.add(name="input", datatype="FP32", shape=[4000, 4])
+    message.raw_input_contents.append(rows.tobytes())
+    # The call reserves 9 x 64 kB of the budget; its answer is over the 64 kB window.
+    env = {"MODELSERVE_MAX_DECODING_BYTES": "1000000"}
+    with run_server(trained_repository, tmp_path, env) as running:
+        client = triton.InferenceServerClient(running.grpc_target)
+        try:
+            with _stalled_call(running.grpc_target, message):
+                wait_for(partial(_seen, running, "rows=4000"), 30, "the stalled call")
+                with pytest.raises(triton.InferenceServerException) as refused:
+                    client.infer("iris", [_input(rows)], model_version="2")
+                assert "MODELSERVE_MAX_DECODING_BYTES" in refused.value.message()
+            # The stalled client gone, its call ends and its share returns to the budget.
+            wait_for(lambda: _answers(client, rows), 30, "an answer once the client left")
+        finally:
+            client.close()
+        assert "Traceback" not in running.output()  # the client's leaving is no server error

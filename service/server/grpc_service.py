@@ -14,9 +14,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Never, TypeVar
+from typing import Any, Never, TypeVar, cast
 
+import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -25,7 +27,6 @@ from service import __version__, errors
 from service.protocols import v2
 from service.protocols.grpc import infer
 from service.protocols.grpc import open_inference_grpc_pb2 as pb
-from service.protocols.grpc import open_inference_grpc_pb2_grpc as pb_grpc
 from service.server import access, boundary
 from service.server.grpc_status import grpc_code_of
 from service.server.http import status_of
@@ -42,6 +43,7 @@ _QUIET = frozenset({"ServerLive", "ServerReady"})
 # copy of the deadline then has a few milliseconds left. A cancel that close is the deadline.
 _DEADLINE_SLACK_S = 0.05
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 Context = aio.ServicerContext[object, object]
 
 
@@ -67,6 +69,51 @@ async def _abort(context: Context, exc: errors.ServiceError, request_id: str) ->
     await context.abort(grpc_code_of(exc), message, ((access.REQUEST_ID.decode(), request_id),))
 
 
+class _ClientLeft(logging.Filter):
+    """gRPC logs an answer it could not send because the client had left (or reset the call)
+    as an error with a traceback; it is the client's doing: one line, at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("ExecuteBatchError raised in core by servicer method"):
+            return True
+        if not logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        record.msg, record.args = "%s: the client left before its answer was sent", (message,)
+        return True
+
+
+_CLIENT_LEFT = _ClientLeft()
+
+
+def _parse(message: type[M], data: bytes) -> M:
+    try:
+        return message.FromString(data)
+    except DecodeError:
+        raise errors.InvalidInput(
+            f"the message is not a valid {message.DESCRIPTOR.full_name}: its protobuf encoding "
+            "is corrupt (or a string in it is not UTF-8)"
+        ) from None
+
+
+def _add_service(servicer: "InferenceService", server: aio.Server) -> None:
+    """As the generated add_GRPCInferenceServiceServicer_to_server, except that each method
+    takes its message's bytes and parses them itself: gRPC would answer a corrupt message with
+    UNKNOWN and log a traceback for each, where it is the client's INVALID_ARGUMENT."""
+    methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """Our messages' own pool (see scripts/grpc_stubs.sh), with the health and reflection
     services' files added, so that reflection describes every service it lists."""
@@ -76,7 +123,9 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService:
+    """The service's methods, each given its message's bytes (see _add_service)."""
+
     def __init__(self, state: ServiceState) -> None:
         self.state = state
 
@@ -84,21 +133,25 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self,
         context: Context,
         method: str,
-        answer: Callable[[dict[str, str]], T],
-        model: str | None = None,
+        data: bytes,
+        message: type[M],
+        answer: Callable[[M], T],
+        model_of: Callable[[M], str] | None = None,
     ) -> T:
-        """A control-plane call: errors mapped to codes, and its access line. A call about a
-        `model` needs the credentials inference on that model needs."""
+        """A control-plane call: its message parsed, errors mapped to codes, and its access
+        line. A call about a model (`model_of` the message) needs the credentials inference on
+        that model needs."""
         started = time.perf_counter()
         metadata = _metadata(context)
         request_id = access.request_id_from(metadata.get("x-request-id"))
         status, error = 200, None
         try:
-            if model is not None:
+            request = _parse(message, data)
+            if model_of is not None:
                 await self.state.credentials.check_inference(
-                    metadata.get("authorization"), metadata.get("x-api-key"), model
+                    metadata.get("authorization"), metadata.get("x-api-key"), model_of(request)
                 )
-            return answer(metadata)
+            return answer(request)
         except errors.ServiceError as exc:
             status, error = status_of(exc), type(exc).__name__
             await _abort(context, exc, request_id)
@@ -114,37 +167,37 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 level=logging.DEBUG if method in _QUIET else logging.INFO,
             )
 
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: Context
-    ) -> pb.ServerLiveResponse:
+    async def ServerLive(self, data: bytes, context: Context) -> pb.ServerLiveResponse:
         return await self._control(
-            context, "ServerLive", lambda _: pb.ServerLiveResponse(live=True)
+            context,
+            "ServerLive",
+            data,
+            pb.ServerLiveRequest,
+            lambda _: pb.ServerLiveResponse(live=True),
         )
 
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: Context
-    ) -> pb.ServerReadyResponse:
+    async def ServerReady(self, data: bytes, context: Context) -> pb.ServerReadyResponse:
         return await self._control(
             context,
             "ServerReady",
+            data,
+            pb.ServerReadyRequest,
             lambda _: pb.ServerReadyResponse(ready=self.state.serving_ready()),
         )
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Context
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, data: bytes, context: Context) -> pb.ServerMetadataResponse:
         return await self._control(
             context,
             "ServerMetadata",
+            data,
+            pb.ServerMetadataRequest,
             lambda _: pb.ServerMetadataResponse(
                 name="modelserve", version=__version__, extensions=EXTENSIONS
             ),
         )
 
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: Context
-    ) -> pb.ModelReadyResponse:
-        def answer(metadata: dict[str, str]) -> pb.ModelReadyResponse:
+    async def ModelReady(self, data: bytes, context: Context) -> pb.ModelReadyResponse:
+        def answer(request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
             try:
                 self.state.router.resolve(request.name, request.version or None)
             except (errors.ModelNotFound, errors.ModelNotReady):
@@ -152,12 +205,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=True)
 
-        return await self._control(context, "ModelReady", answer, request.name)
+        return await self._control(
+            context, "ModelReady", data, pb.ModelReadyRequest, answer, lambda r: r.name
+        )
 
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: Context
-    ) -> pb.ModelMetadataResponse:
-        def answer(metadata: dict[str, str]) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, data: bytes, context: Context) -> pb.ModelMetadataResponse:
+        def answer(request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
             registry = self.state.registry
             model = registry.resolve(request.name, request.version or None)
             versions = sorted(registry.model(request.name).versions)
@@ -171,12 +224,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
             return response
 
-        return await self._control(context, "ModelMetadata", answer, request.name)
+        return await self._control(
+            context, "ModelMetadata", data, pb.ModelMetadataRequest, answer, lambda r: r.name
+        )
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, data: bytes, context: Context) -> pb.ModelInferResponse:
         metadata = _metadata(context)
+        corrupt: errors.InvalidInput | None = None
+        try:
+            request = _parse(pb.ModelInferRequest, data)
+        except errors.InvalidInput as exc:  # answered below, once the call is counted
+            request, corrupt = pb.ModelInferRequest(), exc
         call = boundary.Call(
             self.state,
             "grpc",
@@ -187,13 +245,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             asyncio.get_running_loop().time(),
             peer=_peer_host(context) if self.state.limiter is not None else None,
         )
+        if corrupt is not None:  # before credentials: there is no model to check them for
+            call.outcome, call.error = status_of(corrupt), type(corrupt).__name__
+            boundary.record(call, time.perf_counter() - call.started)
+            await _abort(context, corrupt, call.request_id)
         # The client's gRPC deadline, as it stands when the call arrives.
         remaining = context.time_remaining()
 
         async def work() -> pb.ModelInferResponse:
             if remaining is not None:
                 call.shorten_deadline(remaining)
-            return await self._infer(call, request, metadata.get("x-routing-key"))
+            return await self._infer(
+                call, request, len(data), metadata.get("x-routing-key"), context
+            )
 
         try:
             result = await boundary.run(
@@ -217,13 +281,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return result
 
     async def _infer(
-        self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
+        self,
+        call: boundary.Call,
+        request: pb.ModelInferRequest,
+        size: int,
+        routing_key: str | None,
+        context: Context,
     ) -> pb.ModelInferResponse:
-        with self.state.memory.reservation() as reservation:
+        reservation = self.state.memory.reservation()
+        try:
             # gRPC hands over the message whole, so it is reserved for at once; what the budget
             # bounds from here is what an HTTP body's is: its arrays, outputs and answer.
-            reservation.grow(request.ByteSize())
-            return await self._infer_reserved(call, request, routing_key)
+            reservation.grow(size)
+            answer = await self._infer_reserved(call, request, routing_key)
+        except BaseException:
+            reservation.release()
+            raise
+        # gRPC sends the answer after this returns, as fast as the client reads it: one that
+        # does not read would hold answers outside the budget. Held until the call ends.
+        # (The stubs type a callback as a class of their own, which no function is.)
+        context.add_done_callback(cast(Any, lambda _: reservation.release()))
+        return answer
 
     async def _infer_reserved(
         self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
@@ -267,7 +345,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 1),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), self.server)
+        _add_service(InferenceService(state), self.server)
+        logging.getLogger("grpc._cython.cygrpc").addFilter(_CLIENT_LEFT)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -61,5 +61,9 @@ class Reservation:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Returns what is held (once: a second call returns nothing)."""
         self.budget.reserved -= self.held
         self.held = 0
