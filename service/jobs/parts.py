@@ -37,7 +37,9 @@ class _PartProgress:
     def __init__(self, store: JobStore, job_id: str, owner: str, index: int) -> None:
         self.store, self.job_id, self.owner, self.index = store, job_id, owner, index
         self.rows = 0
-        self.last = time.monotonic()
+        # The first chunk beats at once: a part that starts after its job was stopped (it was
+        # already on its way to a process) ends at its first chunk, not half a second later.
+        self.last = 0.0
 
     def __call__(self, rows: int, _consumed: int) -> None:
         self.rows += rows
@@ -151,6 +153,12 @@ def _first_failure(
     return failure
 
 
+def _cancel(running: dict[Future[Outcome], int]) -> None:
+    """Parts not started yet never start (the ones already running stop at their heartbeat)."""
+    for future in running:
+        future.cancel()
+
+
 def score_parts(
     store: JobStore,
     pool: Executor,
@@ -176,8 +184,10 @@ def score_parts(
         if stop is None and stopping.is_set():
             store.release(job.id, owner)  # the parts see it at their next heartbeat and stop
             stop = Stopped("the server is stopping")
+            _cancel(running)
         elif stop is None and not store.beat(job.id, owner):
             stop = Stopped("the job was cancelled or handed back")
+            _cancel(running)
         for future in finished:
             index = running.pop(future)
             kind, rows, message = ("cancelled", 0, "") if future.cancelled() else future.result()
@@ -186,8 +196,7 @@ def score_parts(
                 rows_done = store.part_done(job.id, index, rows)
             elif kind in ("failed", "unsplittable"):
                 failure = _first_failure(failure, kind, index, message)
-                for other in running:
-                    other.cancel()
+                _cancel(running)
             elif kind == "stopped" and stop is None:
                 stop = Stopped(message)
     if stop is not None:
