@@ -316,7 +316,8 @@ class Settings(BaseSettings):
     jobs_processes: int = Field(
         0,
         ge=0,
-        description="Scoring processes per server worker for batch jobs; 0: one per core.",
+        description="Scoring processes per server worker for batch jobs; 0: one per core the "
+        "server may run on.",
     )
     jobs_dask_scheduler: str | None = Field(
         None,

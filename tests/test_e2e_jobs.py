@@ -606,6 +606,17 @@ def test_job_routes_go_through_the_request_boundary(
         assert "nope" in unknown.json()["error"]
         wrong = httpx.put(f"{running.url}/v1/jobs", headers=key)
         assert wrong.status_code == 405
+        # A misspelt option is refused, not run with the default instead.
+        misspelt = httpx.post(
+            f"{running.url}/v1/jobs?model=iris&outptu_format=csv", content=body, headers=key
+        )
+        assert misspelt.status_code == 400
+        assert "unknown field 'outptu_format' in the query" in misspelt.json()["error"]
+        by_path = {"model": "iris", "input_path": str(inputs / "iris.csv"), "onerror": "skip"}
+        api_key = {"X-API-Key": "jobs-key"}
+        misspelt = httpx.post(f"{running.url}/v1/jobs", json=by_path, headers=api_key)
+        assert misspelt.status_code == 400
+        assert "unknown field 'onerror' in the JSON body" in misspelt.json()["error"]
         counted = scrape(running.url, key)
         labels = (("code", "202"), ("model", "iris"), ("protocol", "jobs"), ("version", "2"))
         assert counted[("modelserve_requests_total", labels)] == 1
@@ -720,6 +731,21 @@ def test_job_processes_run_at_a_lower_priority_than_the_server(tmp_path: Path) -
     pool = new_pool(Settings(model_repository=tmp_path, jobs_processes=1))
     try:
         assert pool.submit(os.nice, 0).result(timeout=60) == JOB_NICENESS
+    finally:
+        pool.shutdown()
+
+
+def test_the_default_pool_has_a_process_per_core_the_server_may_use(tmp_path: Path) -> None:
+    """In a container or under taskset the server may run on fewer cores than the machine has."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        pool = new_pool(Settings(model_repository=tmp_path, jobs_processes=0))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        assert isinstance(pool, ProcessPoolExecutor)
+        assert vars(pool)["_max_workers"] == 1  # what it was made with; it starts them lazily
     finally:
         pool.shutdown()
 

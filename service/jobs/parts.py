@@ -90,7 +90,8 @@ def new_pool(settings: Settings) -> Executor:
         client = Client(settings.jobs_dask_scheduler, set_as_default=False)  # type: ignore[no-untyped-call]
         executor: Executor = client.get_executor(pure=False)  # type: ignore[no-untyped-call]
         return executor
-    processes = settings.jobs_processes or os.cpu_count() or 1
+    # One per core this server may run on (its CPU affinity: a container's or taskset's cores).
+    processes = settings.jobs_processes or len(os.sched_getaffinity(0))
     # Spawned, not forked: the server's threads and event loop stay behind.
     context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(processes, mp_context=context, initializer=_prepare_process)

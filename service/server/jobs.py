@@ -134,6 +134,12 @@ async def _spool(exchange: Exchange, store: JobStore, target: Path) -> None:
         raise errors.InvalidInput("the request body is empty: send the file to score")
 
 
+# What a submission names: in the query of an upload (whose format is its Content-Type), or in
+# the JSON body of a file on the server's disk.
+_UPLOAD_FIELDS = frozenset({"model", "version", "output_format", "on_error", "column_types"})
+_PATH_FIELDS = _UPLOAD_FIELDS | {"input_path", "input_format"}
+
+
 async def _submit(exchange: Exchange) -> Answer:
     store = _store(exchange)
     content_type = header(exchange.scope, b"content-type") or ""
@@ -149,6 +155,15 @@ async def _submit(exchange: Exchange) -> Answer:
         fields = {k: v for k, v in body.items() if v is not None}
     else:
         fields = dict(_query(exchange))
+    known = _PATH_FIELDS if by_path else _UPLOAD_FIELDS
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        # A misspelt option would otherwise be a job run with the default instead.
+        where = "in the JSON body" if by_path else "in the query"
+        raise errors.InvalidInput(
+            f"unknown field {', '.join(map(repr, unknown))} {where}; the fields are "
+            f"{', '.join(sorted(known))}"
+        )
     name, version = fields.get("model"), fields.get("version")
     if not isinstance(name, str):
         raise errors.InvalidInput("name the model: ?model=NAME[&version=V] (or in the JSON body)")
