@@ -1,5 +1,6 @@
 """Batch jobs through real server processes: submit, poll, download, cancel, crash and resume."""
 
+import logging
 import os
 import pty
 import re
@@ -28,6 +29,8 @@ from sklearn.datasets import load_iris
 
 from service.config import Settings
 from service.jobs.parts import JOB_NICENESS, close_pool, new_pool
+from service.jobs.runner import execute
+from service.jobs.store import Job, JobStore
 from tests.serving import RunningServer, run_server, stop, wait_for
 
 ROWS = 30_000
@@ -748,6 +751,38 @@ def test_the_default_pool_has_a_process_per_core_the_server_may_use(tmp_path: Pa
         assert vars(pool)["_max_workers"] == 1  # what it was made with; it starts them lazily
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["cancelled", "deleted"])
+def test_a_job_cancelled_while_it_starts_is_no_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, deleted: bool
+) -> None:
+    """DELETE may remove a job's input between the runner claiming the job and reading it:
+    the job stays cancelled (or gone), and the server logs no failure and no traceback."""
+    store = JobStore(tmp_path / "jobs")
+    job_id = store.new_id()
+    missing = store.job_folder(job_id) / "input.csv"
+    job = Job(
+        job_id, "queued", "iris", 2, str(missing), True, "csv", "csv", "fail", {}, 0,
+        None, False, None, time.time(), None, None, None, None, 0,
+    )  # fmt: skip
+    store.add(job)
+    claimed = store.claim("runner")
+    assert claimed is not None
+    assert store.cancel(job_id)
+    if deleted:
+        store.delete(job_id)
+    settings = Settings(model_repository=tmp_path, jobs_processes=1)
+    pool = new_pool(settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="service.jobs.runner"):
+            execute(store, settings, pool, claimed, "runner", threading.Event())
+    finally:
+        pool.shutdown()
+    assert [r.levelno for r in caplog.records] == [logging.INFO], caplog.text
+    assert ("deleted" if deleted else "cancelled") in caplog.text
+    now = store.get(job_id)
+    assert now is None if deleted else (now is not None and now.state == "cancelled"), now
 
 
 @pytest.mark.parametrize("victim", [0, 1])

@@ -80,6 +80,12 @@ def _score_in_process(
     return "done", rows, ""
 
 
+def pool_size(settings: Settings) -> int:
+    """MODELSERVE_JOBS_PROCESSES, or one per core this server may run on (its CPU affinity: a
+    container's or taskset's cores, not the machine's)."""
+    return settings.jobs_processes or len(os.sched_getaffinity(0))
+
+
 def new_pool(settings: Settings) -> Executor:
     """Processes of this machine, or the workers of a Dask cluster when one is configured."""
     if settings.jobs_dask_scheduler:
@@ -90,8 +96,7 @@ def new_pool(settings: Settings) -> Executor:
         client = Client(settings.jobs_dask_scheduler, set_as_default=False)  # type: ignore[no-untyped-call]
         executor: Executor = client.get_executor(pure=False)  # type: ignore[no-untyped-call]
         return executor
-    # One per core this server may run on (its CPU affinity: a container's or taskset's cores).
-    processes = settings.jobs_processes or len(os.sched_getaffinity(0))
+    processes = pool_size(settings)
     # Spawned, not forked: the server's threads and event loop stay behind.
     context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(processes, mp_context=context, initializer=_prepare_process)

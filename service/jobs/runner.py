@@ -19,7 +19,14 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError
-from service.jobs.parts import Stopped, close_pool, new_pool, pool_broken, score_parts
+from service.jobs.parts import (
+    Stopped,
+    close_pool,
+    new_pool,
+    pool_broken,
+    pool_size,
+    score_parts,
+)
 from service.jobs.store import FINISHED, Job, JobStore, StoredPart, this_owner
 from service.scoring import ModelReference, cached_model
 from service.scoring.joining import join_parts
@@ -78,7 +85,7 @@ def run_job(
     folder.mkdir(parents=True, exist_ok=True)
     size = Path(job.input_path).stat().st_size
     # At least one part per scoring process, so that a small file is scored in parallel too.
-    count = max(settings.jobs_processes or os.cpu_count() or 1, size // settings.jobs_part_bytes)
+    count = max(pool_size(settings), size // settings.jobs_part_bytes)
     spec = _score_file(settings, job, result_path(store, job), count)
     model = cached_model(spec.reference)  # fails fast, before any process starts
     feature_names(model)
@@ -127,7 +134,9 @@ def execute(
         run_job(store, settings, pool, job, owner, stopping)
     except Stopped:
         now = store.get(job.id)
-        if now is not None and now.state == "cancelled":
+        if now is None:  # deleted: its files went with it
+            logger.info("job %s stopped: deleted", job.id)
+        elif now.state == "cancelled":
             _remove_files(store, job)
             logger.info("job %s stopped: cancelled", job.id)
         elif stopping.is_set():
@@ -158,6 +167,13 @@ def execute(
         _fail(store, job, owner, exc.message)
         return
     except Exception as exc:  # the runner's boundary: the job fails, the runner goes on
+        now = store.get(job.id)
+        if now is None or now.state == "cancelled":
+            # Cancelled or deleted while it was being read (its input may be gone with it):
+            # that is the end the client asked for, not a failure.
+            _remove_files(store, job)
+            logger.info("job %s stopped: %s", job.id, "deleted" if now is None else "cancelled")
+            return
         logger.exception("job %s failed", job.id)
         _fail(store, job, owner, f"internal error ({type(exc).__name__}); see the server log")
         return
