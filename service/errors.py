@@ -101,7 +101,9 @@ class RateLimited(Overloaded):
 
 
 class RangeNotSatisfiable(ServiceError):
-    pass
+    def __init__(self, message: str, size: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size  # of the whole resource: the answer's `Content-Range: bytes */size`
 
 
 class StorageFull(ServiceError):

@@ -23,7 +23,9 @@ EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
 
 class JobClientError(Exception):
-    pass
+    def __init__(self, message: str, status: int = 0, content_range: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.content_range = status, content_range
 
 
 def _call(
@@ -50,7 +52,9 @@ def _call(
             message = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             message = exc.reason
-        raise JobClientError(f"{method} {url}: {exc.code} {message}") from None
+        raise JobClientError(
+            f"{method} {url}: {exc.code} {message}", exc.code, exc.headers.get("content-range")
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         raise JobClientError(f"{method} {url}: the server cannot be reached ({exc})") from None
 
@@ -122,7 +126,14 @@ def _result(args: argparse.Namespace) -> int:
     # A download that stopped resumes from where it stopped.
     have = target.stat().st_size if args.resume and target.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    with _call(args, "GET", f"/v1/jobs/{args.id}/result", headers=headers) as response:
+    try:
+        response = _call(args, "GET", f"/v1/jobs/{args.id}/result", headers=headers)
+    except JobClientError as exc:
+        # Nothing past what it has: the file was already whole (a retried script).
+        if have and exc.status == 416 and exc.content_range == f"bytes */{have}":
+            return 0
+        raise
+    with response:
         mode = "ab" if have and response.status == 206 else "wb"
         with target.open(mode) as out:
             shutil.copyfileobj(response, out, 1 << 20)

@@ -565,6 +565,12 @@ def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
     fetched = modelserve_jobs(url, "result", job_id, str(target), "--resume")
     assert fetched.returncode == 0, fetched.stderr
     assert target.read_bytes() == expected["iris:2"]
+    again = modelserve_jobs(url, "result", job_id, str(target), "--resume")  # already whole
+    assert (again.returncode, again.stderr) == (0, ""), again.stderr
+    assert target.read_bytes() == expected["iris:2"]
+    past = httpx.get(f"{url}/v1/jobs/{job_id}/result", headers={"Range": "bytes=99999999-"})
+    assert past.status_code == 416
+    assert past.headers["content-range"] == f"bytes */{len(expected['iris:2'])}"
     listed = modelserve_jobs(url, "list", "--state", "succeeded")
     assert job_id in listed.stdout
 

@@ -84,6 +84,8 @@ def error_headers(exc: errors.ServiceError) -> Headers:
         headers.append((b"www-authenticate", _challenge("insufficient_scope", exc.scope)))
     if isinstance(exc, errors.MethodNotAllowed):
         headers.append((b"allow", b"POST"))
+    if isinstance(exc, errors.RangeNotSatisfiable) and exc.size is not None:
+        headers.append((b"content-range", f"bytes */{exc.size}".encode()))
     return headers
 
 

@@ -254,7 +254,7 @@ def _byte_range(text: str | None, size: int) -> tuple[int, int] | None:
         return None
     if start >= size or start > stop:
         raise errors.RangeNotSatisfiable(
-            f"the range {text!r} starts past the end of the {size}-byte result"
+            f"the range {text!r} starts past the end of the {size}-byte result", size
         )
     return start, stop
 
