@@ -5,6 +5,7 @@
     ├── RouteNotFound        a path that no endpoint serves
     ├── ModelNotReady        known version that did not load or was unloaded
     ├── InvalidInput         malformed or invalid request data
+    │   └── ClientLeft       a client that left before sending its whole body
     ├── UnsupportedMediaType a body in a format the endpoint does not speak
     ├── MethodNotAllowed     a method the path does not serve
     ├── PayloadTooLarge      body or batch above the configured limits
@@ -104,6 +105,11 @@ class RangeNotSatisfiable(ServiceError):
     def __init__(self, message: str, size: int | None = None) -> None:
         super().__init__(message)
         self.size = size  # of the whole resource: the answer's `Content-Range: bytes */size`
+
+
+class ClientLeft(InvalidInput):
+    """Counted and logged as 499, as proxies do: no one is left to answer, and the client's
+    leaving is no invalid input to count among the 4xx."""
 
 
 class StorageFull(ServiceError):

@@ -20,6 +20,7 @@ _PREALLOCATE_BYTES = 1 << 20
 # The one table from domain errors to HTTP status codes.
 STATUS_CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: 400,
+    errors.ClientLeft: 499,
     errors.Unauthorized: 401,
     errors.InvalidToken: 401,
     errors.HeadersTimeout: 408,
@@ -171,7 +172,7 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise errors.InvalidInput("the client disconnected before sending the whole body")
+            raise errors.ClientLeft("the client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
