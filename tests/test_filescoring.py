@@ -1,5 +1,6 @@
 """`modelserve score` as a user runs it: a real process, real files, workers, a terminal."""
 
+import io
 import os
 import pty
 import signal
@@ -15,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_iris
 
+from service.errors import InvalidInput
+from service.protocols.files import open_parquet
 from service.scoring import ModelReference, score
 from service.scoring.parts import ScoreFile, plan_parts, score_part
 
@@ -431,3 +434,14 @@ def group_gone(group: int, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_file_that_only_looks_like_parquet_gets_a_readable_reason(seed: int) -> None:
+    """Parquet's magic bytes around junk: the reason names no byte of the junk."""
+    junk = np.random.default_rng(seed).integers(0, 256, 400, dtype=np.uint8).tobytes()
+    fake = b"PAR1" + junk + (300).to_bytes(4, "little") + b"PAR1"
+    with pytest.raises(InvalidInput) as refused:
+        open_parquet(io.BytesIO(fake))
+    assert refused.value.message.startswith("not a readable Parquet file: ")
+    assert refused.value.message.isprintable(), repr(refused.value.message)

@@ -184,7 +184,17 @@ def open_parquet(source: str | Path | BinaryIO) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInput(f"not a readable Parquet file: {exc}") from None
+        raise InvalidInput(f"not a readable Parquet file: {_readable(str(exc))}") from None
+
+
+def _readable(reason: str) -> str:
+    """A library's reason up to its first unprintable character: Parquet's Thrift decoder
+    quotes the file's own bytes ("don't know what type: \\x0e"), which mean nothing to a user."""
+    for index, char in enumerate(reason):
+        if not char.isprintable():
+            reason = reason[:index]
+            break
+    return reason.rstrip(" :")[:300] or "its metadata cannot be decoded"
 
 
 def parquet_chunks(
