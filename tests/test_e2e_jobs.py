@@ -594,6 +594,38 @@ def test_the_cli_submits_waits_and_downloads_with_exit_codes_on_a_pipe(
     assert "petal_width" in failed.stdout
 
 
+def test_an_input_the_runner_would_refuse_is_refused_at_submission(
+    jobs_server: RunningServer, inputs: Path, tmp_path: Path
+) -> None:
+    """Missing feature columns, a column named twice, a file that is not Parquet: 400 while the
+    client waits (as :score answers), not a job that fails later; an upload leaves no file."""
+    url = jobs_server.url
+    folder = Path(jobs_env_of(jobs_server))
+    before = set(folder.iterdir())
+    not_parquet = b"PAR1" + b"\x0e" * 300 + (200).to_bytes(4, "little") + b"PAR1"
+    for body, media_type, reason in (
+        (b"sepal_length,petal_width\n1,2\n", "text/csv", "missing feature columns"),
+        (b"a,a\n1,2\n", "text/csv", "appears more than once"),
+        (not_parquet, "application/vnd.apache.parquet", "not a readable Parquet file"),
+    ):
+        refused = httpx.post(
+            f"{url}/v1/jobs?model=iris", content=body, headers={"Content-Type": media_type}
+        )
+        assert refused.status_code == 400, refused.text
+        assert reason in refused.json()["error"], refused.text
+    on_disk = tmp_path / "narrow.csv"
+    on_disk.write_text("petal_width\n0.2\n")
+    shutil.copy(on_disk, inputs / "narrow.csv")
+    try:
+        by_path = {"model": "iris", "input_path": str(inputs / "narrow.csv")}
+        refused = httpx.post(f"{url}/v1/jobs", json=by_path)
+        assert refused.status_code == 400, refused.text
+        assert "missing feature columns" in refused.json()["error"]
+    finally:
+        (inputs / "narrow.csv").unlink()
+    assert set(folder.iterdir()) == before  # no job, no file kept
+
+
 def test_job_routes_go_through_the_request_boundary(
     trained_repository: Path, inputs: Path, tmp_path: Path
 ) -> None:

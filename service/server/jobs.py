@@ -15,13 +15,22 @@ from urllib.parse import parse_qs
 import orjson
 
 from service import errors
+from service.config import Settings
 from service.jobs.estimate import estimate_rows
 from service.jobs.runner import result_path
 from service.jobs.store import STATES, Job, JobStore
-from service.protocols.files import CONTENT_TYPES, format_of_media_type, format_of_path
-from service.scoring.columns import parse_column_types
+from service.protocols.files import (
+    CONTENT_TYPES,
+    format_of_media_type,
+    format_of_path,
+    open_parquet,
+    parse_csv_header,
+)
+from service.scoring.columns import ColumnTypes, check_declared, parse_column_types
+from service.scoring.tabular import check_columns
 from service.server.boundary import Answer, Exchange, Handler
 from service.server.http import body_chunks, header, idle_bounded, read_body
+from service.store.registry import ModelVersion
 
 _JSON = [(b"content-type", b"application/json")]
 _FORMATS = ("csv", "ndjson", "parquet")
@@ -98,6 +107,38 @@ def _allowed_input(exchange: Exchange, text: object) -> Path:
     if not path.is_file():
         raise errors.InvalidInput(f"input_path {text!r} is not a file")
     return path
+
+
+def _input_columns(source: Path, input_format: str, max_row_bytes: int) -> list[str] | None:
+    """The columns a file names: a CSV's header, a Parquet file's schema; None for NDJSON (each
+    row names its own) or a header longer than a row may be (the runner says so)."""
+    if input_format == "parquet":
+        return list(open_parquet(source).schema_arrow.names)
+    if input_format != "csv":
+        return None
+    with source.open("rb") as file:
+        line = file.readline(max_row_bytes + 1)
+    if not line.endswith(b"\n") and len(line) > max_row_bytes:
+        return None
+    return parse_csv_header(line.rstrip(b"\r\n"))
+
+
+def _check_input(
+    model: ModelVersion,
+    source: Path,
+    input_format: str,
+    column_types: ColumnTypes,
+    settings: Settings,
+) -> None:
+    columns = _input_columns(source, input_format, settings.max_row_bytes)
+    if columns is not None:
+        check_columns(model, columns)
+        check_declared(column_types, columns)
+
+
+def _remove_upload(source: Path) -> None:
+    source.unlink(missing_ok=True)
+    source.parent.rmdir()
 
 
 async def _spool(exchange: Exchange, store: JobStore, target: Path) -> None:
@@ -189,6 +230,15 @@ async def _submit(exchange: Exchange) -> Answer:
         if exchange.budget is not None:
             exchange.budget.reschedule(None)  # an upload is bounded by bytes, not by time
         await _spool(exchange, store, source)
+    try:
+        # What the runner would refuse at its start is refused now, while the client waits.
+        await asyncio.to_thread(
+            _check_input, model, source, input_format, column_types, exchange.state.settings
+        )
+    except errors.ServiceError:
+        if not by_path:
+            await asyncio.to_thread(_remove_upload, source)
+        raise
     rows = await asyncio.to_thread(estimate_rows, source, input_format)
     rows_total, estimated = rows or (None, False)
     job = Job(
