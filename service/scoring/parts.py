@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -83,18 +84,34 @@ class Unsplittable(Exception):
         self.index = index
 
 
+def _read_header(source: BinaryIO, max_row_bytes: int) -> list[str]:
+    """A CSV's column names, from its first line (which is a row, as long as a row may be)."""
+    header = source.readline(max_row_bytes + 2)
+    if len(header.rstrip(b"\n")) > max_row_bytes:
+        raise InvalidInput(
+            f"the header line is longer than {max_row_bytes} bytes, the limit of "
+            "one row (MODELSERVE_MAX_ROW_BYTES)"
+        )
+    return parse_csv_header(header)
+
+
+def input_columns(source: Path, input_format: str, max_row_bytes: int) -> list[str] | None:
+    """The columns a file names: a CSV's header, a Parquet file's schema; None for NDJSON,
+    whose rows name their own."""
+    if input_format == "parquet":
+        return list(open_parquet(source).schema_arrow.names)
+    if input_format != "csv":
+        return None
+    with source.open("rb") as file:
+        return _read_header(file, max_row_bytes)
+
+
 def _line_parts(job: ScoreFile, workers: int) -> list[Part]:
     size = job.source.stat().st_size
     columns: list[str] | None = None
     with job.source.open("rb") as source:
         if job.input_format == "csv":
-            header = source.readline(job.max_row_bytes + 2)
-            if len(header.rstrip(b"\n")) > job.max_row_bytes:
-                raise InvalidInput(
-                    f"the header line is longer than {job.max_row_bytes} bytes, the limit of "
-                    "one row (MODELSERVE_MAX_ROW_BYTES)"
-                )
-            columns = parse_csv_header(header)
+            columns = _read_header(source, job.max_row_bytes)
         start = source.tell()
         bounds = [start]
         for i in range(1, workers):

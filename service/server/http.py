@@ -254,6 +254,7 @@ class _GuardedBody:
 
     def __init__(self, guard: BodyGuard, scope: Scope, receive: Receive, send: Send) -> None:
         self.guard, self.scope, self._receive, self._send = guard, scope, receive, send
+        self._bounded = idle_bounded(receive, guard.idle_s)
         self.received = 0
         self.refusal: errors.ServiceError | None = None
         self.complete = self.started = self.replaced = False
@@ -261,20 +262,16 @@ class _GuardedBody:
     async def receive(self) -> Message:
         if self.complete:  # past the body: waits for the client to leave, however long
             return await self._receive()
-        idle_s, limit = self.guard.idle_s, self.guard.limit
         try:
-            message = await asyncio.wait_for(self._receive(), idle_s)
-        except TimeoutError:
-            self.refusal = errors.BodyTimeout(
-                f"no part of the request body arrived for {idle_s:g} s "
-                "(MODELSERVE_BODY_IDLE_TIMEOUT_S)"
-            )
-            raise self.refusal from None
+            message = await self._bounded()
+        except errors.BodyTimeout as exc:
+            self.refusal = exc
+            raise
         self.complete = not message.get("more_body", False)
         self.received += len(message.get("body", b""))
-        if self.received > limit:
+        if self.received > self.guard.limit:
             self.refusal = errors.PayloadTooLarge(
-                f"request body is over the limit of {limit} bytes"
+                f"request body is over the limit of {self.guard.limit} bytes"
             )
             raise self.refusal
         return message

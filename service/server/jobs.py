@@ -19,14 +19,9 @@ from service.config import Settings
 from service.jobs.estimate import estimate_rows
 from service.jobs.runner import result_path
 from service.jobs.store import STATES, Job, JobStore
-from service.protocols.files import (
-    CONTENT_TYPES,
-    format_of_media_type,
-    format_of_path,
-    open_parquet,
-    parse_csv_header,
-)
+from service.protocols.files import CONTENT_TYPES, format_of_media_type, format_of_path
 from service.scoring.columns import ColumnTypes, check_declared, parse_column_types
+from service.scoring.parts import input_columns
 from service.scoring.tabular import check_columns
 from service.server.boundary import Answer, Exchange, Handler
 from service.server.http import body_chunks, header, idle_bounded, read_body
@@ -109,20 +104,6 @@ def _allowed_input(exchange: Exchange, text: object) -> Path:
     return path
 
 
-def _input_columns(source: Path, input_format: str, max_row_bytes: int) -> list[str] | None:
-    """The columns a file names: a CSV's header, a Parquet file's schema; None for NDJSON (each
-    row names its own) or a header longer than a row may be (the runner says so)."""
-    if input_format == "parquet":
-        return list(open_parquet(source).schema_arrow.names)
-    if input_format != "csv":
-        return None
-    with source.open("rb") as file:
-        line = file.readline(max_row_bytes + 1)
-    if not line.endswith(b"\n") and len(line) > max_row_bytes:
-        return None
-    return parse_csv_header(line.rstrip(b"\r\n"))
-
-
 def _check_input(
     model: ModelVersion,
     source: Path,
@@ -130,7 +111,7 @@ def _check_input(
     column_types: ColumnTypes,
     settings: Settings,
 ) -> None:
-    columns = _input_columns(source, input_format, settings.max_row_bytes)
+    columns = input_columns(source, input_format, settings.max_row_bytes)
     if columns is not None:
         check_columns(model, columns)
         check_declared(column_types, columns)
