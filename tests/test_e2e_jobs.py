@@ -387,7 +387,9 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         stopping = time.monotonic()
         assert stop(running.process, timeout=10), "the server had not exited 10 s after SIGTERM"
         took = time.monotonic() - stopping
-        assert took < 2, f"the server took {took:.1f} s to stop"
+        # 0.4-0.8 s here (2.7-3.0 s before queued parts were cancelled); the margin is for a
+        # busy machine, where the server's own shutdown slows too.
+        assert took < 2.5, f"the server took {took:.1f} s to stop"
         said = running.output()
         assert ("stopped: cancelled" if cancelled else "handed back to the queue") in said, said
         assert "leaked semaphore" not in said, said  # the pool's processes ended before it
