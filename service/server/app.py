@@ -165,8 +165,10 @@ def create_app(settings: Settings) -> InferenceMiddleware:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The cores this process may run on, not the machine's: a container limited to two
+        # cores of a large host would otherwise start a thread per host core.
         executor = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="model"
+            max_workers=max(2, len(os.sched_getaffinity(0))), thread_name_prefix="model"
         )
         payloads = create_payload_log(settings, metrics)
         state = ServiceState(
