@@ -106,6 +106,10 @@ def test_the_control_plane_logs_and_answers_with_request_ids(
         200,
     )
     assert (entry["model"], entry["version"], entry["protocol"]) == ("iris", "2", "v2")
+    # A HEAD that is answered as GET is logged as the HEAD the client sent.
+    head = httpx.head(f"{workers_server.url}/v2", headers={"X-Request-ID": "head-1"})
+    assert head.status_code == 200
+    assert _line(workers_server, "head-1")["method"] == "HEAD"
     missed = _line(workers_server, "route-1")
     # The control plane's errors carry their type too (answered inside the framework).
     assert (missed["status"], missed["error"]) == (404, "RouteNotFound")

@@ -18,6 +18,7 @@ from service.server.http import (
     Receive,
     Scope,
     Send,
+    asked_method,
     error_body,
     error_headers,
     noted_error,
@@ -171,7 +172,7 @@ class AccessLogMiddleware:
         params = scope.get("path_params", {})
         log_request(
             request,
-            scope["method"],
+            asked_method(scope),
             scope["path"],
             status,
             time.perf_counter() - started,

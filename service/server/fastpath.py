@@ -21,6 +21,7 @@ from service.server.http import (
     Receive,
     Scope,
     Send,
+    answered_as,
     error_body,
     error_headers,
     header,
@@ -90,7 +91,7 @@ class InferenceMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["method"] == "HEAD" and scope["path"] in _HEAD_AS_GET:
-            scope = {**scope, "method": "GET"}
+            scope = answered_as(scope, "GET")
         match = _ROUTE.fullmatch(scope["path"])
         state: ServiceState | None = getattr(self.app.state, "service", None)
         if match is None or state is None:

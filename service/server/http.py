@@ -192,6 +192,19 @@ async def send_response(send: Send, status: int, body: bytes, headers: Headers) 
 
 
 _ERROR_KEY = "modelserve.access.error"
+# The method the client sent, where the server answers a request as another (HEAD as GET).
+_ASKED_METHOD_KEY = "modelserve.access.method"
+
+
+def answered_as(scope: Scope, method: str) -> Scope:
+    """The scope of a request served as `method`; its access line keeps the client's."""
+    return {**scope, "method": method, _ASKED_METHOD_KEY: scope["method"]}
+
+
+def asked_method(scope: Scope) -> str:
+    """The method the client sent."""
+    method: str = scope.get(_ASKED_METHOD_KEY, scope["method"])
+    return method
 
 
 def note_error(scope: Scope, kind: str) -> None:
