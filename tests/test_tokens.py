@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.issuer import AUDIENCE, Issuer, new_key, run_issuer
-from tests.serving import RunningServer, free_port, run_server
+from tests.serving import RunningServer, free_port, run_server, wait_for
 from tests.test_faults import INFER, JSON, infer_body
 
 pytestmark = pytest.mark.e2e
@@ -346,6 +346,41 @@ def test_statistics_of_all_models_need_the_scope_of_every_model(
     assert "lacks the scope 'modelserve:infer'" in refused.json()["error"]
     wide = {"Authorization": "Bearer " + issuer.token(scope="modelserve:infer")}
     assert http.get("/v2/models/stats", headers=wide).status_code == 200
+
+
+def test_batch_jobs_take_the_scope_of_their_model(http: httpx.Client, issuer: Issuer) -> None:
+    def bearer(scope: str) -> dict[str, str]:
+        return {"Authorization": "Bearer " + issuer.token(scope=scope)}
+
+    iris, wine, wide = bearer("infer:ir*"), bearer("infer:wine"), bearer("modelserve:infer")
+    upload = {"Content-Type": "text/csv"}
+    # Refused before any of the upload is read: a job is scoring with the model's scope.
+    refused = http.post("/v1/jobs?model=iris", content=CSV_BODY, headers={**upload, **wine})
+    assert refused.status_code == 403
+    assert "lacks the scope 'infer:iris'" in refused.json()["error"]
+    submitted = http.post("/v1/jobs?model=iris", content=CSV_BODY, headers={**upload, **iris})
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()["id"]
+
+    def state() -> str:
+        answer = http.get(f"/v1/jobs/{job}", headers=iris)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["state"])
+
+    wait_for(lambda: state() == "succeeded", what=f"job {job} to succeed")
+    result = http.get(f"/v1/jobs/{job}/result", headers=iris)
+    assert result.status_code == 200
+    assert result.text.splitlines()[0].startswith("sepal_length,")
+    # Another model's scope neither sees the job nor handles it.
+    for method, path in (("GET", ""), ("GET", "/result"), ("DELETE", "")):
+        other = http.request(method, f"/v1/jobs/{job}{path}", headers=wine)
+        assert other.status_code == 403, (method, path)
+        assert "lacks the scope 'infer:iris'" in other.json()["error"]
+    assert http.get("/v1/jobs", headers=wine).json()["jobs"] == []
+    assert http.get("/v1/jobs?model=iris", headers=wine).status_code == 403
+    for scope in (iris, wide):
+        assert job in [j["id"] for j in http.get("/v1/jobs", headers=scope).json()["jobs"]]
+    assert http.delete(f"/v1/jobs/{job}", headers=iris).status_code == 204
 
 
 @pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/repository/models/iris/load"])

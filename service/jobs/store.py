@@ -202,7 +202,8 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
-    def find(self, state: str | None, model: str | None, limit: int) -> list[Job]:
+    def find(self, state: str | None, model: str | None, limit: int | None) -> list[Job]:
+        """The newest jobs first, in `state` and of `model` where given; all with no limit."""
         query, args = "SELECT * FROM jobs WHERE 1 = 1", []
         if state is not None:
             query += " AND state = ?"
@@ -212,7 +213,7 @@ class JobStore:
             args.append(model)
         query += " ORDER BY created DESC LIMIT ?"
         with self._connect() as db:
-            rows = db.execute(query, [*args, limit]).fetchall()
+            rows = db.execute(query, [*args, -1 if limit is None else limit]).fetchall()
         return [_job(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Credentials and what they allow: API keys, the admin token and JWT bearer tokens.
 
 Every front door asks the same three questions here: `check_inference` (a model's inference and
-metadata), `check_admin` (the repository endpoints) and `check_any` (protected metrics). No
+metadata; `check_caller` and `require_inference` for batch jobs, whose models are known later),
+`check_admin` (the repository endpoints) and `check_any` (protected metrics). No
 credentials at all is 401 (with `WWW-Authenticate: Bearer`); a token that does not verify is 401
 with `error="invalid_token"`; a key or admin token that does not match is 403; a valid token
 without the scope needed is 403 naming the scope. Secrets are compared in constant time.
@@ -82,6 +83,19 @@ class Identity:
 ANONYMOUS = Identity("anonymous", "anonymous")
 
 
+def require_inference(identity: Identity, model: str | None) -> None:
+    """Raise unless `identity` may call `model` (None: every model)."""
+    if identity.may_infer(model):
+        return
+    if model is None or not is_model_name(model):
+        raise Forbidden(f"the token lacks the scope {INFER_SCOPE!r}", scope=INFER_SCOPE)
+    scope = MODEL_SCOPE_PREFIX + model
+    raise Forbidden(
+        f"the token lacks the scope {scope!r} (or {INFER_SCOPE!r}) to call model {model!r}",
+        scope=scope,
+    )
+
+
 def key_id(key: str) -> str:
     """A short name for an API key in logs and metrics, from which the key cannot be found."""
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -156,6 +170,13 @@ class Credentials:
     ) -> Identity:
         """Who may call `model` (None: every model); raises unless they may. Inference is open
         when neither API keys nor tokens are configured."""
+        identity = await self.check_caller(authorization, api_key)
+        require_inference(identity, model)
+        return identity
+
+    async def check_caller(self, authorization: str | None, api_key: str | None) -> Identity:
+        """Who sent a request that names its models later (a batch job): valid credentials of
+        an inference caller, whatever the models they may call."""
         if not self.api_keys and self.tokens is None:
             return ANONYMOUS
         given = api_key if api_key is not None else bearer_token(authorization)
@@ -167,14 +188,6 @@ class Credentials:
         identity = await self._identify(given, self.api_keys, jwt=api_key is None)
         if identity is None:
             raise Forbidden("the API key is not valid")
-        if not identity.may_infer(model):
-            if model is None or not is_model_name(model):
-                raise Forbidden(f"the token lacks the scope {INFER_SCOPE!r}", scope=INFER_SCOPE)
-            scope = MODEL_SCOPE_PREFIX + model
-            raise Forbidden(
-                f"the token lacks the scope {scope!r} (or {INFER_SCOPE!r}) to call model {model!r}",
-                scope=scope,
-            )
         return identity
 
     async def check_admin(self, authorization: str | None) -> Identity:

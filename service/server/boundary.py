@@ -156,9 +156,13 @@ async def run(
                 raise errors.Overloaded(
                     "the server is shutting down; send the request to another instance"
                 )
-            call.identity = await state.credentials.check_inference(
-                authorization, api_key, call.names[0]
-            )
+            credentials = state.credentials
+            if call.protocol == "jobs":  # its models are checked as the job names them
+                call.identity = await credentials.check_caller(authorization, api_key)
+            else:
+                call.identity = await credentials.check_inference(
+                    authorization, api_key, call.names[0]
+                )
             if state.limiter is not None:
                 state.limiter.admit(call.identity, call.address())
             return await work()

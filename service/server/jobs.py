@@ -23,6 +23,7 @@ from service.protocols.files import CONTENT_TYPES, format_of_media_type, format_
 from service.scoring.columns import ColumnTypes, check_declared, parse_column_types
 from service.scoring.parts import input_columns
 from service.scoring.tabular import check_columns
+from service.server.auth import Identity, require_inference
 from service.server.boundary import Answer, Exchange, Handler
 from service.server.http import body_chunks, header, idle_bounded, read_body
 from service.store.registry import ModelVersion
@@ -75,6 +76,20 @@ def _found(store: JobStore, job_id: str) -> Job:
     job = store.get(job_id)
     if job is None:
         raise errors.RouteNotFound(f"no job {job_id!r}; GET /v1/jobs lists the jobs kept")
+    return job
+
+
+def _caller(exchange: Exchange) -> Identity:
+    if exchange.identity is None:  # the boundary sets it before any handler runs
+        raise errors.ServiceError("the request's credentials were not checked")
+    return exchange.identity
+
+
+async def _job(exchange: Exchange, store: JobStore, job_id: str) -> Job:
+    """The job, if the caller may call its model: a job is seen and handled with the scope
+    that scoring its rows takes (`infer:<model>` or `modelserve:infer`)."""
+    job = await asyncio.to_thread(_found, store, job_id)
+    require_inference(_caller(exchange), job.model)
     return job
 
 
@@ -189,6 +204,7 @@ async def _submit(exchange: Exchange) -> Answer:
     name, version = fields.get("model"), fields.get("version")
     if not isinstance(name, str):
         raise errors.InvalidInput("name the model: ?model=NAME[&version=V] (or in the JSON body)")
+    require_inference(_caller(exchange), name)  # before any of an upload is read
     if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
         raise errors.InvalidInput("version must be a version number or an alias name")
     model = exchange.model = exchange.state.router.resolve(
@@ -241,13 +257,20 @@ async def _list(exchange: Exchange) -> Answer:
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
         raise errors.InvalidInput("limit must be a whole number from 1 to 1000")
     store = _store(exchange)
-    jobs = await asyncio.to_thread(store.find, state, query.get("model"), int(limit_text))
+    model, caller, limit = query.get("model"), _caller(exchange), int(limit_text)
+    if model is not None:
+        require_inference(caller, model)
+    if model is not None or caller.may_infer(None):
+        jobs = await asyncio.to_thread(store.find, state, model, limit)
+    else:  # a caller scoped to some models sees their jobs only
+        jobs = await asyncio.to_thread(store.find, state, None, None)
+        jobs = [job for job in jobs if caller.may_infer(job.model)][:limit]
     return 200, orjson.dumps({"jobs": [describe(job) for job in jobs]}), _JSON
 
 
 def _status(job_id: str) -> Handler:
     async def handler(exchange: Exchange) -> Answer:
-        job = await asyncio.to_thread(_found, _store(exchange), job_id)
+        job = await _job(exchange, _store(exchange), job_id)
         return 200, orjson.dumps(describe(job)), _JSON
 
     return handler
@@ -256,7 +279,7 @@ def _status(job_id: str) -> Handler:
 def _remove(job_id: str) -> Handler:
     async def handler(exchange: Exchange) -> Answer:
         store = _store(exchange)
-        job = await asyncio.to_thread(_found, store, job_id)
+        job = await _job(exchange, store, job_id)
         unfinished = job.state in ("queued", "running")
         if unfinished and await asyncio.to_thread(store.cancel, job_id):
             if job.state == "queued" and job.owned_input:
@@ -293,7 +316,7 @@ def _byte_range(text: str | None, size: int) -> tuple[int, int] | None:
 def _result(job_id: str) -> Handler:
     async def handler(exchange: Exchange) -> None:
         store = _store(exchange)
-        job = await asyncio.to_thread(_found, store, job_id)
+        job = await _job(exchange, store, job_id)
         if job.state != "succeeded":
             raise errors.Conflict(
                 f"job {job_id} is {job.state}: its result exists once it has succeeded"
