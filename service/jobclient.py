@@ -37,8 +37,11 @@ def _call(
 ) -> Any:
     headers = dict(headers or {})
     key = args.api_key or os.environ.get("MODELSERVE_API_KEY")
+    token = args.token or os.environ.get("MODELSERVE_TOKEN")
     if key:
         headers["X-API-Key"] = key
+    elif token:  # the server reads an API key first: a token goes only where no key is given
+        headers["Authorization"] = f"Bearer {token}"
     url = f"{args.url.rstrip('/')}{path}"
     # Imported here: every command imports this module, and http.client with ssl take longer
     # to import than `modelserve score` takes for 50,000 rows.
@@ -173,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(commands: Any) -> None:
     jobs = commands.add_parser("jobs", help="submit and follow batch jobs on a running server")
     jobs.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
-    jobs.add_argument("--api-key", help="API key (default: MODELSERVE_API_KEY)")
+    credentials = jobs.add_mutually_exclusive_group()
+    credentials.add_argument("--api-key", help="API key (default: MODELSERVE_API_KEY)")
+    credentials.add_argument(
+        "--token", help="bearer token, when no API key is given (default: MODELSERVE_TOKEN)"
+    )
     actions = jobs.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="submit a file; prints the job id")
     submit.add_argument("model", metavar="MODEL")

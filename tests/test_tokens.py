@@ -6,6 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -381,6 +384,35 @@ def test_batch_jobs_take_the_scope_of_their_model(http: httpx.Client, issuer: Is
     for scope in (iris, wide):
         assert job in [j["id"] for j in http.get("/v1/jobs", headers=scope).json()["jobs"]]
     assert http.delete(f"/v1/jobs/{job}", headers=iris).status_code == 204
+
+
+def test_the_jobs_cli_sends_a_token(
+    token_server: RunningServer, issuer: Issuer, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(CSV_BODY)
+    cli = [sys.executable, "-m", "service", "jobs", "--url", token_server.url]
+    submit = ["submit", "iris", str(rows)]
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+        environment.update(env or {})
+        return subprocess.run(
+            [*cli, *args], capture_output=True, text=True, timeout=120, env=environment, check=False
+        )
+
+    token = issuer.token(scope="infer:iris")
+    by_option = run("--token", token, *submit)
+    assert by_option.returncode == 0, by_option.stderr
+    by_environment = run(*submit, env={"MODELSERVE_TOKEN": token})
+    assert by_environment.returncode == 0, by_environment.stderr
+    assert by_option.stdout != by_environment.stdout  # two jobs
+    refused = run("--token", issuer.token(scope="infer:wine"), *submit)
+    assert refused.returncode == 1
+    assert "lacks the scope 'infer:iris'" in refused.stderr
+    both = run("--token", token, "--api-key", API_KEY, *submit)
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
 
 
 @pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/repository/models/iris/load"])
