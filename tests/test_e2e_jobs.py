@@ -1,6 +1,8 @@
 """Batch jobs through real server processes: submit, poll, download, cancel, crash and resume."""
 
+import asyncio
 import logging
+import multiprocessing
 import os
 import pty
 import re
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +32,7 @@ from sklearn.datasets import load_iris
 
 from service.config import Settings
 from service.jobs.parts import JOB_NICENESS, close_pool, new_pool
-from service.jobs.runner import execute
+from service.jobs.runner import execute, run_jobs
 from service.jobs.store import Job, JobStore
 from tests.serving import RunningServer, run_server, stop, wait_for
 
@@ -379,6 +382,7 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
             60,
             "the job under way",
         )
+        asked = time.time()
         if cancelled:
             assert httpx.delete(f"{running.url}/v1/jobs/{job_id}").status_code == 200
         # Parts not yet started are cancelled by the stopping server; the job's thread must
@@ -387,11 +391,14 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         stopping = time.monotonic()
         assert stop(running.process, timeout=10), "the server had not exited 10 s after SIGTERM"
         took = time.monotonic() - stopping
-        # 0.4-0.8 s here (2.7-3.0 s before queued parts were cancelled); the margin is for a
-        # busy machine, where the server's own shutdown slows too.
-        assert took < 2.5, f"the server took {took:.1f} s to stop"
         said = running.output()
-        assert ("stopped: cancelled" if cancelled else "handed back to the queue") in said, said
+        # The job stops within 0.1-0.5 s of the cancel or the SIGTERM, about 0.4 s on a busy
+        # core (1.4-1.7 s when queued parts ran to their first heartbeat). The server then
+        # waits for its job processes to exit: they run at a lower priority (JOB_NICENESS), so
+        # on a busy machine that alone takes seconds.
+        ended = logged_at(said, "stopped: cancelled" if cancelled else "handed back to the queue")
+        assert ended - asked < 1.2, f"the job stopped {ended - asked:.1f} s after it was asked to"
+        assert took < 8, f"the server took {took:.1f} s to stop"
         assert "leaked semaphore" not in said, said  # the pool's processes ended before it
     if cancelled:
         return
@@ -401,6 +408,14 @@ def test_a_server_stopped_mid_job_exits_promptly_and_a_restart_finishes_the_job(
         assert done["attempts"] == 2
         result = httpx.get(f"{restarted.url}{done['result']}", timeout=120)
         assert result.content == huge_expected(expected)
+
+
+def logged_at(log: str, phrase: str) -> float:
+    """When the first log line with `phrase` was written, as a time.time() value."""
+    line = next((line for line in log.splitlines() if phrase in line), None)
+    assert line is not None, f"no line with {phrase!r} in:\n{log}"
+    stamp = datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=UTC).timestamp()
 
 
 def pool_processes(server: int) -> list[int]:
@@ -823,6 +838,39 @@ def test_a_job_cancelled_while_it_starts_is_no_failure(
     assert ("deleted" if deleted else "cancelled") in caplog.text
     now = store.get(job_id)
     assert now is None if deleted else (now is not None and now.state == "cancelled"), now
+
+
+def test_a_job_claimed_as_the_server_stops_is_handed_back_without_a_pool(
+    trained_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker may claim a job just as the server begins to stop: it hands the job back at
+    once, without starting a pool of processes for it (which, under load, held the stop up)."""
+    stopping = threading.Event()
+
+    class StopWhileClaiming(JobStore):
+        def claim(self, owner: str) -> Job | None:
+            job = super().claim(owner)
+            stopping.set()  # SIGTERM arrives between the claim and the job's start
+            return job
+
+    store = StopWhileClaiming(tmp_path / "jobs")
+    job_id = store.new_id()
+    source = write_iris_csv(tmp_path / "in.csv", 100)
+    job = Job(
+        job_id, "queued", "iris", 2, str(source), False, "csv", "csv", "fail", {}, 0, None,
+        False, None, time.time(), None, None, None, None, 0,
+    )  # fmt: skip
+    store.add(job)
+    settings = Settings(model_repository=trained_repository, jobs_processes=1)
+    children = set(multiprocessing.active_children())
+    with caplog.at_level(logging.INFO, logger="service.jobs.runner"):
+        asyncio.run(run_jobs(store, settings, stopping, lambda job, seconds: None))
+    now = store.get(job_id)
+    assert now is not None
+    # Queued again, its claim not counted: the next server's attempt is its first.
+    assert (now.state, now.owner, now.attempts) == ("queued", None, 0)
+    assert "handed back to the queue" in caplog.text
+    assert set(multiprocessing.active_children()) == children  # no pool was started
 
 
 @pytest.mark.parametrize("victim", [0, 1])

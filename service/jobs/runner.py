@@ -215,6 +215,10 @@ async def run_jobs(
                 await asyncio.to_thread(stopping.wait, _IDLE_S)  # ends at once on a stop
                 continue
             logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
+            if stopping.is_set():  # claimed as the server began to stop: no pool for it
+                await asyncio.to_thread(store.release, job.id, owner, False)
+                logger.info("job %s handed back to the queue: the server is stopping", job.id)
+                break
             if pool is not None and pool_broken(pool):
                 # A process died between jobs (the OOM killer picks idle ones too): the next
                 # job gets a new pool instead of failing on this one.

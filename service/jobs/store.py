@@ -260,13 +260,14 @@ class JobStore:
             ).rowcount
         return changed == 1
 
-    def release(self, job_id: str, owner: str) -> None:
-        """Back to the queue (this server is stopping); the next one resumes it."""
+    def release(self, job_id: str, owner: str, attempted: bool = True) -> None:
+        """Back to the queue (this server is stopping); the next one resumes it. A job released
+        as soon as it was claimed (`attempted` false) does not count that claim as an attempt."""
         with self._write() as db:
             db.execute(
-                "UPDATE jobs SET state = 'queued', owner = NULL WHERE id = ? AND owner = ? "
-                "AND state = 'running'",
-                (job_id, owner),
+                "UPDATE jobs SET state = 'queued', owner = NULL, attempts = attempts - ? "
+                "WHERE id = ? AND owner = ? AND state = 'running'",
+                (0 if attempted else 1, job_id, owner),
             )
 
     def finish(self, job_id: str, owner: str, state: str, error: str | None = None) -> None:
