@@ -15,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from service import jobclient
-from service.config import Settings
+from service.config import Settings, usable_cores
 from service.observability.logs import configure_logging
 
 if TYPE_CHECKING:  # pyarrow is imported only by the commands that score
@@ -348,7 +348,7 @@ def _score(args: argparse.Namespace) -> int:
         input_format=input_format,
         output_format=args.output_format or format_of_path(args.output) or input_format,
         chunk_rows=args.chunk_rows,
-        workers=args.workers or len(os.sched_getaffinity(0)),
+        workers=args.workers or usable_cores(),
         on_error=args.on_error,
         column_types=args.column_types or {},
         max_row_bytes=settings.max_row_bytes,

@@ -1,5 +1,6 @@
 """Settings: every option, read from MODELSERVE_* environment variables."""
 
+import os
 import re
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -43,6 +44,12 @@ def parse_rate(text: str) -> Rate:
             raise ValueError(f"rate limit {text!r}: the burst must be at least 1")
         rule = rule._replace(burst=float(burst))
     return rule
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's cores,
+    not the machine's), which the defaults of workers, model threads and job processes follow."""
+    return len(os.sched_getaffinity(0))
 
 
 class Settings(BaseSettings):

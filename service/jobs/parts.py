@@ -18,7 +18,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from service.config import Settings
+from service.config import Settings, usable_cores
 from service.jobs.store import Job, JobStore, StoredPart
 from service.scoring.parts import Part, PartFailed, ScoreFile, Unsplittable, score_part
 
@@ -81,9 +81,8 @@ def _score_in_process(
 
 
 def pool_size(settings: Settings) -> int:
-    """MODELSERVE_JOBS_PROCESSES, or one per core this server may run on (its CPU affinity: a
-    container's or taskset's cores, not the machine's)."""
-    return settings.jobs_processes or len(os.sched_getaffinity(0))
+    """MODELSERVE_JOBS_PROCESSES, or one per core this server may run on."""
+    return settings.jobs_processes or usable_cores()
 
 
 def new_pool(settings: Settings) -> Executor:

@@ -140,8 +140,7 @@ def execute(
             _remove_files(store, job)
             logger.info("job %s stopped: cancelled", job.id)
         elif stopping.is_set():
-            store.release(job.id, owner)
-            logger.info("job %s handed back to the queue: the server is stopping", job.id)
+            _hand_back(store, job, owner)
         else:  # its heartbeat went quiet and another worker took it over: its files are theirs
             logger.warning("job %s was taken over by %s", job.id, now and now.owner)
         return
@@ -149,8 +148,7 @@ def execute(
         # A part's process died (killed: out of memory, or by hand). The pool is unusable; the
         # runner starts a new one for the next job.
         if stopping.is_set():
-            store.release(job.id, owner)
-            logger.info("job %s handed back to the queue: the server is stopping", job.id)
+            _hand_back(store, job, owner)
         else:
             _fail(
                 store,
@@ -181,6 +179,12 @@ def execute(
     if job.owned_input:
         Path(job.input_path).unlink(missing_ok=True)
     logger.info("job %s succeeded in %.3f s", job.id, time.perf_counter() - started)
+
+
+def _hand_back(store: JobStore, job: Job, owner: str, attempted: bool = True) -> None:
+    """The job back to the queue, as the server stops: the next server resumes it."""
+    store.release(job.id, owner, attempted)
+    logger.info("job %s handed back to the queue: the server is stopping", job.id)
 
 
 def _fail(store: JobStore, job: Job, owner: str, message: str) -> None:
@@ -216,8 +220,7 @@ async def run_jobs(
                 continue
             logger.info("job %s claimed (attempt %d)", job.id, job.attempts)
             if stopping.is_set():  # claimed as the server began to stop: no pool for it
-                await asyncio.to_thread(store.release, job.id, owner, False)
-                logger.info("job %s handed back to the queue: the server is stopping", job.id)
+                await asyncio.to_thread(_hand_back, store, job, owner, False)
                 break
             if pool is not None and pool_broken(pool):
                 # A process died between jobs (the OOM killer picks idle ones too): the next

@@ -3,7 +3,6 @@
 import asyncio
 import gc
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
 from service import __version__
-from service.config import Settings
+from service.config import Settings, usable_cores
 from service.errors import ServiceError
 from service.jobs.runner import run_jobs
 from service.jobs.store import Job, JobStore
@@ -165,10 +164,10 @@ def create_app(settings: Settings) -> InferenceMiddleware:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The cores this process may run on, not the machine's: a container limited to two
-        # cores of a large host would otherwise start a thread per host core.
+        # Not os.cpu_count(): a container limited to two cores of a large host would start a
+        # thread per host core.
         executor = ThreadPoolExecutor(
-            max_workers=max(2, len(os.sched_getaffinity(0))), thread_name_prefix="model"
+            max_workers=max(2, usable_cores()), thread_name_prefix="model"
         )
         payloads = create_payload_log(settings, metrics)
         state = ServiceState(

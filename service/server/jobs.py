@@ -260,11 +260,10 @@ async def _list(exchange: Exchange) -> Answer:
     model, caller, limit = query.get("model"), _caller(exchange), int(limit_text)
     if model is not None:
         require_inference(caller, model)
-    if model is not None or caller.may_infer(None):
-        jobs = await asyncio.to_thread(store.find, state, model, limit)
-    else:  # a caller scoped to some models sees their jobs only
-        jobs = await asyncio.to_thread(store.find, state, None, None)
-        jobs = [job for job in jobs if caller.may_infer(job.model)][:limit]
+    # A caller scoped to some models sees their jobs only: all are read, theirs kept.
+    every = model is not None or caller.may_infer(None)
+    jobs = await asyncio.to_thread(store.find, state, model, limit if every else None)
+    jobs = [job for job in jobs if caller.may_infer(job.model)][:limit]
     return 200, orjson.dumps({"jobs": [describe(job) for job in jobs]}), _JSON
 
 
