@@ -130,3 +130,17 @@ def test_one_step_pipeline_uses_the_loop() -> None:
     loop = tree_loop(pipeline, "predict_proba")
     assert loop is not None
     assert np.array_equal(loop(_rows(x)), pipeline.predict_proba(_rows(x)))
+
+
+@pytest.mark.parametrize("width", [29, 31])
+def test_rows_of_another_width_are_refused_as_the_forest_refuses_them(width: int) -> None:
+    # Trees read their input's columns unchecked: a narrow row must not be read past its end.
+    x, y = _cancer()
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    loop = tree_loop(forest, "predict_proba")
+    assert loop is not None
+    rows = np.resize(_rows(x[:3]), (3, width))
+    with pytest.raises(ValueError, match=f"X has {width} features"):
+        forest.predict_proba(rows)
+    with pytest.raises(ValueError, match=f"X has {width} features, but RandomForestClassifier"):
+        loop(rows)

