@@ -240,6 +240,34 @@ def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
     assert orjson.loads(answer.body)["id"] == "pieces"
 
 
+def test_a_large_body_is_answered_alike_whole_or_in_pieces(server: RunningServer) -> None:
+    # A body of up to one read that comes with its head is served by the connection's cycle;
+    # one that comes in pieces is handed to uvicorn's, with what came so far.
+    body = b" " * 200_000 + orjson.dumps(ROW)
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    ).encode()
+    parts = urlsplit(server.url)
+    answers = []
+    for request_id, cut in (("whole-", None), ("pieces", 100_000)):
+        request = head + f"X-Request-ID: {request_id}\r\nConnection: close\r\n\r\n".encode() + body
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+            if cut is None:
+                sock.sendall(request)
+            else:
+                sock.sendall(request[:cut])
+                time.sleep(0.2)
+                sock.sendall(request[cut:])
+            (answer,) = read_answers(sock)
+        answers.append(answer)
+    whole, pieces = answers
+    assert whole.status == pieces.status == 200, (whole.body, pieces.body)
+    assert (whole.headers["x-request-id"], pieces.headers["x-request-id"]) == ("whole-", "pieces")
+    assert whole.body == pieces.body
+    assert whole.headers.keys() == pieces.headers.keys()
+
+
 @pytest.mark.parametrize(
     ("extra", "status"),
     [

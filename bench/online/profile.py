@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--native", action="store_true", help="include C frames")
     parser.add_argument("--grpc", action="store_true", help="call ModelInfer over gRPC")
+    parser.add_argument(
+        "--gil", action="store_true", help="only samples holding the GIL: Python on the CPU"
+    )
     args = parser.parse_args()
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,7 @@ def main() -> None:
         command += ["--threads"]  # each stack starts with its thread, to split loop and model
         command += ["--duration", str(int(args.seconds)), "--output", str(collapsed)]
         command += ["--native"] if args.native else []
+        command += ["--gil"] if args.gil else []
         sampler = threading.Thread(target=subprocess.run, args=(command,), kwargs={"check": True})
         sampler.start()
         load = load_with(server, args.seconds)

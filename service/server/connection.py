@@ -35,9 +35,12 @@ LINGER_S = 2.0
 
 
 # Inference requests whose declared body is at most this long, and comes in the same read as
-# their head, are served without the ASGI server's request cycle: what one read holds, and below
-# uvicorn's flow-control high-water mark (64 KiB).
-DIRECT_BODY_BYTES = 65536
+# their head, are served without the ASGI server's request cycle. Such a body is already in
+# memory, and is at most one read (of up to 256 KiB, with uvloop or asyncio); a body that does
+# not come whole goes to uvicorn's cycle, with its flow control, after that read. A 10,000-row
+# binary request (160 KiB) came whole in about 6 reads out of 10 on loopback, and cost 5-8%
+# less CPU so.
+DIRECT_BODY_BYTES = 256 * 1024
 # Headers that need the ASGI server's handling: a body sent in chunks or after 100 Continue, a
 # proxy's forwarded client address.
 _NOT_DIRECT = frozenset({b"transfer-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
