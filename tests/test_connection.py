@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,8 +12,9 @@ import httpx
 import orjson
 import pytest
 
+from service.server.allocator import QUIET_S
 from tests.rawhttp import RawResponse, exchange, flood_heads, parse_response, request_head
-from tests.serving import RunningServer, memory, reset_peak_memory, run_server
+from tests.serving import RunningServer, memory, reset_peak_memory, run_server, wait_for
 
 MiB = 2**20
 LIMIT = 65536  # MODELSERVE_MAX_HEADER_BYTES by default
@@ -196,6 +198,37 @@ def infer_request(path: str, request_id: str, *, close: bool = False) -> bytes:
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
 
 
+def json_head(length: int, extra: str = "") -> bytes:
+    """The head of a V2 JSON infer request with a body of `length` bytes."""
+    return (
+        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+@contextmanager
+def connections_sending(
+    server: RunningServer, count: int, data: bytes, answered: bool
+) -> Iterator[None]:
+    """`count` connections each sending `data` (and reading its answer, if `answered`),
+    open until the block ends."""
+    parts = urlsplit(server.url)
+    connections = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+            connections.append(sock)
+            sock.sendall(data)
+            answer = b""
+            while answered and (b"\r\n\r\n" not in answer or not answer.endswith(b"}")):
+                answer += sock.recv(65536)
+            assert not answered or answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        yield
+    finally:
+        for sock in connections:
+            sock.close()
+
+
 def test_both_request_cycles_answer_alike(server: RunningServer) -> None:
     parts = urlsplit(server.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
@@ -244,14 +277,11 @@ def test_a_large_body_is_answered_alike_whole_or_in_pieces(server: RunningServer
     # A body of up to one read that comes with its head is served by the connection's cycle;
     # one that comes in pieces is handed to uvicorn's, with what came so far.
     body = b" " * 200_000 + orjson.dumps(ROW)
-    head = (
-        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    ).encode()
     parts = urlsplit(server.url)
     answers = []
     for request_id, cut in (("whole-", None), ("pieces", 100_000)):
-        request = head + f"X-Request-ID: {request_id}\r\nConnection: close\r\n\r\n".encode() + body
+        extra = f"X-Request-ID: {request_id}\r\nConnection: close\r\n"
+        request = json_head(len(body), extra) + body
         with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
             if cut is None:
                 sock.sendall(request)
@@ -359,29 +389,27 @@ def test_idle_connections_do_not_keep_their_last_request_body(server: RunningSer
     # and stays open, as a keep-alive client between requests does.
     pid = server.process.pid
     body = b" " * 60_000 + orjson.dumps(ROW)
-    head = (
-        f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    parts = urlsplit(server.url)
     assert infer(server).status_code == 200
     before = memory(pid)
-    connections = []
-    try:
-        for _ in range(600):
-            sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
-            connections.append(sock)
-            sock.sendall(head + body)
-            answer = b""
-            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
-                answer += sock.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    with connections_sending(server, 600, json_head(len(body)) + body, answered=True):
         held = memory(pid) - before
-    finally:
-        for sock in connections:
-            sock.close()
     # 600 bodies of 60 KB would be 36 MB.
     assert held < 20 * MiB, f"{held / MiB:.0f} MiB held by 600 idle connections"
+
+
+def test_memory_read_for_a_burst_of_bodies_is_given_back_once_requests_stop(
+    server: RunningServer,
+) -> None:
+    # Each client sends most of a 250 KB body and leaves: what was read of the bodies is freed,
+    # in pieces below the mmap threshold, within the worker's heap. Once no request has come
+    # for QUIET_S, the worker gives its free heap pages back.
+    pid = server.process.pid
+    assert infer(server).status_code == 200
+    before = memory(pid)
+    with connections_sending(server, 400, json_head(250_000) + b" " * 120_000, answered=False):
+        wait_for(lambda: memory(pid) - before > 30 * MiB, 20, "the bodies read")
+        held = memory(pid) - before
+    wait_for(lambda: memory(pid) - before < held / 3, 4 * QUIET_S, "memory given back")
 
 
 def answered_then_sending(

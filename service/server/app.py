@@ -34,6 +34,7 @@ from service.observability.payloads import create_payload_log
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
+from service.server.allocator import give_back_when_quiet
 from service.server.fastpath import InferenceMiddleware
 from service.server.http import (
     BodyGuard,
@@ -122,8 +123,8 @@ def _background_tasks(
     state: ServiceState, jobs: JobStore | None, jobs_stopping: threading.Event
 ) -> tuple["asyncio.Task[None] | None", list["asyncio.Task[None]"]]:
     """What every worker runs beside its requests: the job runner when jobs are on (stopped
-    apart: it ends by itself), then the routing sync, and repository polling, drift binning
-    and the payload log when they are on."""
+    apart: it ends by itself), then the routing sync, the return of free memory after a burst,
+    and repository polling, drift binning and the payload log when they are on."""
     settings, metrics = state.settings, state.metrics
 
     def record_job(job: Job, seconds: float) -> None:
@@ -135,6 +136,7 @@ def _background_tasks(
     if jobs is not None:
         runner = asyncio.create_task(run_jobs(jobs, settings, jobs_stopping, record_job))
     tasks = [asyncio.create_task(follow_routing(state, settings.routing_sync_s))]
+    tasks.append(asyncio.create_task(give_back_when_quiet(state.memory)))
     if settings.repository_poll_s > 0:
         tasks.append(asyncio.create_task(poll_repository(state, settings.repository_poll_s)))
     if state.router.drift is not None:

@@ -24,6 +24,7 @@ class MemoryBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.reserved = 0
+        self.taken = 0  # reservations made: a count that moves while requests come
 
     def reservation(self) -> "Reservation":
         return Reservation(self)
@@ -38,6 +39,7 @@ class MemoryBudget:
                 "MODELSERVE_MAX_DECODING_BYTES; retry shortly, or send a smaller body"
             )
         self.reserved += nbytes
+        self.taken += 1
         return nbytes
 
 
