@@ -543,7 +543,9 @@ def test_answers_a_client_does_not_read_stay_within_the_memory_budget(
             for _ in range(5):  # an answered call's share returns: they run one after another
                 assert _answers(client, rows)
             with _stalled_call(running.grpc_target, message):
-                wait_for(partial(_seen, running, "rows=4000"), 30, "the stalled call")
+                # Its line, after those of the five answered calls: its answer is made.
+                stalled = partial(_logged, running, "rows=4000")
+                wait_for(lambda: len(stalled()) > 5, 30, "the stalled call")
                 with pytest.raises(triton.InferenceServerException) as refused:
                     client.infer("iris", [_input(rows)], model_version="2")
                 assert "MODELSERVE_MAX_DECODING_BYTES" in refused.value.message()
