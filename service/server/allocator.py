@@ -15,7 +15,7 @@ request: a 10,000-row gRPC call took 25% less CPU.
 import asyncio
 import ctypes
 import ctypes.util
-from collections.abc import Callable
+from typing import Any
 
 from service.server.memory import MemoryBudget
 
@@ -27,26 +27,20 @@ TRIM_THRESHOLD_BYTES = 4 << 20
 QUIET_S = 5.0
 
 
-def return_large_buffers() -> None:
-    """Pin malloc's mmap and trim thresholds; a no-op where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
+def _glibc(function: str) -> Any:
+    """A function of the C library, or None where it has none (not glibc)."""
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-
-
-def _heap_trim() -> Callable[[], None] | None:
-    """glibc's malloc_trim(0), or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)
     except (OSError, AttributeError, TypeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return lambda: trim(0)
+
+
+def return_large_buffers() -> None:
+    """Pin malloc's mmap and trim thresholds; a no-op where the C library is not glibc."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 async def give_back_when_quiet(budget: MemoryBudget, quiet_s: float = QUIET_S) -> None:
@@ -60,9 +54,10 @@ async def give_back_when_quiet(budget: MemoryBudget, quiet_s: float = QUIET_S) -
     requests (the trim threshold's purpose), and the trim runs in a thread: it takes a few
     milliseconds on a heap of a hundred megabytes.
     """
-    trim = _heap_trim()
+    trim = _glibc("malloc_trim")
     if trim is None:
         return
+    trim.argtypes = [ctypes.c_size_t]
     seen, active = budget.taken, False
     while True:
         await asyncio.sleep(quiet_s)
@@ -70,4 +65,4 @@ async def give_back_when_quiet(budget: MemoryBudget, quiet_s: float = QUIET_S) -
             seen, active = budget.taken, True
         elif active and not budget.reserved:
             active = False
-            await asyncio.to_thread(trim)
+            await asyncio.to_thread(trim, 0)
