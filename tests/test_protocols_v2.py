@@ -202,6 +202,32 @@ def _json_request(rows: int) -> bytes:
     return orjson.dumps({"inputs": [tensor]})
 
 
+@pytest.mark.parametrize("padding", range(8))
+def test_a_binary_tensor_wherever_its_header_ends_reaches_the_model_aligned(padding: int) -> None:
+    """The JSON header's length places the tensor in the body; one that does not start on a
+    multiple of its item size is copied, so the model and the drift window read it on their
+    fast paths; one that does is read in place."""
+    rows = np.arange(40, dtype="<f4").reshape(10, 4)
+    header = {
+        "id": "x" * padding,
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [10, 4],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": rows.nbytes},
+            }
+        ],
+    }
+    body, length = binary_request(header, rows.tobytes())
+    array = decode_infer_request(body, length, 1000).tensors["input"]
+    np.testing.assert_array_equal(array, rows)
+    assert array.flags.aligned
+    raw = np.frombuffer(body, dtype=np.uint8)
+    in_place = (raw.ctypes.data + int(length)) % 4 == 0
+    assert np.shares_memory(array, raw) == in_place
+
+
 def test_json_tensors_decode_in_twice_their_body_on_top_of_it() -> None:
     """A float64 array of four short numbers per row is 1.8 times the JSON it came from."""
     return_large_buffers()  # as the server's workers do
