@@ -122,13 +122,16 @@ class Window:
         """
         rows = len(matrix)
         values = matrix[:, : len(self.features)]
+        if rows > self.pending_limit // 2:
+            counts = self._bin(values, None)
+            self._count_predictions(counts, prediction)
+            with self.lock:
+                binned = self._flush() if rows > self.pending_limit - self.pending_rows else None
+                self._add(counts, rows)
+            return counts if binned is None else counts + binned
         predicted = self._predicted(prediction)
         with self.lock:
             binned = self._flush() if rows > self.pending_limit - self.pending_rows else None
-            if rows > self.pending_limit // 2:
-                counts = self._bin(values, predicted)
-                self._add(counts, rows)
-                return counts if binned is None else counts + binned
             start = self.pending_rows
             self.pending[start : start + rows] = values
             if predicted is not None:
@@ -169,6 +172,20 @@ class Window:
             counts[start:end] += np.bincount(slots, minlength=end - start)
         return counts
 
+    def _count_predictions(self, counts: NDArray[np.int64], prediction: Prediction) -> None:
+        """A batch's predictions added to its counts; classes given by position are counted
+        once for this window and the label metrics alike."""
+        start, end = self.prediction_at, self.out_of_range_at
+        if self.classes and prediction.label_index is not None:
+            per_class = prediction.class_counts(len(self.classes))
+            if len(per_class) <= end - start:  # else a position past the profile's classes
+                counts[start : start + len(per_class)] += per_class
+                return
+        predicted = self._predicted(prediction)
+        if predicted is not None:
+            slots = self._prediction_slots(predicted)
+            counts[start:end] += np.bincount(slots, minlength=end - start)
+
     def _bin_large(self, values: NDArray[Any]) -> NDArray[np.int64]:
         """The same counts, one pass per edge along each feature's values (features by rows):
         a bin's count is how many values reach its lower edge less how many reach its upper.
@@ -199,7 +216,10 @@ class Window:
         reached[0] = sample.shape[1]
         if not clean.all():
             reached[0] -= np.count_nonzero(np.isnan(sample), axis=1)  # NaN reaches no edge
-        reached[1 : self.missing_slot] = np.sum(sample >= edges, axis=2)
+        # Summed as bytes into uint16 (a sample has at most SAMPLED_ROWS values): a third
+        # cheaper than summing booleans into int64.
+        at_or_above = (sample >= edges).view(np.uint8)
+        reached[1 : self.missing_slot] = at_or_above.sum(axis=2, dtype=np.uint16)
         bins = (reached[:-1] - reached[1:]).T
         if step > 1:
             bins = np.rint(bins * (rows / sample.shape[1])).astype(np.int64)

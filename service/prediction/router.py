@@ -55,12 +55,12 @@ class _VersionObserver:
                 self._label_children[text] = child
         return child
 
-    def count_labels(self, label: NDArray[Any], index: NDArray[np.intp] | None) -> None:
+    def count_labels(self, label: NDArray[Any], prediction: Prediction) -> None:
         if label.size == 1:
             self._label_child(label.reshape(-1)[0]).inc()
             return
-        if index is not None and self._known is not None:
-            counts = self._known.counts(index)
+        if prediction.label_index is not None and self._known is not None:
+            counts = self._known.counts(prediction.class_counts(len(self._known.names)))
         else:
             counts = _label_counts(label, self._classes)
         for value, count in counts:
@@ -180,7 +180,7 @@ class Router:
         prediction = timed.prediction
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
-            observer.count_labels(label, prediction.label_index)
+            observer.count_labels(label, prediction)
         entry = self.registry.models.get(model.name)
         self._shadows.mirror(entry, model, inputs, rows, prediction)
         if self.payloads is not None and request_id is not None:

@@ -34,10 +34,9 @@ class ClassLabels:
         self._runs = _objects([b"".join(r) for r in itertools.product(elements, repeat=length)])
         self._run_weights = len(classes) ** np.arange(length - 1, -1, -1)
 
-    def counts(self, index: NDArray[np.intp]) -> list[tuple[str, int]]:
-        """(class name, rows) for each class that occurs."""
-        counts = np.bincount(index.reshape(-1), minlength=len(self.names)).tolist()
-        return [(name, n) for name, n in zip(self.names, counts, strict=True) if n]
+    def counts(self, per_class: NDArray[np.intp]) -> list[tuple[str, int]]:
+        """(class name, rows) for each class that occurs, from the rows per class position."""
+        return [(name, n) for name, n in zip(self.names, per_class.tolist(), strict=True) if n]
 
     def values(self, index: NDArray[np.intp]) -> list[Any]:
         """The labels as the JSON values `label.tolist()` would give."""

@@ -22,6 +22,19 @@ class Prediction:
     # Each row's position in signature.classes, when the runtime knows it for free: with it,
     # labels are counted and encoded per class instead of string by string.
     label_index: NDArray[np.intp] | None = None
+    # Rows per class position, counted once for both the label metrics and the drift window.
+    _class_counts: dict[int, NDArray[np.intp]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def class_counts(self, classes: int) -> NDArray[np.intp]:
+        """How many rows each of the first `classes` class positions has (label_index set)."""
+        counts = self._class_counts.get(classes)
+        if counts is None:
+            assert self.label_index is not None
+            counts = np.bincount(self.label_index.reshape(-1), minlength=classes)
+            self._class_counts[classes] = counts
+        return counts
 
     def rows(self, start: int, stop: int) -> "Prediction":
         """The rows [start, stop) of every output, for one request of a merged batch."""
