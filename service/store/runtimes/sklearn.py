@@ -24,6 +24,7 @@ from service.store.runtimes import (
 )
 from service.store.runtimes.feature_names import array_ready
 from service.store.runtimes.forest import tree_loop
+from service.store.runtimes.linear import linear_proba
 from service.store.tensors import TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class SklearnRuntime:
         called = array_ready(estimator)
         self._predict = tree_loop(called, "predict") or called.predict
         self._predict_proba = (
-            (tree_loop(called, "predict_proba") or called.predict_proba)
+            (tree_loop(called, "predict_proba") or linear_proba(called) or called.predict_proba)
             if self._want_proba
             else None
         )
@@ -167,7 +168,7 @@ class SklearnRuntime:
         if self._predict_proba is None:
             return Prediction({"label": np.asarray(self._predict(features))})
         exact = np.asarray(self._predict_proba(features))
-        proba = exact.astype(np.float32)
+        proba = exact.astype(np.float32, order="C")
         if not self._label_from_proba:
             label = np.asarray(self._predict(features))
             return Prediction({"label": label, "probabilities": proba})
