@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from numpy.typing import NDArray
-from sklearn.datasets import load_breast_cancer, load_iris, load_wine
-from sklearn.linear_model import LogisticRegression
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_linnerud, load_wine
+from sklearn.linear_model import Lasso, LinearRegression, LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from service.store.runtimes.feature_names import array_ready
-from service.store.runtimes.linear import linear_proba
+from service.store.runtimes.linear import linear_call
 from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
 
 
@@ -47,7 +47,7 @@ def _rows(x: NDArray[np.float32]) -> NDArray[np.float32]:
 def test_the_runtime_gives_the_estimators_own_answers(data: str, estimator: Any) -> None:
     x, y = _data(data)
     estimator.fit(x, y)
-    call = linear_proba(estimator)
+    call = linear_call(estimator, "predict_proba")
     assert call is not None
     rows = _rows(x)
     for batch in (rows, rows.astype(np.float64), rows[:1]):
@@ -66,7 +66,8 @@ def test_a_model_fitted_on_a_dataframe_gives_its_own_answers() -> None:
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(frame, y)
     rows = _rows(x)
     expected = pipeline.predict_proba(pd.DataFrame(rows, columns=frame.columns))
-    call = linear_proba(array_ready(pipeline))  # as the runtime calls it: on arrays
+    # As the runtime calls it: on arrays.
+    call = linear_call(array_ready(pipeline), "predict_proba")
     assert call is not None
     assert np.array_equal(call(rows), expected)
 
@@ -75,7 +76,7 @@ def test_a_model_fitted_on_a_dataframe_gives_its_own_answers() -> None:
 def test_values_the_estimator_refuses_are_refused(value: float) -> None:
     x, y = _data("iris")
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
-    call = linear_proba(pipeline)
+    call = linear_call(pipeline, "predict_proba")
     assert call is not None
     rows = _rows(x[:3])
     rows[1, 2] = value
@@ -89,7 +90,7 @@ def test_values_the_estimator_refuses_are_refused(value: float) -> None:
 def test_rows_of_another_width_are_refused_as_the_estimator_refuses_them(width: int) -> None:
     x, y = _data("iris")
     model = LogisticRegression(max_iter=1000).fit(x, y)
-    call = linear_proba(model)
+    call = linear_call(model, "predict_proba")
     assert call is not None
     rows = np.resize(_rows(x[:3]), (3, width))
     with pytest.raises(ValueError, match=f"X has {width} features"):
@@ -107,9 +108,10 @@ class _Tempered(LogisticRegression):  # type: ignore[misc]  # untyped base
 
 def test_other_models_and_steps_keep_their_own_method() -> None:
     x, y = _data("iris")
-    assert linear_proba(_Tempered(max_iter=1000).fit(x, y)) is None
+    assert linear_call(_Tempered(max_iter=1000).fit(x, y), "predict_proba") is None
+    assert linear_call(LogisticRegression(max_iter=1000).fit(x, y), "predict") is None
     other_scaler = make_pipeline(MinMaxScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
-    assert linear_proba(other_scaler) is None
+    assert linear_call(other_scaler, "predict_proba") is None
     tempered = make_pipeline(StandardScaler(), _Tempered(max_iter=1000)).fit(x, y)
     runtime = SklearnRuntime(tempered, describe_estimator(tempered))
     rows = _rows(x)
@@ -122,7 +124,39 @@ def test_other_models_and_steps_keep_their_own_method() -> None:
 def test_integer_rows_are_converted_as_the_estimator_converts_them() -> None:
     x, y = _data("iris")
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
-    call = linear_proba(pipeline)
+    call = linear_call(pipeline, "predict_proba")
     assert call is not None
     rows = np.rint(_rows(x)).astype(np.int64)
     assert np.array_equal(call(rows), pipeline.predict_proba(rows))
+
+
+@pytest.mark.parametrize(
+    ("estimator", "targets"),
+    [
+        (make_pipeline(StandardScaler(), Ridge(alpha=1.0)), 1),
+        (Ridge(alpha=0.1), 1),
+        (LinearRegression(), 1),
+        (make_pipeline(StandardScaler(), LinearRegression()), 3),
+    ],
+    ids=["scaled-ridge", "ridge", "linear", "three-targets"],
+)
+def test_regressors_give_their_own_values(estimator: Any, targets: int) -> None:
+    data = load_diabetes() if targets == 1 else load_linnerud()
+    x = data.data.astype(np.float32)
+    estimator.fit(x, data.target)
+    call = linear_call(estimator, "predict")
+    assert call is not None
+    rows = _rows(x)
+    for batch in (rows, rows.astype(np.float64), rows[:1]):
+        assert np.array_equal(call(batch), estimator.predict(batch))
+    if targets == 1:
+        runtime = SklearnRuntime(estimator, describe_estimator(estimator))
+        values = runtime.predict({"input": rows}).outputs["prediction"]
+        assert np.array_equal(values, estimator.predict(rows).astype(np.float32))
+
+
+def test_other_regressors_keep_their_own_method() -> None:
+    data = load_diabetes()
+    x = data.data.astype(np.float32)
+    assert linear_call(Lasso().fit(x, data.target), "predict") is None
+    assert linear_call(Ridge().fit(x, data.target), "predict_proba") is None

@@ -114,53 +114,26 @@ def _goals(r: Results) -> list[Goal]:
                 3.0,
             )
         )
-        for call, what in (
-            ("estimator", "predict + predict_proba"),
-            ("runtime", "runtime.predict"),
-        ):
-            goals.append(
-                (
-                    f"{name} joblib, 10,000 rows, binary: share of the raw {what} rows/s",
-                    ratio(
-                        r.rows(artifact, OURS, 10_000, "binary"), r.raw_rows(artifact, 10_000, call)
-                    ),
-                    ">=",
-                    0.6,
-                )
-            )
-    # The bare session.run, as a hand-written server calls it: runtime.predict is our own code.
-    for artifact, name in ((IRIS_ONNX, "iris"),):
+    # Against the bare call a hand-written server makes: the estimator's predict and
+    # predict_proba, or the session's run. runtime.predict is our own code, several times
+    # faster than the estimator's own methods for linear models and forests, so a share of it
+    # would measure only the server around it, and fall as the runtime gets faster. Integer
+    # labels: answers without strings, so the floor is the model call itself.
+    for label, artifact, call, goal in (
+        ("iris joblib", IRIS, "estimator", 0.6),
+        ("iris ONNX", IRIS_ONNX, "session", 0.6),
+        ("iris_int joblib", IRIS_INT, "estimator", 0.8),
+        ("iris_int ONNX", IRIS_INT_ONNX, "session", 0.5),
+    ):
+        what = "predict + predict_proba" if call == "estimator" else "session.run"
         goals.append(
             (
-                f"{name} ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
-                ratio(
-                    r.rows(artifact, OURS, 10_000, "binary"),
-                    r.raw_rows(artifact, 10_000, "session"),
-                ),
+                f"{label}, 10,000 rows, binary: share of the raw {what} rows/s",
+                ratio(r.rows(artifact, OURS, 10_000, "binary"), r.raw_rows(artifact, 10_000, call)),
                 ">=",
-                0.6,
+                goal,
             )
         )
-    # Integer labels: answers without strings, so the floor is the model call itself.
-    goals += [
-        (
-            "iris_int joblib, 10,000 rows, binary: share of the raw predict + predict_proba rows/s",
-            ratio(
-                r.rows(IRIS_INT, OURS, 10_000, "binary"), r.raw_rows(IRIS_INT, 10_000, "estimator")
-            ),
-            ">=",
-            0.8,
-        ),
-        (
-            "iris_int ONNX, 10,000 rows, binary: share of the raw session.run rows/s",
-            ratio(
-                r.rows(IRIS_INT_ONNX, OURS, 10_000, "binary"),
-                r.raw_rows(IRIS_INT_ONNX, 10_000, "session"),
-            ),
-            ">=",
-            0.5,
-        ),
-    ]
     goals.append(
         (
             "iris ONNX, 1 row, c=64: gRPC server CPU µs/request / REST JSON's",

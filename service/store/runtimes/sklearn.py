@@ -4,6 +4,7 @@ import io
 import logging
 import platform
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import joblib
@@ -24,7 +25,7 @@ from service.store.runtimes import (
 )
 from service.store.runtimes.feature_names import array_ready
 from service.store.runtimes.forest import tree_loop
-from service.store.runtimes.linear import linear_proba
+from service.store.runtimes.linear import linear_call
 from service.store.tensors import TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
@@ -145,12 +146,15 @@ class SklearnRuntime:
         # A model fitted on a DataFrame, made ready for arrays (the runtime owns the estimator:
         # the names it recorded may be removed).
         called = array_ready(estimator)
-        self._predict = tree_loop(called, "predict") or called.predict
-        self._predict_proba = (
-            (tree_loop(called, "predict_proba") or linear_proba(called) or called.predict_proba)
-            if self._want_proba
-            else None
-        )
+        self._predict = self._fastest(called, "predict")
+        self._predict_proba = self._fastest(called, "predict_proba") if self._want_proba else None
+
+    @staticmethod
+    def _fastest(estimator: Any, method: str) -> Callable[[NDArray[Any]], Any]:
+        """The method, computed without scikit-learn's per-call overhead where a way to is
+        known and agrees with it."""
+        own: Callable[[NDArray[Any]], Any] = getattr(estimator, method)
+        return tree_loop(estimator, method) or linear_call(estimator, method) or own
 
     def predict(self, inputs: Arrays) -> Prediction:
         calling.model = self._model
