@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -26,7 +27,7 @@ from sklearn.datasets import load_iris
 from tests.conftest import API_KEY, FaultSetup, fault_env
 from tests.grpcclient import tritonclient_grpc
 from tests.scrape import access_lines, scrape, total
-from tests.serving import RunningServer, free_port, run_server, wait_for
+from tests.serving import RunningServer, free_port, memory, run_server, wait_for
 
 triton = tritonclient_grpc()
 pb = triton.service_pb2
@@ -554,3 +555,36 @@ def test_answers_a_client_does_not_read_stay_within_the_memory_budget(
         finally:
             client.close()
         assert "Traceback" not in running.output()  # the client's leaving is no server error
+
+
+def test_calls_without_a_message_are_held_a_bounded_number_per_connection(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """gRPC's Python server answers nothing to a call that ends without its request message
+    (it waits for the call's deadline, or for the client to leave). The server's limit on
+    streams per connection bounds how many such calls one connection holds: 4,000 took about
+    60 MB without it, and past the limit a client's calls wait on its side."""
+    with run_server(trained_repository, tmp_path) as running:
+        pid = running.process.pid
+        client = triton.InferenceServerClient(running.grpc_target)
+        try:
+            assert _answers(client, ROWS)  # the service warmed up before the baseline
+            baseline = memory(pid)
+            with grpc.insecure_channel(running.grpc_target) as channel:
+                # A unary method called as a client stream that sends no message.
+                empty = channel.stream_unary(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                    request_serializer=bytes,
+                    response_deserializer=bytes,
+                )
+                calls = [empty.future(iter(())) for _ in range(4000)]
+                wait_for(lambda: memory(pid) - baseline > 4_000_000, 30, "the calls to arrive")
+                time.sleep(2)  # the rest of the calls the server takes
+                held = memory(pid) - baseline
+                assert not any(call.done() for call in calls)
+                for call in calls:
+                    call.cancel()
+            assert held < 30_000_000, f"{held / 1e6:.0f} MB held"
+            assert _answers(client, ROWS)
+        finally:
+            client.close()
