@@ -13,6 +13,12 @@ from sklearn.ensemble import (
 )
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import (
+    DecisionTreeClassifier,
+    DecisionTreeRegressor,
+    ExtraTreeClassifier,
+    ExtraTreeRegressor,
+)
 
 from service.store.runtimes.forest import tree_loop
 from service.store.runtimes.sklearn import SklearnRuntime, describe_estimator
@@ -36,8 +42,11 @@ def _rows(x: NDArray[np.float32]) -> NDArray[np.float32]:
         RandomForestClassifier(n_estimators=25, random_state=0),
         ExtraTreesClassifier(n_estimators=25, random_state=0),
         make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=25, random_state=0)),
+        DecisionTreeClassifier(random_state=0),  # a single tree is a forest of one
+        ExtraTreeClassifier(random_state=0),
+        make_pipeline(StandardScaler(), DecisionTreeClassifier(max_depth=4, random_state=0)),
     ],
-    ids=["random-forest", "extra-trees", "pipeline"],
+    ids=["random-forest", "extra-trees", "pipeline", "tree", "extra-tree", "tree-pipeline"],
 )
 def test_classifier_runtime_gives_the_forests_own_answers(estimator: Any) -> None:
     x, y = _cancer()
@@ -144,3 +153,37 @@ def test_rows_of_another_width_are_refused_as_the_forest_refuses_them(width: int
         forest.predict_proba(rows)
     with pytest.raises(ValueError, match=f"X has {width} features, but RandomForestClassifier"):
         loop(rows)
+
+
+@pytest.mark.parametrize("tree", [DecisionTreeRegressor, ExtraTreeRegressor])
+def test_a_single_regression_tree_gives_its_own_values(tree: Any) -> None:
+    data = load_diabetes()
+    x = data.data.astype(np.float32)
+    model = tree(random_state=0).fit(x, data.target)
+    loop = tree_loop(model, "predict")
+    assert loop is not None
+    assert np.array_equal(loop(_rows(x)), model.predict(_rows(x)))
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        DecisionTreeClassifier(random_state=0),
+        ExtraTreeClassifier(random_state=0),
+        RandomForestClassifier(n_estimators=5, random_state=0),
+    ],
+    ids=["decision-tree", "extra-tree", "random-forest"],
+)
+def test_nan_is_routed_as_the_estimator_routes_it(estimator: Any) -> None:
+    """scikit-learn's trees take missing values (a model packaged with --allow-nan gets them):
+    the loop sends a NaN down the branch the tree's own method sends it."""
+    x, y = _cancer()
+    missing = x.copy()
+    missing[::3, 7] = np.nan  # learned from, so the splits have a side for missing values
+    estimator.fit(missing, y)
+    loop = tree_loop(estimator, "predict_proba")
+    assert loop is not None
+    rows = _rows(x)
+    rows[::2, 7] = np.nan
+    rows[1::4, 20] = np.nan
+    assert np.array_equal(loop(rows), estimator.predict_proba(rows))

@@ -1,4 +1,4 @@
-"""scikit-learn forests evaluated tree by tree in a plain loop, without joblib.
+"""scikit-learn forests (and single trees) evaluated tree by tree in a plain loop, without joblib.
 
 A forest's own predict_proba/predict hands every tree to joblib, even with n_jobs=1, at
 about 50 µs a tree: a 100-tree forest spends ~5 ms a call there, several times what its
@@ -21,14 +21,31 @@ from sklearn.ensemble import (
     RandomForestClassifier,
     RandomForestRegressor,
 )
+from sklearn.tree import (
+    DecisionTreeClassifier,
+    DecisionTreeRegressor,
+    ExtraTreeClassifier,
+    ExtraTreeRegressor,
+)
 
 from service.store.runtimes.parity import agreeing
 
 Call = Callable[[NDArray[Any]], NDArray[Any]]
 
-# Exact types: a subclass may override the method this replaces.
-_CLASSIFIERS = (RandomForestClassifier, ExtraTreesClassifier)
-_REGRESSORS = (RandomForestRegressor, ExtraTreesRegressor)
+# Exact types: a subclass may override the method this replaces. A single tree is a forest
+# of one: its own method costs 80 µs of checks a call, its tree a few µs.
+_CLASSIFIERS = (
+    RandomForestClassifier,
+    ExtraTreesClassifier,
+    DecisionTreeClassifier,
+    ExtraTreeClassifier,
+)
+_REGRESSORS = (
+    RandomForestRegressor,
+    ExtraTreesRegressor,
+    DecisionTreeRegressor,
+    ExtraTreeRegressor,
+)
 
 
 class _TreeAverage:
@@ -37,10 +54,15 @@ class _TreeAverage:
     def __init__(self, forest: Any, width: int | None) -> None:
         # For one output, a classifier's tree predicts [rows, classes], what its
         # predict_proba returns; a regressor's [rows, 1], whose column its predict returns.
-        self._calls = [tree.tree_.predict for tree in forest.estimators_]
+        trees = forest.estimators_ if hasattr(forest, "estimators_") else [forest]
+        self._calls = [tree.tree_.predict for tree in trees]
         self._width = width
         self._name = type(forest).__name__
         self._features = int(forest.n_features_in_)
+        # Whether the estimator's own method refuses NaN, set at load from a NaN row: trees
+        # route NaN whether or not their estimator takes missing values (scikit-learn 1.9's
+        # all do; some earlier versions' extra-trees do not).
+        self.refuses_nan = False
 
     def __call__(self, features: NDArray[Any]) -> NDArray[np.float64]:
         # A Tree reads C-ordered float32 rows, and their width unchecked.
@@ -51,9 +73,11 @@ class _TreeAverage:
             )
         with np.errstate(over="ignore"):  # overflow to infinity is refused just below
             rows = np.ascontiguousarray(features, dtype=np.float32)
-        # The forest's own check lets NaN through (trees route it) but refuses infinity.
+        # The forest's own check refuses infinity, and NaN where it does not support it.
         if np.isinf(rows).any():
             raise ValueError("Input X contains infinity or a value too large for float32")
+        if self.refuses_nan and np.isnan(rows).any():
+            raise ValueError("Input X contains NaN.")
         total = np.zeros((len(rows), self._width or 1), dtype=np.float64)
         for call in self._calls:
             total += call(rows)
@@ -64,8 +88,8 @@ class _TreeAverage:
 def tree_loop(estimator: Any, method: str) -> Call | None:
     """`estimator.<method>` computed tree by tree, or None where that does not apply.
 
-    Applies to single-output random forests and extra-trees, alone or as a Pipeline's last
-    step, for predict_proba (classifiers) and predict (regressors).
+    Applies to single-output random forests, extra-trees and single trees, alone or as a
+    Pipeline's last step, for predict_proba (classifiers) and predict (regressors).
     """
     steps = getattr(estimator, "steps", None)
     final = steps[-1][1] if steps else estimator
@@ -73,7 +97,7 @@ def tree_loop(estimator: Any, method: str) -> Call | None:
         steps = None  # a one-step Pipeline transforms nothing first
     if (
         getattr(final, "n_outputs_", None) != 1
-        or not hasattr(final, "estimators_")
+        or not (hasattr(final, "estimators_") or hasattr(final, "tree_"))
         or not isinstance(getattr(final, "n_features_in_", None), int)
     ):
         return None
@@ -93,7 +117,14 @@ def tree_loop(estimator: Any, method: str) -> Call | None:
     n_features = getattr(estimator, "n_features_in_", None)
     if not isinstance(n_features, int):
         return None
+    own = getattr(estimator, method)
+    try:
+        own(np.full((1, n_features), np.nan, dtype=np.float32))
+    except ValueError:
+        average.refuses_nan = True
+    except Exception:  # the estimator's own method serves whatever this is
+        return None
     what = f"{type(final).__name__}: the tree loop for {method}"
-    if not agreeing(call, getattr(estimator, method), n_features, (np.float32,), what):
+    if not agreeing(call, own, n_features, (np.float32,), what):
         return None
     return call
