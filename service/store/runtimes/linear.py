@@ -10,7 +10,6 @@ Used only after a load-time check that they agree with the estimator's own metho
 for exact types (a subclass may compute otherwise).
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,9 +18,7 @@ from scipy.special import expit
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from service.store.runtimes.parity import agreeing
-
-Call = Callable[[NDArray[Any]], NDArray[Any]]
+from service.store.runtimes.parity import Call, agreeing
 
 # Exact types, with the method computed here: a classifier's probabilities, a regressor's values.
 _METHODS: dict[type, str] = {
@@ -38,13 +35,17 @@ class _Linear:
     score, or the softmax of several."""
 
     def __init__(self, estimator: Any, scalers: list[Any], final: Any) -> None:
-        self._scalers = [
-            (
-                scaler.mean_ if scaler.with_mean else None,
-                scaler.scale_ if scaler.with_std else None,
-            )
-            for scaler in scalers
-        ]
+        # Each scaler's mean and scale in each float dtype rows come in, cast once here.
+        self._scalers = {
+            dtype: [
+                (
+                    scaler.mean_.astype(dtype) if scaler.with_mean else None,
+                    scaler.scale_.astype(dtype) if scaler.with_std else None,
+                )
+                for scaler in scalers
+            ]
+            for dtype in (np.dtype(np.float32), np.dtype(np.float64))
+        }
         coef = final.coef_
         self._coef = coef if coef.ndim == 1 else np.ascontiguousarray(coef.T)
         self._intercept = final.intercept_
@@ -62,13 +63,12 @@ class _Linear:
                 f"X has {features.shape[-1]} features, but {self._name} is expecting "
                 f"{self.features} features as input."
             )
-        dtype = features.dtype
         rows = np.array(features, order="C")  # a copy: scaled in place
-        for mean, scale in self._scalers:
+        for mean, scale in self._scalers[features.dtype]:
             if mean is not None:
-                rows -= mean.astype(dtype)
+                rows -= mean
             if scale is not None:
-                rows /= scale.astype(dtype)
+                rows /= scale
         # The linear model's own check, on the scaled rows: NaN and infinity refused.
         if not np.isfinite(rows).all():
             raise ValueError("Input X contains NaN, infinity or a value too large for dtype.")
