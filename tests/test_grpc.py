@@ -4,11 +4,13 @@ Answers are compared with the same requests over REST; errors with their status 
 messages; after each bad request the server still answers.
 """
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -492,22 +494,24 @@ def _hpack_literal(name: str, value: str) -> bytes:
     return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
 
 
+def _infer_head(*extra: tuple[str, str]) -> bytes:
+    """The header block of a ModelInfer call, and `extra` fields."""
+    fields = (
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        ("content-type", "application/grpc"),
+        *extra,
+    )
+    return b"".join(_hpack_literal(name, value) for name, value in fields)
+
+
 def _stalled_call(target: str, message: Any) -> socket.socket:
     """A raw HTTP/2 connection that makes one call and never opens its window (it sends no
     WINDOW_UPDATE): the server can send it 64 kB of the answer, and holds the rest."""
     body = message.SerializeToString()
     framed = b"\x00" + len(body).to_bytes(4, "big") + body
-    head = b"".join(
-        _hpack_literal(name, value)
-        for name, value in (
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/inference.GRPCInferenceService/ModelInfer"),
-            (":authority", target),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        )
-    )
+    head = _infer_head((":authority", target), ("te", "trailers"))
     frames = [_http2_frame(1, 0x4, 1, head)]  # HEADERS, END_HEADERS
     for start in range(0, len(framed), 16384):
         end = 0x1 if start + 16384 >= len(framed) else 0  # END_STREAM on the last DATA
@@ -557,13 +561,12 @@ def test_answers_a_client_does_not_read_stay_within_the_memory_budget(
         assert "Traceback" not in running.output()  # the client's leaving is no server error
 
 
-def test_calls_without_a_message_are_held_a_bounded_number_per_connection(
+def test_calls_without_a_message_are_answered_at_once(
     trained_repository: Path, tmp_path: Path
 ) -> None:
-    """gRPC's Python server answers nothing to a call that ends without its request message
-    (it waits for the call's deadline, or for the client to leave). The server's limit on
-    streams per connection bounds how many such calls one connection holds: 4,000 took about
-    60 MB without it, and past the limit a client's calls wait on its side."""
+    """A unary call that ends without its request message is the client's error, answered at
+    once: gRPC's own Python server answered nothing to such calls until their deadline or the
+    client left, and 4,000 of them on one connection held 78 MB of a worker."""
     with run_server(trained_repository, tmp_path) as running:
         pid = running.process.pid
         client = triton.InferenceServerClient(running.grpc_target)
@@ -578,13 +581,110 @@ def test_calls_without_a_message_are_held_a_bounded_number_per_connection(
                     response_deserializer=bytes,
                 )
                 calls = [empty.future(iter(())) for _ in range(4000)]
-                wait_for(lambda: memory(pid) - baseline > 4_000_000, 30, "the calls to arrive")
-                time.sleep(2)  # the rest of the calls the server takes
-                held = memory(pid) - baseline
-                assert not any(call.done() for call in calls)
-                for call in calls:
-                    call.cancel()
-            assert held < 30_000_000, f"{held / 1e6:.0f} MB held"
+                failures: list[Any] = [call.exception(timeout=30) for call in calls]
+                codes = Counter(failure.code() for failure in failures)
+                details = failures[0].details()
+            assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 4000}, codes
+            assert "one request message; this one carried 0" in details, details
+            held = memory(pid) - baseline
+            assert held < 10_000_000, f"{held / 1e6:.0f} MB held"
             assert _answers(client, ROWS)
         finally:
             client.close()
+
+
+def _frames_until_closed(
+    connection: socket.socket, seconds: float, marker: bytes | None = None
+) -> bytes:
+    """What the server sends on a raw connection until it closes it, or sends `marker` (or
+    `seconds` pass)."""
+    connection.settimeout(seconds)
+    received = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := connection.recv(65536):
+            received += chunk
+            if marker is not None and marker in received:
+                break
+    return received
+
+
+def test_a_message_that_stops_coming_is_answered_and_its_share_returned(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """A call whose message stops half way holds its share of the memory budget; it is answered
+    DEADLINE_EXCEEDED once none of it has come for MODELSERVE_BODY_IDLE_TIMEOUT_S, as an HTTP
+    body that stops is answered 408, and its share returns. A connection that never starts
+    HTTP/2 is closed after MODELSERVE_HEADER_TIMEOUT_S, as an HTTP one that sends no head."""
+    rows = np.tile(ROWS, (1334, 1))[:4000]  # reserves 9 x 64 kB of the budget
+    env = {
+        "MODELSERVE_MAX_DECODING_BYTES": "1000000",
+        "MODELSERVE_BODY_IDLE_TIMEOUT_S": "3",
+        "MODELSERVE_HEADER_TIMEOUT_S": "2",
+    }
+    head = _infer_head(("x-request-id", "stopped-1"))
+    # The prefix of a 60,000-byte message, and 100 bytes of it.
+    partial_message = b"\x00" + (60_000).to_bytes(4, "big") + b"\x0a" * 100
+    with run_server(trained_repository, tmp_path, env) as running:
+        client = triton.InferenceServerClient(running.grpc_target)
+        host, port = running.grpc_target.rsplit(":", 1)
+        try:
+            assert _answers(client, rows)
+            with (
+                socket.create_connection((host, int(port)), timeout=10) as silent,
+                socket.create_connection((host, int(port)), timeout=10) as stalled,
+            ):
+                settings = _http2_frame(4, 0, 0, b"")
+                stalled.sendall(
+                    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                    + settings
+                    + _http2_frame(1, 0x4, 1, head)
+                    + _http2_frame(0, 0, 1, partial_message)
+                )
+                with pytest.raises(triton.InferenceServerException) as refused:
+                    client.infer("iris", [_input(rows)], model_version="2")
+                assert "MODELSERVE_MAX_DECODING_BYTES" in refused.value.message()
+                answer = _frames_until_closed(stalled, 10, b"IDLE_TIMEOUT_S")
+                assert b"grpc-status\x014" in answer  # DEADLINE_EXCEEDED, in the trailers
+                assert b"MODELSERVE_BODY_IDLE_TIMEOUT_S" in answer
+                assert _answers(client, rows)  # its share returned
+                # The silent connection was closed (recv saw its end, not the timeout).
+                started = time.monotonic()
+                assert _frames_until_closed(silent, 10).startswith(b"\x00")  # our SETTINGS
+                assert time.monotonic() - started < 9
+        finally:
+            client.close()
+        wait_for(partial(_seen, running, "stopped-1"), 10, "the stopped call's access line")
+        line = _logged(running, "stopped-1")[0]
+        assert "status=408" in line, line
+        assert "Traceback" not in running.output()
+
+
+def test_a_header_block_past_the_limit_closes_the_connection(
+    server: RunningServer, client: Any
+) -> None:
+    """HTTP/2 sends a header block in CONTINUATION frames, as many as the client likes: past
+    MODELSERVE_MAX_HEADER_BYTES the connection ends (GOAWAY), as an HTTP head that long ends
+    with 431, and nothing of it is kept."""
+    host, port = server.grpc_target.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    value = "v" * 100
+    block = b"".join(_hpack_literal(f"x-filler-{i}", value) for i in range(8))
+    frames = [_http2_frame(1, 0, 1, _hpack_literal(":method", "POST"))]  # no END_HEADERS
+    frames += [_http2_frame(9, 0, 1, block) for _ in range(200)]  # 176 kB of CONTINUATION
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b""))
+    with contextlib.suppress(OSError):  # the server may close before it has read everything
+        connection.sendall(b"".join(frames))
+    received = _frames_until_closed(connection, 10)
+    connection.close()
+    goaway = received.find(b"\x07\x00\x00\x00\x00\x00")  # a GOAWAY frame on stream 0
+    assert goaway > 0, received
+    assert received[goaway + 10 : goaway + 14] == (0xB).to_bytes(4, "big")  # ENHANCE_YOUR_CALM
+    assert list(client.infer("iris", [_input(ROWS)]).as_numpy("label")) == [
+        label.encode() for label in EXPECTED
+    ]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_messages_are_read(client: Any, algorithm: str) -> None:
+    result = client.infer("iris", [_input(ROWS)], compression_algorithm=algorithm)
+    assert [v.decode() for v in result.as_numpy("label")] == EXPECTED

@@ -1,10 +1,11 @@
 """The Open Inference Protocol's GRPCInferenceService, served beside HTTP in each worker process.
 
-A `grpc.aio` server on the worker's event loop, over the same state as the HTTP routes: the
-same router, batchers, signature checks and limits. `ModelInfer` goes through the request
-boundary's core (draining, credentials, request id, in-flight gauge, deadline, errors, metrics
-with protocol="grpc", access line), as REST inference does. The standard health service
-(`grpc.health.v1`, for Kubernetes gRPC probes) and server reflection are served too.
+Served by our own gRPC transport (`grpc_wire`) on the worker's event loop, over the same state
+as the HTTP routes: the same router, batchers, signature checks and limits. `ModelInfer` goes
+through the request boundary's core (draining, credentials, request id, in-flight gauge,
+deadline, errors, metrics with protocol="grpc", access line), as REST inference does. The
+standard health service (`grpc.health.v1`, for Kubernetes gRPC probes) and server reflection
+are served too.
 
 Imported only when gRPC is on: the generated module registers the protocol's message names
 (`inference.*`) in the process-wide protobuf pool.
@@ -12,15 +13,15 @@ Imported only when gRPC is on: the generated module registers the protocol's mes
 
 import asyncio
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Never, TypeVar, cast
 
-import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError, Message
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc import StatusCode
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__, errors
@@ -29,6 +30,7 @@ from service.protocols.grpc import infer
 from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.server import access, boundary
 from service.server.grpc_status import grpc_code_of
+from service.server.grpc_wire import MAX_STREAMS, CallContext, GrpcConnection, Methods, Received
 from service.server.http import status_of
 from service.server.routes import EXTENSIONS, describe_model
 from service.server.state import ServiceState
@@ -36,6 +38,7 @@ from service.server.state import ServiceState
 logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
+HEALTH = "grpc.health.v1.Health"
 # gRPC carries a call as an HTTP/2 POST to /<service>/<method>: that is its access line's path.
 _INFER_PATH = f"/{SERVICE}/ModelInfer"
 _QUIET = frozenset({"ServerLive", "ServerReady"})
@@ -44,74 +47,27 @@ _QUIET = frozenset({"ServerLive", "ServerReady"})
 _DEADLINE_SLACK_S = 0.05
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
-Context = aio.ServicerContext[object, object]
+Context = CallContext
+__all__ = ["MAX_STREAMS", "GrpcServer", "start_grpc_server"]
 
 
-def _peer_host(context: Context) -> str:
-    # "ipv4:127.0.0.1:52044", "ipv6:[::1]:52044": the host, without the port.
-    peer = context.peer() or "unknown"
-    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
-
-
-def _metadata(context: Context) -> dict[str, str]:
-    return {
-        key: value
-        for key, value in context.invocation_metadata() or ()
-        if isinstance(value, str)  # binary (-bin) entries carry nothing we read
-    }
-
-
-async def _abort(context: Context, exc: errors.ServiceError, request_id: str) -> Never:
+def _abort(context: Context, exc: errors.ServiceError, request_id: str) -> Never:
     message = exc.message
     if status_of(exc) >= 500 and not isinstance(exc, errors.Overloaded | errors.ModelNotReady):
         # As over HTTP: a server-side failure names the request, for the operator's log.
         message = f"{message} (request {request_id})"
-    await context.abort(grpc_code_of(exc), message, ((access.REQUEST_ID.decode(), request_id),))
+    context.abort(grpc_code_of(exc), message, ((access.REQUEST_ID.decode(), request_id),))
 
 
-class _ClientLeft(logging.Filter):
-    """gRPC logs an answer it could not send because the client had left (or reset the call)
-    as an error with a traceback; it is the client's doing: one line, at debug level."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("ExecuteBatchError raised in core by servicer method"):
-            return True
-        if not logger.isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.exc_info, record.exc_text = None, None
-        record.msg, record.args = "%s: the client left before its answer was sent", (message,)
-        return True
-
-
-_CLIENT_LEFT = _ClientLeft()
-
-
-def _parse(message: type[M], data: bytes) -> M:
+def _parse(message: type[M], data: Received) -> M:
     try:
-        return message.FromString(data)
+        # protobuf reads any buffer; its stubs name bytes only.
+        return message.FromString(cast(bytes, data))
     except DecodeError:
         raise errors.InvalidInput(
             f"the message is not a valid {message.DESCRIPTOR.full_name}: its protobuf encoding "
             "is corrupt (or a string in it is not UTF-8)"
         ) from None
-
-
-def _add_service(servicer: "InferenceService", server: aio.Server) -> None:
-    """As the generated add_GRPCInferenceServiceServicer_to_server, except that each method
-    takes its message's bytes and parses them itself: gRPC would answer a corrupt message with
-    UNKNOWN and log a traceback for each, where it is the client's INVALID_ARGUMENT."""
-    methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-        )
-        for method in methods
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -133,7 +89,7 @@ class InferenceService:
         self,
         context: Context,
         method: str,
-        data: bytes,
+        data: Received,
         message: type[M],
         answer: Callable[[M], T],
         model_of: Callable[[M], str] | None = None,
@@ -142,7 +98,7 @@ class InferenceService:
         line. A call about a model (`model_of` the message) needs the credentials inference on
         that model needs."""
         started = time.perf_counter()
-        metadata = _metadata(context)
+        metadata = context.metadata
         request_id = access.request_id_from(metadata.get("x-request-id"))
         status, error = 200, None
         try:
@@ -154,7 +110,7 @@ class InferenceService:
             return answer(request)
         except errors.ServiceError as exc:
             status, error = status_of(exc), type(exc).__name__
-            await _abort(context, exc, request_id)
+            _abort(context, exc, request_id)
         finally:
             access.log_request(
                 request_id,
@@ -167,7 +123,7 @@ class InferenceService:
                 level=logging.DEBUG if method in _QUIET else logging.INFO,
             )
 
-    async def ServerLive(self, data: bytes, context: Context) -> pb.ServerLiveResponse:
+    async def ServerLive(self, data: Received, context: Context) -> pb.ServerLiveResponse:
         return await self._control(
             context,
             "ServerLive",
@@ -176,7 +132,7 @@ class InferenceService:
             lambda _: pb.ServerLiveResponse(live=True),
         )
 
-    async def ServerReady(self, data: bytes, context: Context) -> pb.ServerReadyResponse:
+    async def ServerReady(self, data: Received, context: Context) -> pb.ServerReadyResponse:
         return await self._control(
             context,
             "ServerReady",
@@ -185,7 +141,7 @@ class InferenceService:
             lambda _: pb.ServerReadyResponse(ready=self.state.serving_ready()),
         )
 
-    async def ServerMetadata(self, data: bytes, context: Context) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, data: Received, context: Context) -> pb.ServerMetadataResponse:
         return await self._control(
             context,
             "ServerMetadata",
@@ -196,7 +152,7 @@ class InferenceService:
             ),
         )
 
-    async def ModelReady(self, data: bytes, context: Context) -> pb.ModelReadyResponse:
+    async def ModelReady(self, data: Received, context: Context) -> pb.ModelReadyResponse:
         def answer(request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
             try:
                 self.state.router.resolve(request.name, request.version or None)
@@ -209,7 +165,7 @@ class InferenceService:
             context, "ModelReady", data, pb.ModelReadyRequest, answer, lambda r: r.name
         )
 
-    async def ModelMetadata(self, data: bytes, context: Context) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, data: Received, context: Context) -> pb.ModelMetadataResponse:
         def answer(request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
             registry = self.state.registry
             model = registry.resolve(request.name, request.version or None)
@@ -228,8 +184,8 @@ class InferenceService:
             context, "ModelMetadata", data, pb.ModelMetadataRequest, answer, lambda r: r.name
         )
 
-    async def ModelInfer(self, data: bytes, context: Context) -> pb.ModelInferResponse:
-        metadata = _metadata(context)
+    async def ModelInfer(self, data: Received, context: Context) -> pb.ModelInferResponse:
+        metadata = context.metadata
         corrupt: errors.InvalidInput | None = None
         try:
             request = _parse(pb.ModelInferRequest, data)
@@ -243,21 +199,22 @@ class InferenceService:
             "POST",
             _INFER_PATH,
             asyncio.get_running_loop().time(),
-            peer=_peer_host(context) if self.state.limiter is not None else None,
+            peer=context.peer if self.state.limiter is not None else None,
         )
         if corrupt is not None:  # before credentials: there is no model to check them for
             call.outcome, call.error = status_of(corrupt), type(corrupt).__name__
             boundary.record(call, time.perf_counter() - call.started)
-            await _abort(context, corrupt, call.request_id)
+            _abort(context, corrupt, call.request_id)
         # The client's gRPC deadline, as it stands when the call arrives.
         remaining = context.time_remaining()
 
         async def work() -> pb.ModelInferResponse:
             if remaining is not None:
                 call.shorten_deadline(remaining)
-            return await self._infer(
-                call, request, len(data), metadata.get("x-routing-key"), context
-            )
+            # The transport reserved the message in the memory budget as it came, and holds
+            # that until the answer has gone: what the budget bounds from here is what an
+            # HTTP body's is, its arrays, outputs and answer.
+            return await self._infer(call, request, metadata.get("x-routing-key"))
 
         try:
             result = await boundary.run(
@@ -275,35 +232,12 @@ class InferenceService:
         if isinstance(result, errors.ServiceError):
             call.outcome = status_of(result)
             boundary.record(call, seconds)
-            await _abort(context, result, call.request_id)
+            _abort(context, result, call.request_id)
         boundary.record(call, seconds)
         context.set_trailing_metadata(((access.REQUEST_ID.decode(), call.request_id),))
         return result
 
     async def _infer(
-        self,
-        call: boundary.Call,
-        request: pb.ModelInferRequest,
-        size: int,
-        routing_key: str | None,
-        context: Context,
-    ) -> pb.ModelInferResponse:
-        reservation = self.state.memory.reservation()
-        try:
-            # gRPC hands over the message whole, so it is reserved for at once; what the budget
-            # bounds from here is what an HTTP body's is: its arrays, outputs and answer.
-            reservation.grow(size)
-            answer = await self._infer_reserved(call, request, routing_key)
-        except BaseException:
-            reservation.release()
-            raise
-        # gRPC sends the answer after this returns, as fast as the client reads it: one that
-        # does not read would hold answers outside the budget. Held until the call ends.
-        # (The stubs type a callback as a class of their own, which no function is.)
-        context.add_done_callback(cast(Any, lambda _: reservation.release()))
-        return answer
-
-    async def _infer_reserved(
         self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
     ) -> pb.ModelInferResponse:
         router = self.state.router
@@ -327,7 +261,75 @@ class InferenceService:
         )
 
 
-MAX_STREAMS = 1000
+class HealthService:
+    """grpc.health.v1.Health: "" (the server) and the inference service, SERVING or not."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    def set(self, status: int) -> None:
+        for service in ("", SERVICE):  # "" is the server as a whole, as probes ask by default
+            self.statuses[service] = status
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def Check(self, data: Received, context: Context) -> health_pb2.HealthCheckResponse:
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(cast(bytes, data)).service
+        except DecodeError:
+            context.abort(StatusCode.INVALID_ARGUMENT, "not a valid HealthCheckRequest")
+        status = self.statuses.get(service)
+        if status is None:
+            context.abort(StatusCode.NOT_FOUND, f"no service {service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, messages: AsyncIterator[Received], context: Context
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for data in messages:
+            service = health_pb2.HealthCheckRequest.FromString(cast(bytes, data)).service
+            break
+        else:
+            context.abort(StatusCode.INVALID_ARGUMENT, "no HealthCheckRequest")
+        last = None
+        while True:
+            changed = self.changed
+            status = self.statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await changed.wait()
+
+
+def _reflection(
+    servicer: reflection.ReflectionServicer,
+) -> Callable[[AsyncIterator[Received], Context], AsyncIterator[Message]]:
+    """Server reflection, one answer per question, as grpcurl asks them in turn."""
+
+    async def info(messages: AsyncIterator[Received], context: Context) -> AsyncIterator[Message]:
+        async for data in messages:
+            try:
+                request = reflection_pb2.ServerReflectionRequest.FromString(cast(bytes, data))
+            except DecodeError:
+                context.abort(StatusCode.INVALID_ARGUMENT, "not a valid ServerReflectionRequest")
+            yield next(iter(servicer.ServerReflectionInfo(iter([request]), cast(Any, None))))
+
+    return info
+
+
+def _methods(service: InferenceService, health: HealthService) -> Methods:
+    methods = Methods()
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        handler = getattr(service, method.name, None)
+        if handler is not None:
+            methods.unary[f"/{SERVICE}/{method.name}".encode()] = handler
+    methods.unary[f"/{HEALTH}/Check".encode()] = health.Check
+    methods.streaming[f"/{HEALTH}/Watch".encode()] = health.Watch
+    served = (SERVICE, HEALTH, reflection.SERVICE_NAME)
+    info = _reflection(reflection.ReflectionServicer(served, pool=_reflection_pool()))
+    methods.streaming[f"/{reflection.SERVICE_NAME}/ServerReflectionInfo".encode()] = info
+    return methods
 
 
 def _address(host: str, port: int) -> str:
@@ -338,68 +340,81 @@ class GrpcServer:
     """The running gRPC server of one worker, and its health service to flip on draining."""
 
     def __init__(self, state: ServiceState) -> None:
-        settings = state.settings
-        self.server = aio.server(
-            options=[
-                # The request limit of HTTP bodies holds for messages (gRPC caps it at 2 GiB).
-                ("grpc.max_receive_message_length", min(settings.max_request_bytes, 2**31 - 1)),
-                ("grpc.max_send_message_length", -1),
-                # Every worker process binds the same port; the kernel spreads connections.
-                ("grpc.so_reuseport", 1),
-                # Calls in flight per connection. gRPC's Python server answers nothing to a
-                # call that ends without its message (until its deadline or the client leaves):
-                # 4,000 such calls on one connection held 78 MB, at most 1,000 of them 20 MB.
-                # Past the limit a client's gRPC queues its calls; a burst sent before it learns
-                # the limit is refused with UNAVAILABLE (it was CANCELLED past ~1,000 without it).
-                ("grpc.max_concurrent_streams", MAX_STREAMS),
-            ]
-        )
-        _add_service(InferenceService(state), self.server)
-        logging.getLogger("grpc._cython.cygrpc").addFilter(_CLIENT_LEFT)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                health.SERVICE_NAME,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-            _reflection_pool(),
-        )
-        self._draining: asyncio.Task[None] | None = None
+        self.state = state
+        self.health = HealthService()
+        self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.methods = _methods(InferenceService(state), self.health)
+        self.connections: set[GrpcConnection] = set()
         self._loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        settings = state.settings
         self.address = _address(settings.host, settings.grpc_port)
-        self.port = self.server.add_insecure_port(self.address)
+
+    def _connection(self) -> GrpcConnection:
+        settings = self.state.settings
+        return GrpcConnection(
+            self.methods,
+            self.state.memory,
+            # The request limit of HTTP bodies holds for messages (gRPC caps them at 2 GiB).
+            min(settings.max_request_bytes, 2**31 - 1 - 5),
+            settings.max_header_bytes,
+            self.connections,
+        )
 
     async def start(self) -> None:
-        await self.server.start()
+        settings = self.state.settings
+        # Every worker process binds the same port (SO_REUSEPORT); the kernel spreads
+        # connections among them.
+        self._server = await self._loop.create_server(
+            self._connection,
+            settings.host,
+            settings.grpc_port,
+            reuse_port=True,
+            family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
+            backlog=2048,
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
         logger.info("gRPC listening on %s", self.address)
+
+    async def _sweep(self) -> None:
+        settings = self.state.settings
+        header_s, body_s = settings.header_timeout_s, settings.body_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, header_s / 4, body_s / 4))
+            now = self._loop.time()
+            for connection in list(self.connections):
+                connection.expire(now, header_s, body_s)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", SERVICE):  # "" is the server as a whole, as probes ask by default
-            await self.health.set(service, status)
+        self.health.set(status)
 
     def drain(self) -> None:
         """Health answers NOT_SERVING from now on; safe to call from a signal handler."""
-        self._loop.call_soon_threadsafe(self._start_draining)
-
-    def _start_draining(self) -> None:
-        self._draining = asyncio.create_task(self.set_serving(False))
+        self._loop.call_soon_threadsafe(self.health.set, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, give the running ones `grace_s` seconds, then cancel them."""
         await self.set_serving(False)
-        await self.server.stop(grace_s)
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            connection.go_away()
+        deadline = self._loop.time() + grace_s
+        while any(c.streams for c in self.connections) and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.close()
 
 
 async def start_grpc_server(state: ServiceState) -> GrpcServer:
     server = GrpcServer(state)
-    await server.set_serving(False)
     await server.start()
     return server
