@@ -639,7 +639,12 @@ def test_a_message_that_stops_coming_is_answered_and_its_share_returned(
                     + settings
                     + _http2_frame(1, 0x4, 1, head)
                     + _http2_frame(0, 0, 1, partial_message)
+                    + _http2_frame(6, 0, 0, b"stalled!")  # PING
                 )
+                # The server handles a connection's frames in order: the PING's answer says
+                # it has read the message's prefix (and reserved for it).
+                ack = _http2_frame(6, 0x1, 0, b"stalled!")
+                assert ack in _frames_until_closed(stalled, 10, ack)
                 with pytest.raises(triton.InferenceServerException) as refused:
                     client.infer("iris", [_input(rows)], model_version="2")
                 assert "MODELSERVE_MAX_DECODING_BYTES" in refused.value.message()
