@@ -30,7 +30,14 @@ from service.protocols.grpc import infer
 from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.server import access, boundary
 from service.server.grpc_status import grpc_code_of
-from service.server.grpc_wire import MAX_STREAMS, CallContext, GrpcConnection, Methods, Received
+from service.server.grpc_wire import (
+    MAX_STREAMS,
+    CallContext,
+    GrpcConnection,
+    Methods,
+    Pieces,
+    Received,
+)
 from service.server.http import status_of
 from service.server.routes import EXTENSIONS, describe_model
 from service.server.state import ServiceState
@@ -184,7 +191,7 @@ class InferenceService:
             context, "ModelMetadata", data, pb.ModelMetadataRequest, answer, lambda r: r.name
         )
 
-    async def ModelInfer(self, data: Received, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, data: Received, context: Context) -> Pieces:
         metadata = context.metadata
         corrupt: errors.InvalidInput | None = None
         try:
@@ -208,7 +215,7 @@ class InferenceService:
         # The client's gRPC deadline, as it stands when the call arrives.
         remaining = context.time_remaining()
 
-        async def work() -> pb.ModelInferResponse:
+        async def work() -> Pieces:
             if remaining is not None:
                 call.shorten_deadline(remaining)
             # The transport reserved the message in the memory budget as it came, and holds
@@ -239,7 +246,7 @@ class InferenceService:
 
     async def _infer(
         self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
-    ) -> pb.ModelInferResponse:
+    ) -> Pieces:
         router = self.state.router
         model = call.model = router.resolve(*call.names, routing_key)
         decoded = infer.decode_infer_request(request, self.state.settings.max_batch_rows)
@@ -256,8 +263,10 @@ class InferenceService:
             call.shorten_deadline(timeout_s)
         wanted = v2.select_outputs(model, decoded)
         prediction = await router.predict(model, decoded.tensors, call.request_id)
-        return infer.encode_infer_response(
-            model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
+        return infer.serialized(
+            *infer.encode_infer_response(
+                model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
+            )
         )
 
 

@@ -160,7 +160,10 @@ class CallContext:
 
 # A message as it came: bytes when it came in one frame, else the buffer it was gathered in.
 Received = bytes | bytearray
-Unary = Callable[[Received, CallContext], Awaitable[Message]]
+# An answer serialized already, in pieces joined on the wire (large byte fields are sent from
+# their own buffers instead of copied into the message's encoding).
+Pieces = tuple[bytes, ...]
+Unary = Callable[[Received, CallContext], Awaitable[Message | Pieces]]
 Streaming = Callable[[AsyncIterator[Received], CallContext], AsyncIterator[Message]]
 
 
@@ -349,35 +352,51 @@ class GrpcConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return
-        if self.pending:
-            self.pending += data
-            if len(self.pending) < self.need:
-                return
-            data = bytes(self.pending)
-            self.pending.clear()
         try:
-            pos = self._frames(data)
+            start = 0
+            # A frame left unfinished by the last read is finished from this one's head, and
+            # parsed alone; the rest of the read is parsed where it is (a read can be 256 kB:
+            # joining it to the unfinished frame would copy it twice).
+            while self.pending:
+                missing = self.need - len(self.pending)
+                if len(data) - start < missing:
+                    self.pending += memoryview(data)[start:]
+                    return
+                self.pending += memoryview(data)[start : start + missing]
+                start += missing
+                block = bytes(self.pending)
+                self.pending.clear()
+                self._keep(block, self._frames(block, 0))
+            self._keep(data, self._frames(data, start))
         except _ConnectionError as exc:
             logger.debug("gRPC connection from %s closed: %s", self.peer, exc.reason)
             self._fail(exc.code)
-            return
-        if pos < len(data):
-            rest = data[pos:]
-            self.pending += rest
-            if self.preface and len(rest) >= 9:
-                high, low = rest[0], int.from_bytes(rest[1:3], "big")
-                self.need = 9 + (high << 16 | low)
-            else:
-                self.need = 9 if self.preface else len(PREFACE)
 
-    def _frames(self, data: bytes) -> int:
-        pos, end = 0, len(data)
+    def _keep(self, data: bytes, pos: int) -> None:
+        """Keep what is left of `data` from `pos` (at most one frame) for the next read."""
+        if pos == len(data):
+            return
+        rest = memoryview(data)[pos:]
+        self.pending += rest
+        if self.preface and len(rest) >= 9:
+            size = rest[0] << 16 | rest[1] << 8 | rest[2]
+            if size > OUR_MAX_FRAME:  # refused before it is gathered
+                raise _ConnectionError(FRAME_SIZE_ERROR, f"a frame of {size} bytes")
+            self.need = 9 + size
+        else:
+            self.need = 9 if self.preface else len(PREFACE)
+
+    def _frames(self, data: bytes, pos: int) -> int:
+        """Handle the whole frames in `data` from `pos`; returns where the first unfinished
+        one starts."""
+        end = len(data)
         if not self.preface:
-            if end < len(PREFACE):
-                return 0
-            if data[: len(PREFACE)] != PREFACE:
+            if end - pos < len(PREFACE):
+                return pos
+            if data[pos : pos + len(PREFACE)] != PREFACE:
                 raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            self.preface, pos = True, len(PREFACE)
+            self.preface = True
+            pos += len(PREFACE)
         while end - pos >= 9:
             high, low, kind, flags, stream_id = _FRAME_HEAD.unpack_from(data, pos)
             size = high << 16 | low
@@ -736,7 +755,7 @@ class GrpcConnection(asyncio.Protocol):
         context = stream.context
         assert context is not None
         try:
-            answer = (await handler(message, context)).SerializeToString()
+            result = await handler(message, context)
         except Aborted as exc:
             self._finish(stream, exc.code, exc.message, exc.trailers)
             return
@@ -746,7 +765,9 @@ class GrpcConnection(asyncio.Protocol):
             logger.exception("gRPC call %s failed", stream.path.decode("latin-1"))
             self._finish(stream, StatusCode.INTERNAL, "internal error")
             return
-        size = len(answer) + 5
+        pieces = (result.SerializeToString(),) if isinstance(result, Message) else result
+        length = sum(len(piece) for piece in pieces)
+        size = length + 5
         if not self.paused and size <= min(self.window, stream.window, self.max_frame):
             # The common case: headers, the answer and the trailers in one write.
             if stream.id not in self.streams:
@@ -761,8 +782,8 @@ class GrpcConnection(asyncio.Protocol):
                     (
                         self._header_frames(stream.id, 0, _RESPONSE_HEAD + _ACCEPT_ENCODING),
                         _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id),
-                        _MESSAGE_HEAD.pack(0, len(answer)),
-                        answer,
+                        _MESSAGE_HEAD.pack(0, length),
+                        *pieces,
                         self._header_frames(stream.id, END_STREAM, block),
                     )
                 )
@@ -771,7 +792,7 @@ class GrpcConnection(asyncio.Protocol):
             if self.going_away and not self.streams and self.transport is not None:
                 self.transport.close()
             return
-        self._send(stream, answer)
+        self._send(stream, pieces)
         self._finish(stream, StatusCode.OK, "", context.trailers)
 
     async def _streaming(self, stream: _Stream, handler: Streaming) -> None:
@@ -785,7 +806,7 @@ class GrpcConnection(asyncio.Protocol):
 
         try:
             async for answer in handler(messages(), context):
-                self._send(stream, answer.SerializeToString())
+                self._send(stream, (answer.SerializeToString(),))
         except Aborted as exc:
             self._finish(stream, exc.code, exc.message, exc.trailers)
             return
@@ -799,7 +820,7 @@ class GrpcConnection(asyncio.Protocol):
 
     # Frames out
 
-    def _send(self, stream: _Stream, message: bytes) -> None:
+    def _send(self, stream: _Stream, pieces: Pieces) -> None:
         """One answer message on a stream, as far as the windows let it go now."""
         if stream.id not in self.streams:
             return
@@ -807,8 +828,9 @@ class GrpcConnection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             head = self._header_frames(stream.id, 0, _RESPONSE_HEAD + _ACCEPT_ENCODING)
-        framed = _MESSAGE_HEAD.pack(0, len(message))
-        size = len(message) + 5
+        length = sum(len(piece) for piece in pieces)
+        framed = _MESSAGE_HEAD.pack(0, length)
+        size = length + 5
         if (
             not stream.outbox
             and not self.paused
@@ -816,11 +838,12 @@ class GrpcConnection(asyncio.Protocol):
         ):  # the common case: one DATA frame, sent now
             self.window -= size
             stream.window -= size
-            self._write(head + frame(DATA, 0, stream.id, framed + message))
+            data_head = _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id)
+            self._write(b"".join((head, data_head, framed, *pieces)))
             return
         if head:
             self._write(head)
-        stream.outbox += [memoryview(framed), memoryview(message)]
+        stream.outbox += [memoryview(framed), *(memoryview(piece) for piece in pieces)]
         self._flush(stream)
         if stream.outbox and stream not in self.blocked:
             self.blocked.append(stream)

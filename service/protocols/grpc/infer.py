@@ -187,14 +187,17 @@ def encode_infer_response(
     prediction: Prediction,
     wanted: list[tuple[str, bool]],
     raw: bool,
-) -> pb.ModelInferResponse:
-    """The response message, with `raw_output_contents` or typed contents as `raw` says."""
+) -> tuple[pb.ModelInferResponse, list[bytes]]:
+    """The response message, with typed contents or, as `raw` says, without its
+    `raw_output_contents`: those come apart, to be sent from their own buffers (see
+    `serialized`)."""
     response = pb.ModelInferResponse(
         model_name=model.name, model_version=str(model.version), id=call.id or ""
     )
     outputs = prediction.outputs
     datatypes = [datatype_of(outputs[name].dtype) for name, _ in wanted]
     raw = raw or any(datatype not in _CONTENTS for datatype in datatypes)
+    contents: list[bytes] = []
     for (name, _), datatype in zip(wanted, datatypes, strict=True):
         array = outputs[name]
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -202,11 +205,35 @@ def encode_infer_response(
             v2.labels_by_class(model, array, prediction.label_index) if name == "label" else None
         )
         if raw:
-            response.raw_output_contents.append(
+            contents.append(
                 by_class[0].bytes_elements(by_class[1]) if by_class else v2.tensor_bytes(array)
             )
         else:
             _fill_contents(
                 tensor.contents, datatype, by_class[0].values(by_class[1]) if by_class else array
             )
-    return response
+    return response, contents
+
+
+# raw_output_contents is field 6, length-delimited: its tag, (6 << 3) | 2.
+_RAW_OUTPUT_TAG = bytes(((6 << 3) | 2,))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def serialized(response: pb.ModelInferResponse, contents: list[bytes]) -> tuple[bytes, ...]:
+    """The encoding of `response` with `contents` as its raw_output_contents, in pieces, each
+    raw output its own: the
+    message's fields come in field order, and raw_output_contents is its last field, so the
+    pieces joined are the bytes protobuf would write, without copying the outputs into them."""
+    pieces = [response.SerializeToString()]
+    for content in contents:
+        pieces += (_RAW_OUTPUT_TAG + _varint(len(content)), content)
+    return tuple(pieces)
