@@ -1,23 +1,104 @@
 """The gRPC transport's encodings, checked against the libraries that define them."""
 
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 from hpack import Decoder
 
+from service.protocols import v2
 from service.protocols.grpc import infer
 from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.server.grpc_wire import _percent_encoded, _timeout_s, literal
+from service.store.registry import LoadOptions, ModelVersion, load_registry
+from service.store.runtimes import Prediction
+from service.store.tensors import datatype_of
 
 
-@pytest.mark.parametrize("sizes", [[0], [5, 300], [127, 128, 16_383, 16_384, 2_000_000]])
-def test_a_response_in_pieces_is_protobufs_own_encoding(sizes: list[int]) -> None:
-    response = pb.ModelInferResponse(model_name="iris", model_version="2", id="call-1")
-    response.outputs.add(name="label", datatype="BYTES", shape=[3])
-    response.parameters["sequence_id"].int64_param = 7
-    contents = [bytes([index % 251]) * size for index, size in enumerate(sizes)]
-    pieces = infer.serialized(response, contents)
-    response.raw_output_contents.extend(contents)
-    assert b"".join(pieces) == response.SerializeToString()
-    assert pb.ModelInferResponse.FromString(b"".join(pieces)) == response
+def _protobufs_own(
+    model: ModelVersion,
+    call: v2.InferCall,
+    prediction: Prediction,
+    wanted: list[tuple[str, bool]],
+    raw: bool,
+) -> bytes:
+    """The response built as a message and serialized by protobuf."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=str(model.version), id=call.id or ""
+    )
+    for name, _ in wanted:
+        array = prediction.outputs[name]
+        datatype = datatype_of(array.dtype)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(v2.tensor_bytes(array))
+            continue
+        values = array.reshape(-1).tolist()
+        field = getattr(tensor.contents, FIELDS[datatype])
+        field.extend([str(v).encode() for v in values] if datatype == "BYTES" else values)
+    return response.SerializeToString()
+
+
+FIELDS = {
+    "BOOL": "bool_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+@pytest.fixture(scope="module")
+def iris_versions(iris_repository: Path) -> list[ModelVersion]:
+    registry = load_registry(iris_repository, LoadOptions())
+    return [registry.resolve("iris", "1"), registry.resolve("iris", "2")]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("request_id", ["", "call-1"])
+def test_answers_are_the_bytes_protobuf_writes(
+    iris_versions: list[ModelVersion], rows: int, raw: bool, request_id: str
+) -> None:
+    features = np.random.default_rng(rows).normal(4, 2, size=(rows, 4)).astype(np.float32)
+    for model in iris_versions:
+        prediction = model.runtime.predict({"input": features})
+        assert prediction.label_index is not None  # labels go by class
+        call = v2.InferCall({"input": features}, id=request_id or None)
+        wanted = [("label", raw), ("probabilities", raw)]
+        pieces = infer.encode_infer_response(model, call, prediction, wanted, raw)
+        expected = _protobufs_own(model, call, prediction, wanted, raw)
+        assert b"".join(pieces) == expected
+        assert len(pieces) == (5 if raw else 1)  # raw outputs travel as pieces of their own
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([[1.5, -0.0], [np.nan, np.inf]], dtype=np.float32),
+        np.array([1e300, -2.5], dtype=np.float64),
+        np.array([[0, -1, 2**40]], dtype=np.int64),
+        np.array([-(2**31), 7], dtype=np.int32),
+        np.array([2**32 - 1, 0], dtype=np.uint32),
+        np.array([2**64 - 1], dtype=np.uint64),
+        np.array([True, False, True]),
+        np.array(["a", "sétosa", "x" * 300]),
+        np.array(7.0, dtype=np.float32),  # a scalar: no shape field
+    ],
+    ids=lambda array: f"{array.dtype}-{array.shape}",
+)
+def test_typed_contents_of_every_type_are_the_bytes_protobuf_writes(
+    iris_versions: list[ModelVersion], array: np.ndarray[Any, Any]
+) -> None:
+    model = iris_versions[0]
+    prediction = Prediction({"output": array})
+    call = v2.InferCall({}, id="typed")
+    pieces = infer.encode_infer_response(model, call, prediction, [("output", False)], False)
+    assert b"".join(pieces) == _protobufs_own(model, call, prediction, [("output", False)], False)
 
 
 @pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 300, 70_000])

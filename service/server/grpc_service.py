@@ -263,10 +263,8 @@ class InferenceService:
             call.shorten_deadline(timeout_s)
         wanted = v2.select_outputs(model, decoded)
         prediction = await router.predict(model, decoded.tensors, call.request_id)
-        return infer.serialized(
-            *infer.encode_infer_response(
-                model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
-            )
+        return infer.encode_infer_response(
+            model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
         )
 
 
