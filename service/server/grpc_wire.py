@@ -158,8 +158,9 @@ class CallContext:
         raise Aborted(code, message, trailers)
 
 
-# A message as it came: bytes when it came in one frame, else the buffer it was gathered in.
-Received = bytes | bytearray
+# A message as it came: a view of the read that brought it whole in one frame (reads are
+# immutable bytes: the view holds it, and copies nothing), else the buffer it was gathered in.
+Received = bytes | bytearray | memoryview
 # An answer serialized already, in pieces joined on the wire (large byte fields are sent from
 # their own buffers instead of copied into the message's encoding).
 Pieces = tuple[bytes, ...]
@@ -189,6 +190,7 @@ class _Stream:
         "messages",
         "outbox",
         "path",
+        "prelude",
         "receiving",
         "refused",
         "started",
@@ -203,16 +205,15 @@ class _Stream:
         self.context: CallContext | None = None
         self.body = bytearray()  # the message being received, its 5-byte prefix first
         self.expected = -1  # its length once the prefix is in
-        self.messages: list[bytes | bytearray] = []  # complete messages of a unary call
-        self.inbox: asyncio.Queue[bytes | bytearray | None] | None = (
-            None  # a streaming call's messages
-        )
+        self.messages: list[Received] = []  # complete messages of a unary call
+        self.inbox: asyncio.Queue[Received | None] | None = None  # a streaming call's messages
         self.encoding = b"identity"
         self.compressed = False  # the message being received
         self.receiving = True  # the client has not ended its side
         self.task: asyncio.Task[None] | None = None
         self.window = window  # what the client lets us send on this stream
         self.outbox: list[memoryview] = []  # answer bytes waiting for window
+        self.prelude = b""  # headers to send before them
         self.trailer_block: bytes | None = None  # sent once the outbox is empty
         self.headers_sent = False
         self.refused = False  # answered already; what else the client sends is dropped
@@ -638,7 +639,7 @@ class GrpcConnection(asyncio.Protocol):
                     return
                 if end - start >= length:  # the whole message in this frame: no buffer
                     start += length
-                    self._deliver(stream, data[start - length : start])
+                    self._deliver(stream, view[start - length : start])
                     continue
             take = min(stream.expected - len(body), end - start)
             body += view[start : start + take]
@@ -679,7 +680,7 @@ class GrpcConnection(asyncio.Protocol):
         stream.compressed = bool(compressed)
         return True
 
-    def _deliver(self, stream: _Stream, message: bytes | bytearray) -> None:
+    def _deliver(self, stream: _Stream, message: Received) -> None:
         stream.expected = -1
         if stream.compressed:
             decoded = self._decompressed(stream, message)
@@ -691,7 +692,7 @@ class GrpcConnection(asyncio.Protocol):
         else:
             stream.messages.append(message)
 
-    def _decompressed(self, stream: _Stream, message: bytes | bytearray) -> bytes | None:
+    def _decompressed(self, stream: _Stream, message: Received) -> bytes | None:
         # gzip has a header of its own; deflate is zlib's format.
         inflater = zlib.decompressobj(31 if stream.encoding == b"gzip" else 15)
         try:
@@ -792,7 +793,7 @@ class GrpcConnection(asyncio.Protocol):
             if self.going_away and not self.streams and self.transport is not None:
                 self.transport.close()
             return
-        self._send(stream, pieces)
+        self._send(stream, pieces, now=False)
         self._finish(stream, StatusCode.OK, "", context.trailers)
 
     async def _streaming(self, stream: _Stream, handler: Streaming) -> None:
@@ -820,8 +821,9 @@ class GrpcConnection(asyncio.Protocol):
 
     # Frames out
 
-    def _send(self, stream: _Stream, pieces: Pieces) -> None:
-        """One answer message on a stream, as far as the windows let it go now."""
+    def _send(self, stream: _Stream, pieces: Pieces, now: bool = True) -> None:
+        """One answer message on a stream, as far as the windows let it go now (or, not
+        `now`, at the next flush: a unary answer's flush sends its trailers with it)."""
         if stream.id not in self.streams:
             return
         head = b""
@@ -841,12 +843,10 @@ class GrpcConnection(asyncio.Protocol):
             data_head = _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id)
             self._write(b"".join((head, data_head, framed, *pieces)))
             return
-        if head:
-            self._write(head)
+        stream.prelude += head
         stream.outbox += [memoryview(framed), *(memoryview(piece) for piece in pieces)]
-        self._flush(stream)
-        if stream.outbox and stream not in self.blocked:
-            self.blocked.append(stream)
+        if now:
+            self._flush(stream)
 
     def _finish(
         self,
@@ -867,18 +867,15 @@ class GrpcConnection(asyncio.Protocol):
             stream.headers_sent = True
             block = _RESPONSE_HEAD + block
         stream.trailer_block = block
-        if not stream.outbox:
-            self._close_stream(stream)
+        self._flush(stream)
 
-    def _close_stream(self, stream: _Stream) -> None:
+    def _close_stream(self, stream: _Stream, out: list[bytes | memoryview]) -> None:
         block = stream.trailer_block
         assert block is not None
-        self._write(self._header_frames(stream.id, END_STREAM, block))
+        out.append(self._header_frames(stream.id, END_STREAM, block))
         if stream.receiving:  # the client need send no more of it
-            self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
+            out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
         self._forget(stream)
-        if self.going_away and not self.streams and self.transport is not None:
-            self.transport.close()
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.id, None)
@@ -900,9 +897,15 @@ class GrpcConnection(asyncio.Protocol):
         return b"".join(out)
 
     def _flush(self, stream: _Stream) -> None:
-        """Send what the windows allow of a stream's waiting answer, then its trailers."""
+        """Send what the windows allow of a stream's waiting answer, then its trailers: its
+        headers, frames and trailers in one write when they can all go."""
+        if stream.id not in self.streams:
+            return
         outbox = stream.outbox
         out: list[bytes | memoryview] = []
+        if stream.prelude:  # headers: not flow-controlled
+            out.append(stream.prelude)
+            stream.prelude = b""
         while outbox and not self.paused:
             allowed = min(self.window, stream.window, self.max_frame)
             if allowed <= 0:
@@ -926,10 +929,14 @@ class GrpcConnection(asyncio.Protocol):
             if len(out) > 64 and self.transport is not None:
                 self.transport.writelines(out)
                 out = []
+        if not outbox and stream.trailer_block is not None:
+            self._close_stream(stream, out)
+        elif outbox and stream not in self.blocked:
+            self.blocked.append(stream)
         if out and self.transport is not None:
             self.transport.writelines(out)
-        if not outbox and stream.trailer_block is not None and stream.id in self.streams:
-            self._close_stream(stream)
+        if self.going_away and not self.streams and self.transport is not None:
+            self.transport.close()
 
     def _flush_blocked(self) -> None:
         for stream in list(self.blocked):
