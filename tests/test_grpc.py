@@ -693,3 +693,50 @@ def test_a_header_block_past_the_limit_closes_the_connection(
 def test_compressed_messages_are_read(client: Any, algorithm: str) -> None:
     result = client.infer("iris", [_input(ROWS)], compression_algorithm=algorithm)
     assert [v.decode() for v in result.as_numpy("label")] == EXPECTED
+
+
+def test_a_trickled_message_and_an_unread_answer_are_ended(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """A message sent a byte at a time is answered DEADLINE_EXCEEDED once
+    MODELSERVE_REQUEST_TIMEOUT_S has passed since the call opened, as a trickled HTTP body is;
+    an answer its client reads none of for MODELSERVE_BODY_IDLE_TIMEOUT_S is reset (CANCEL)
+    and its share of the memory budget returns, the connection still open."""
+    rows = np.tile(ROWS, (1334, 1))[:4000]
+    message = pb.ModelInferRequest(model_name="iris", model_version="2")
+    message.inputs.add(name="input", datatype="FP32", shape=[4000, 4])
+    message.raw_input_contents.append(rows.tobytes())
+    env = {
+        "MODELSERVE_MAX_DECODING_BYTES": "1000000",
+        "MODELSERVE_REQUEST_TIMEOUT_S": "2",
+        "MODELSERVE_BODY_IDLE_TIMEOUT_S": "3",
+    }
+    with run_server(trained_repository, tmp_path, env) as running:
+        client = triton.InferenceServerClient(running.grpc_target)
+        host, port = running.grpc_target.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as trickle:
+                head = _infer_head(("x-request-id", "trickled-1"))
+                trickle.sendall(
+                    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                    + _http2_frame(4, 0, 0, b"")
+                    + _http2_frame(1, 0x4, 1, head)
+                )
+                started = time.monotonic()
+                for byte in b"\x00\x00\x00\x01\x00" + b"\x0a" * 20:  # a 65,536-byte message
+                    trickle.sendall(_http2_frame(0, 0, 1, bytes([byte])))
+                    time.sleep(0.25)
+                    if time.monotonic() - started > 4:
+                        break
+                answer = _frames_until_closed(trickle, 10, b"TIMEOUT_S)")
+                assert b"grpc-status\x014" in answer
+                assert b"MODELSERVE_REQUEST_TIMEOUT_S" in answer
+            with _stalled_call(running.grpc_target, message) as stalled:
+                stalled_lines = partial(_logged, running, "reset: its client read none")
+                wait_for(lambda: bool(stalled_lines()), 15, "the unread answer's reset")
+                reset = _http2_frame(3, 0, 1, (0x8).to_bytes(4, "big"))  # RST_STREAM CANCEL
+                assert reset in _frames_until_closed(stalled, 10, reset)
+                assert _answers(client, rows)  # its share returned, its connection open
+        finally:
+            client.close()
+        assert "Traceback" not in running.output()

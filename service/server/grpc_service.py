@@ -37,6 +37,7 @@ from service.server.grpc_wire import (
     Methods,
     Pieces,
     Received,
+    Timeouts,
 )
 from service.server.http import status_of
 from service.server.routes import EXTENSIONS, describe_model
@@ -386,12 +387,14 @@ class GrpcServer:
 
     async def _sweep(self) -> None:
         settings = self.state.settings
-        header_s, body_s = settings.header_timeout_s, settings.body_idle_timeout_s
+        limits = Timeouts(
+            settings.header_timeout_s, settings.body_idle_timeout_s, settings.request_timeout_s
+        )
         while True:
-            await asyncio.sleep(min(1.0, header_s / 4, body_s / 4))
+            await asyncio.sleep(min(1.0, *(seconds / 4 for seconds in vars(limits).values())))
             now = self._loop.time()
             for connection in list(self.connections):
-                connection.expire(now, header_s, body_s)
+                connection.expire(now, limits)
 
     async def set_serving(self, serving: bool) -> None:
         status = (

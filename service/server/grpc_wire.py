@@ -188,6 +188,7 @@ class _Stream:
         "inbox",
         "last_data",
         "messages",
+        "opened",
         "outbox",
         "path",
         "prelude",
@@ -218,7 +219,9 @@ class _Stream:
         self.headers_sent = False
         self.refused = False  # answered already; what else the client sends is dropped
         self.started = time.perf_counter()
-        self.last_data = 0.0  # when the client last sent some of it, on the loop's clock
+        # When the client last sent some of it, or read some of the answer; when it opened.
+        # On the loop's clock.
+        self.last_data = self.opened = 0.0
 
 
 class GrpcConnection(asyncio.Protocol):
@@ -314,26 +317,41 @@ class GrpcConnection(asyncio.Protocol):
         if not self.streams:
             self.transport.close()
 
-    def expire(self, now: float, header_timeout_s: float, body_idle_timeout_s: float) -> None:
-        """Close a connection that has not sent its preface in time; answer a call whose
-        message stopped coming (as HTTP answers a body that stopped with 408): such calls
-        would hold their share of the memory budget and a stream for as long as they liked."""
+    def expire(self, now: float, limits: "Timeouts") -> None:
+        """Close a connection that has not sent its preface in time. Answer a call whose
+        message stopped coming, or trickles in past the request timeout (as HTTP answers such
+        a body with 408), and reset one whose client stopped reading its answer: each would
+        hold its share of the memory budget and a stream for as long as its client liked."""
         if not self.preface:
-            if now - self.opened > header_timeout_s and self.transport is not None:
+            if now - self.opened > limits.header_s and self.transport is not None:
                 self.transport.close()
             return
         for stream in list(self.streams.values()):
-            if (
-                stream.receiving
-                and stream.inbox is None  # a streaming call's client may wait between messages
-                and not stream.refused
-                and now - stream.last_data > body_idle_timeout_s
-            ):
+            if stream.outbox and now - stream.last_data > limits.body_idle_s:
+                logger.info(
+                    "gRPC call %s reset: its client read none of its answer for %g s "
+                    "(MODELSERVE_BODY_IDLE_TIMEOUT_S)",
+                    stream.path.decode("latin-1"),
+                    limits.body_idle_s,
+                )
+                self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(CANCEL)))
+                self._forget(stream)
+                continue
+            if not stream.receiving or stream.inbox is not None or stream.refused:
+                continue  # (a streaming call's client may wait between messages)
+            if now - stream.last_data > limits.body_idle_s:
                 self._refuse(
                     stream,
                     StatusCode.DEADLINE_EXCEEDED,
                     f"the request message stopped coming: none of it for "
-                    f"{body_idle_timeout_s:g} s (MODELSERVE_BODY_IDLE_TIMEOUT_S)",
+                    f"{limits.body_idle_s:g} s (MODELSERVE_BODY_IDLE_TIMEOUT_S)",
+                )
+            elif now - stream.opened > limits.request_s:
+                self._refuse(
+                    stream,
+                    StatusCode.DEADLINE_EXCEEDED,
+                    f"the request message did not arrive within {limits.request_s:g} s "
+                    "(MODELSERVE_REQUEST_TIMEOUT_S)",
                 )
 
     # Frames in
@@ -559,7 +577,7 @@ class GrpcConnection(asyncio.Protocol):
         path = head.path
         now = self.loop.time()
         stream = _Stream(stream_id, path, self.initial_window)
-        stream.last_data = now
+        stream.last_data = stream.opened = now
         self.streams[stream_id] = stream
         stream.encoding = head.encoding
         deadline = None if head.timeout_s is None else now + head.timeout_s
@@ -845,6 +863,7 @@ class GrpcConnection(asyncio.Protocol):
             return
         stream.prelude += head
         stream.outbox += [memoryview(framed), *(memoryview(piece) for piece in pieces)]
+        stream.last_data = self.loop.time()  # the client's reading is timed from here
         if now:
             self._flush(stream)
 
@@ -924,6 +943,7 @@ class GrpcConnection(asyncio.Protocol):
                     taken += cut
             self.window -= taken
             stream.window -= taken
+            stream.last_data = self.loop.time()
             out.append(_FRAME_HEAD.pack(taken >> 16, taken & 0xFFFF, DATA, 0, stream.id))
             out += chunk
             if len(out) > 64 and self.transport is not None:
@@ -943,6 +963,15 @@ class GrpcConnection(asyncio.Protocol):
             self._flush(stream)
             if not stream.outbox:
                 self.blocked.remove(stream)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The limits `GrpcConnection.expire` holds calls and connections to, in seconds."""
+
+    header_s: float  # to start HTTP/2
+    body_idle_s: float  # without any of a message arriving, or of an answer being read
+    request_s: float  # for a whole message to arrive
 
 
 class _Head:
