@@ -664,18 +664,22 @@ def test_a_message_that_stops_coming_is_answered_and_its_share_returned(
         assert "Traceback" not in running.output()
 
 
+@pytest.mark.parametrize("continued", [True, False], ids=["continuation", "one-frame"])
 def test_a_header_block_past_the_limit_closes_the_connection(
-    server: RunningServer, client: Any
+    server: RunningServer, client: Any, continued: bool
 ) -> None:
-    """HTTP/2 sends a header block in CONTINUATION frames, as many as the client likes: past
-    MODELSERVE_MAX_HEADER_BYTES the connection ends (GOAWAY), as an HTTP head that long ends
-    with 431, and nothing of it is kept."""
+    """HTTP/2 sends a header block in CONTINUATION frames, as many as the client likes, or in
+    one HEADERS frame of up to the frame limit: past MODELSERVE_MAX_HEADER_BYTES the connection
+    ends (GOAWAY), as an HTTP head that long ends with 431, and nothing of it is kept."""
     host, port = server.grpc_target.rsplit(":", 1)
     connection = socket.create_connection((host, int(port)), timeout=10)
     value = "v" * 100
     block = b"".join(_hpack_literal(f"x-filler-{i}", value) for i in range(8))
-    frames = [_http2_frame(1, 0, 1, _hpack_literal(":method", "POST"))]  # no END_HEADERS
-    frames += [_http2_frame(9, 0, 1, block) for _ in range(200)]  # 176 kB of CONTINUATION
+    if continued:
+        frames = [_http2_frame(1, 0, 1, _hpack_literal(":method", "POST"))]  # no END_HEADERS
+        frames += [_http2_frame(9, 0, 1, block) for _ in range(200)]  # 176 kB of CONTINUATION
+    else:
+        frames = [_http2_frame(1, 0x4, 1, block * 100)]  # 88 kB in one HEADERS frame
     connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b""))
     with contextlib.suppress(OSError):  # the server may close before it has read everything
         connection.sendall(b"".join(frames))
@@ -687,6 +691,41 @@ def test_a_header_block_past_the_limit_closes_the_connection(
     assert list(client.infer("iris", [_input(ROWS)]).as_numpy("label")) == [
         label.encode() for label in EXPECTED
     ]
+
+
+def _one_call(server: RunningServer, head: bytes, data: bytes) -> bytes:
+    """A call on a raw connection: its header block and one DATA frame; what came back."""
+    host, port = server.grpc_target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _http2_frame(4, 0, 0, b"")
+            + _http2_frame(1, 0x4, 1, head)
+            + _http2_frame(0, 0x1, 1, data)
+        )
+        return _frames_until_closed(connection, 10, b"grpc-status")
+
+
+def test_messages_a_call_may_not_carry_are_refused_and_hold_nothing(
+    server: RunningServer, client: Any
+) -> None:
+    """A message that does not inflate, followed in the same frame by the prefix of a 250 MB
+    one (which would take the whole memory budget, for good, were it reserved for a call
+    already answered); a thousand empty messages in one unary call."""
+    head = _infer_head(("grpc-encoding", "gzip"))
+    garbage = (
+        b"\x01" + (4).to_bytes(4, "big") + b"xxxx" + b"\x00" + (250_000_000).to_bytes(4, "big")
+    )
+    answer = _one_call(server, head, garbage)
+    assert b"grpc-status\x0213" in answer  # INTERNAL: the message does not inflate
+    assert b"does not inflate" in answer
+    answer = _one_call(server, _infer_head(), b"\x00\x00\x00\x00\x00" * 1000)
+    assert b"grpc-status\x013" in answer  # INVALID_ARGUMENT
+    assert b"this one carried more" in answer
+    for _ in range(3):  # the budget is whole: nothing was kept for the refused calls
+        assert list(client.infer("iris", [_input(ROWS)]).as_numpy("label")) == [
+            label.encode() for label in EXPECTED
+        ]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

@@ -275,6 +275,7 @@ class HealthService:
     def __init__(self) -> None:
         self.statuses: dict[str, int] = {}
         self.changed = asyncio.Event()
+        self.stopping = False
 
     def set(self, status: int) -> None:
         for service in ("", SERVICE):  # "" is the server as a whole, as probes ask by default
@@ -296,7 +297,10 @@ class HealthService:
         self, messages: AsyncIterator[Received], context: Context
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         async for data in messages:
-            service = health_pb2.HealthCheckRequest.FromString(cast(bytes, data)).service
+            try:
+                service = health_pb2.HealthCheckRequest.FromString(cast(bytes, data)).service
+            except DecodeError:
+                context.abort(StatusCode.INVALID_ARGUMENT, "not a valid HealthCheckRequest")
             break
         else:
             context.abort(StatusCode.INVALID_ARGUMENT, "no HealthCheckRequest")
@@ -307,6 +311,8 @@ class HealthService:
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            if self.stopping:  # NOT_SERVING said: the watch ends, so the server can stop
+                return
             await changed.wait()
 
 
@@ -394,7 +400,10 @@ class GrpcServer:
             await asyncio.sleep(min(1.0, *(seconds / 4 for seconds in vars(limits).values())))
             now = self._loop.time()
             for connection in list(self.connections):
-                connection.expire(now, limits)
+                try:
+                    connection.expire(now, limits)
+                except Exception:  # one connection's fault must not end every timeout
+                    logger.exception("gRPC connection from %s: expiring failed", connection.peer)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -410,6 +419,7 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, give the running ones `grace_s` seconds, then cancel them."""
+        self.health.stopping = True
         await self.set_serving(False)
         if self._server is not None:
             self._server.close()

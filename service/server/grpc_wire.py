@@ -54,8 +54,14 @@ _SETTING = struct.Struct(">HI")
 _U32 = struct.Struct(">I")
 _MESSAGE_HEAD = struct.Struct(">BI")  # compressed flag, length
 
+# Header blocks longer than this are decoded each time: the cache is for the few blocks a
+# client repeats, not for what a client can make it hold.
+_CACHED_BLOCK = 1024
 # After a connection error, what the client still sends is read and dropped for this long.
 LINGER_S = 2.0
+_MESSAGE_BYTES = 4096
+# Messages a streaming call's client may send ahead of the answers to them.
+_INBOX = 64
 # Calls in flight per connection (SETTINGS_MAX_CONCURRENT_STREAMS); past it a client's gRPC
 # queues its calls, and a stream opened anyway is refused (REFUSED_STREAM, which clients retry).
 MAX_STREAMS = 1000
@@ -97,14 +103,20 @@ _UNSUPPORTED_TYPE = b"\x08\x03415"
 
 
 def _percent_encoded(message: str) -> bytes:
-    """grpc-message's encoding: printable ASCII as it is, other bytes (and '%') as %XX."""
+    """grpc-message's encoding: printable ASCII as it is, other bytes (and '%') as %XX; at
+    most _MESSAGE_BYTES of it (gRPC clients refuse trailers past 8 kB by default, and would
+    report that instead of the status)."""
     raw = message.encode()
-    if all(0x20 <= byte <= 0x7E and byte != 0x25 for byte in raw):
-        return raw
-    return b"".join(
-        bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
-        for byte in raw
-    )
+    if not all(0x20 <= byte <= 0x7E and byte != 0x25 for byte in raw):
+        raw = b"".join(
+            bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+            for byte in raw
+        )
+    if len(raw) > _MESSAGE_BYTES:
+        cut = raw[: _MESSAGE_BYTES - 3]
+        cut = cut[: cut.rfind(b"%")] if b"%" in cut[-2:] else cut  # not inside a %XX
+        raw = cut + b"..."
+    return raw
 
 
 def _timeout_s(value: bytes) -> float | None:
@@ -181,6 +193,7 @@ class _Stream:
         "body",
         "compressed",
         "context",
+        "drained",
         "encoding",
         "expected",
         "headers_sent",
@@ -215,6 +228,7 @@ class _Stream:
         self.window = window  # what the client lets us send on this stream
         self.outbox: list[memoryview] = []  # answer bytes waiting for window
         self.prelude = b""  # headers to send before them
+        self.drained: asyncio.Future[None] | None = None  # a streaming call's answer sent
         self.trailer_block: bytes | None = None  # sent once the outbox is empty
         self.headers_sent = False
         self.refused = False  # answered already; what else the client sends is dropped
@@ -250,7 +264,8 @@ class GrpcConnection(asyncio.Protocol):
         self.need = len(PREFACE)  # bytes `pending` must reach before it is parsed
         self.preface = False
         self.streams: dict[int, _Stream] = {}
-        self.last_stream = 0  # highest stream the client opened
+        self.last_stream = 0  # highest stream accepted: what GOAWAY names
+        self.seen_stream = 0  # highest stream id the client used (ids only increase)
         self.header_block: bytearray | None = None  # a HEADERS frame's block, continued
         self.header_stream = 0
         self.header_flags = 0
@@ -263,6 +278,7 @@ class GrpcConnection(asyncio.Protocol):
         self.going_away = False
         self.failed = False  # a connection error was answered: the socket closes soon
         self.opened = self.loop.time()
+        self.partial_since = 0.0  # when the frame or header block now unfinished began
 
     # The connection
 
@@ -296,10 +312,16 @@ class GrpcConnection(asyncio.Protocol):
         self.blocked.clear()
 
     def pause_writing(self) -> None:
+        # The client is not reading: nor do we, so what it sends cannot make us write more
+        # (PING and SETTINGS answers, refusals) into a buffer that is not draining.
         self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self._flush_blocked()
 
     def close(self, code: int = NO_ERROR) -> None:
@@ -315,7 +337,7 @@ class GrpcConnection(asyncio.Protocol):
         goaway = frame(GOAWAY, 0, 0, _U32.pack(self.last_stream) + _U32.pack(NO_ERROR))
         self.transport.write(goaway)
         if not self.streams:
-            self.transport.close()
+            self._close_soon()
 
     def expire(self, now: float, limits: "Timeouts") -> None:
         """Close a connection that has not sent its preface in time. Answer a call whose
@@ -325,6 +347,12 @@ class GrpcConnection(asyncio.Protocol):
         if not self.preface:
             if now - self.opened > limits.header_s and self.transport is not None:
                 self.transport.close()
+            return
+        if (self.pending or self.header_block is not None) and (
+            now - self.partial_since > limits.body_idle_s
+        ):  # a frame (or header block) left unfinished holds its bytes outside any budget
+            logger.info("gRPC connection from %s closed: a frame left unfinished", self.peer)
+            self._fail(ENHANCE_YOUR_CALM)
             return
         for stream in list(self.streams.values()):
             if stream.outbox and now - stream.last_data > limits.body_idle_s:
@@ -355,6 +383,19 @@ class GrpcConnection(asyncio.Protocol):
                 )
 
     # Frames in
+
+    def _close_soon(self) -> None:
+        """Close once the client has read what was sent: our side ends now (FIN), what the
+        client still sends (a last WINDOW_UPDATE, a call that crossed the GOAWAY) is read and
+        dropped, and the socket closes after LINGER_S. Closing it at once, with such bytes
+        unread, makes the kernel reset the connection, which can destroy the last answer."""
+        transport = self.transport
+        if transport is None or self.failed or transport.is_closing():
+            return
+        self.failed = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)
 
     def _fail(self, code: int) -> None:
         """A connection error: GOAWAY with its code, then what the client still sends is read
@@ -396,6 +437,8 @@ class GrpcConnection(asyncio.Protocol):
         if pos == len(data):
             return
         rest = memoryview(data)[pos:]
+        if not self.pending:
+            self.partial_since = self.loop.time()
         self.pending += rest
         if self.preface and len(rest) >= 9:
             size = rest[0] << 16 | rest[1] << 8 | rest[2]
@@ -452,8 +495,8 @@ class GrpcConnection(asyncio.Protocol):
             self._reset(stream_id)
         elif kind == GOAWAY:
             self.going_away = True
-            if not self.streams and self.transport is not None:
-                self.transport.close()
+            if not self.streams:
+                self._close_soon()
         elif kind == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
         # PRIORITY, and frame types this server does not know, are ignored (RFC 9113 §5.5).
@@ -517,12 +560,13 @@ class GrpcConnection(asyncio.Protocol):
             payload = payload[1 : len(payload) - payload[0]]
         if flags & PRIORITY_FLAG:
             payload = payload[5:]
+        self._check_header_size(len(payload))
         if flags & END_HEADERS:
             self._header_block(stream_id, flags, payload)
         else:
             self.header_block = bytearray(payload)
             self.header_stream, self.header_flags = stream_id, flags
-            self._check_header_size(len(payload))
+            self.partial_since = self.loop.time()
 
     def _continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
         if self.header_block is None or stream_id != self.header_stream:
@@ -555,7 +599,7 @@ class GrpcConnection(asyncio.Protocol):
         after = (len(entries), entries[0] if entries else None, self.decoder.header_table_size)
         if before[0] != after[0] or before[1] is not after[1] or before[2] != after[2]:
             self.heads.clear()  # the table changed: what was decoded with it may not hold
-        elif len(self.heads) < 64:
+        elif len(self.heads) < 64 and len(block) <= _CACHED_BLOCK:
             self.heads[block] = head
         return head
 
@@ -563,17 +607,18 @@ class GrpcConnection(asyncio.Protocol):
         head = self._decoded(block)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client end its side
-            if flags & END_STREAM:
+            if flags & END_STREAM and stream.receiving:
                 self._end_of_request(stream)
             return
-        if stream_id <= self.last_stream or not stream_id & 1:
+        if stream_id <= self.seen_stream or not stream_id & 1:
             if stream_id == 0 or not stream_id & 1:
                 raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
             return  # a stream already closed
-        self.last_stream = stream_id
+        self.seen_stream = stream_id
         if self.going_away or len(self.streams) >= MAX_STREAMS:
             self._write(frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
+        self.last_stream = stream_id
         path = head.path
         now = self.loop.time()
         stream = _Stream(stream_id, path, self.initial_window)
@@ -639,7 +684,7 @@ class GrpcConnection(asyncio.Protocol):
     def _take(self, stream: _Stream, data: bytes, start: int, end: int) -> None:
         """Message bytes of a stream: reserved in the budget, split into messages."""
         view = memoryview(data)
-        while start < end:
+        while start < end and not stream.refused:
             body = stream.body
             if stream.expected < 0:  # the message's 5-byte prefix
                 if not body and end - start >= 5:
@@ -670,6 +715,22 @@ class GrpcConnection(asyncio.Protocol):
         """A message's prefix read: within the limits and reserved, or the call refused."""
         context = stream.context
         assert context is not None
+        if stream.id not in self.streams:
+            return False
+        if stream.inbox is None and stream.messages:
+            self._refuse(
+                stream,
+                StatusCode.INVALID_ARGUMENT,
+                "a unary call carries one request message; this one carried more",
+            )
+            return False
+        if stream.inbox is not None and stream.inbox.qsize() >= _INBOX:
+            self._refuse(
+                stream,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {_INBOX} messages sent ahead of their answers",
+            )
+            return False
         if length > self.max_message_bytes:
             self._refuse(
                 stream,
@@ -690,7 +751,8 @@ class GrpcConnection(asyncio.Protocol):
             )
             return False
         try:
-            context.reservation.grow(length)
+            # At least a little per message: empty ones cost their bookkeeping.
+            context.reservation.grow(max(length, 64))
         except errors.Overloaded as exc:
             self._refuse(stream, grpc_code_of(exc), exc.message)
             return False
@@ -725,6 +787,16 @@ class GrpcConnection(asyncio.Protocol):
                 f"the message inflates past the limit of {self.max_message_bytes} bytes "
                 "(MODELSERVE_MAX_REQUEST_BYTES)",
             )
+            return None
+        if not inflater.eof:
+            self._refuse(stream, StatusCode.INTERNAL, "the compressed message is cut short")
+            return None
+        context = stream.context
+        assert context is not None
+        try:  # the inflated message is what the call holds
+            context.reservation.grow(len(out))
+        except errors.Overloaded as exc:
+            self._refuse(stream, grpc_code_of(exc), exc.message)
             return None
         return out
 
@@ -784,6 +856,13 @@ class GrpcConnection(asyncio.Protocol):
             logger.exception("gRPC call %s failed", stream.path.decode("latin-1"))
             self._finish(stream, StatusCode.INTERNAL, "internal error")
             return
+        try:
+            self._answer(stream, result, context)
+        except Exception:  # a fault of ours: the call still ends, with a status
+            logger.exception("gRPC call %s failed", stream.path.decode("latin-1"))
+            self._finish(stream, StatusCode.INTERNAL, "internal error")
+
+    def _answer(self, stream: _Stream, result: Message | Pieces, context: CallContext) -> None:
         pieces = (result.SerializeToString(),) if isinstance(result, Message) else result
         length = sum(len(piece) for piece in pieces)
         size = length + 5
@@ -808,8 +887,8 @@ class GrpcConnection(asyncio.Protocol):
                 )
             )
             self._forget(stream)
-            if self.going_away and not self.streams and self.transport is not None:
-                self.transport.close()
+            if self.going_away and not self.streams:
+                self._close_soon()
             return
         self._send(stream, pieces, now=False)
         self._finish(stream, StatusCode.OK, "", context.trailers)
@@ -826,6 +905,9 @@ class GrpcConnection(asyncio.Protocol):
         try:
             async for answer in handler(messages(), context):
                 self._send(stream, (answer.SerializeToString(),))
+                if stream.outbox:  # the next answer waits until the client reads this one
+                    stream.drained = self.loop.create_future()
+                    await stream.drained
         except Aborted as exc:
             self._finish(stream, exc.code, exc.message, exc.trailers)
             return
@@ -861,9 +943,10 @@ class GrpcConnection(asyncio.Protocol):
             data_head = _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id)
             self._write(b"".join((head, data_head, framed, *pieces)))
             return
+        if not stream.outbox:  # the client's reading is timed from here
+            stream.last_data = self.loop.time()
         stream.prelude += head
         stream.outbox += [memoryview(framed), *(memoryview(piece) for piece in pieces)]
-        stream.last_data = self.loop.time()  # the client's reading is timed from here
         if now:
             self._flush(stream)
 
@@ -902,6 +985,11 @@ class GrpcConnection(asyncio.Protocol):
             stream.context.reservation.release()
         stream.outbox.clear()
         stream.receiving = False
+        task = stream.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()  # a handler still running for a call that has ended
+        if stream.drained is not None and not stream.drained.done():
+            stream.drained.set_result(None)
 
     def _header_frames(self, stream_id: int, flags: int, block: bytes) -> bytes:
         if len(block) <= self.max_frame:
@@ -929,34 +1017,40 @@ class GrpcConnection(asyncio.Protocol):
             allowed = min(self.window, stream.window, self.max_frame)
             if allowed <= 0:
                 break
-            chunk: list[memoryview] = []
-            taken = 0
-            while outbox and taken < allowed:
-                piece = outbox[0]
-                if len(piece) <= allowed - taken:
-                    chunk.append(outbox.pop(0))
-                    taken += len(piece)
-                else:
-                    cut = allowed - taken
-                    chunk.append(piece[:cut])
-                    outbox[0] = piece[cut:]
-                    taken += cut
-            self.window -= taken
-            stream.window -= taken
-            stream.last_data = self.loop.time()
-            out.append(_FRAME_HEAD.pack(taken >> 16, taken & 0xFFFF, DATA, 0, stream.id))
-            out += chunk
+            out += self._data_frame(stream, allowed)
             if len(out) > 64 and self.transport is not None:
                 self.transport.writelines(out)
                 out = []
+        if not outbox and stream.drained is not None and not stream.drained.done():
+            stream.drained.set_result(None)
         if not outbox and stream.trailer_block is not None:
             self._close_stream(stream, out)
         elif outbox and stream not in self.blocked:
             self.blocked.append(stream)
         if out and self.transport is not None:
             self.transport.writelines(out)
-        if self.going_away and not self.streams and self.transport is not None:
-            self.transport.close()
+        if self.going_away and not self.streams:
+            self._close_soon()
+
+    def _data_frame(self, stream: _Stream, allowed: int) -> list[bytes | memoryview]:
+        """A DATA frame of at most `allowed` bytes from the head of the stream's outbox."""
+        outbox = stream.outbox
+        chunk: list[bytes | memoryview] = []
+        taken = 0
+        while outbox and taken < allowed:
+            piece = outbox[0]
+            if len(piece) <= allowed - taken:
+                chunk.append(outbox.pop(0))
+                taken += len(piece)
+            else:
+                cut = allowed - taken
+                chunk.append(piece[:cut])
+                outbox[0] = piece[cut:]
+                taken += cut
+        self.window -= taken
+        stream.window -= taken
+        stream.last_data = self.loop.time()
+        return [_FRAME_HEAD.pack(taken >> 16, taken & 0xFFFF, DATA, 0, stream.id), *chunk]
 
     def _flush_blocked(self) -> None:
         for stream in list(self.blocked):
