@@ -324,14 +324,18 @@ class GrpcConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self._flush_blocked()
 
-    def close(self, code: int = NO_ERROR) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(GOAWAY, 0, 0, _U32.pack(self.last_stream) + _U32.pack(code)))
-            self.transport.close()
+    def close(self) -> None:
+        """Close now (the server stops): GOAWAY, unless the connection is ending already."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.failed:
+            transport.write(frame(GOAWAY, 0, 0, _U32.pack(self.last_stream) + _U32.pack(0)))
+        transport.close()
 
     def go_away(self) -> None:
         """No new calls on this connection (GOAWAY); it closes once its calls are answered."""
-        if self.transport is None or self.going_away:
+        if self.transport is None or self.going_away or self.failed:
             return
         self.going_away = True
         goaway = frame(GOAWAY, 0, 0, _U32.pack(self.last_stream) + _U32.pack(NO_ERROR))
@@ -344,6 +348,8 @@ class GrpcConnection(asyncio.Protocol):
         message stopped coming, or trickles in past the request timeout (as HTTP answers such
         a body with 408), and reset one whose client stopped reading its answer: each would
         hold its share of the memory budget and a stream for as long as its client liked."""
+        if self.failed:
+            return
         if not self.preface:
             if now - self.opened > limits.header_s and self.transport is not None:
                 self.transport.close()
@@ -502,7 +508,8 @@ class GrpcConnection(asyncio.Protocol):
         # PRIORITY, and frame types this server does not know, are ignored (RFC 9113 §5.5).
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None:
+        # Once the connection is ending (after GOAWAY and our FIN), nothing more is written.
+        if self.transport is not None and not self.failed:
             self.transport.write(data)
 
     def _settings(self, stream_id: int, flags: int, payload: bytes) -> None:
@@ -1019,7 +1026,7 @@ class GrpcConnection(asyncio.Protocol):
                 break
             out += self._data_frame(stream, allowed)
             if len(out) > 64 and self.transport is not None:
-                self.transport.writelines(out)
+                self._writelines(out)
                 out = []
         if not outbox and stream.drained is not None and not stream.drained.done():
             stream.drained.set_result(None)
@@ -1027,10 +1034,14 @@ class GrpcConnection(asyncio.Protocol):
             self._close_stream(stream, out)
         elif outbox and stream not in self.blocked:
             self.blocked.append(stream)
-        if out and self.transport is not None:
-            self.transport.writelines(out)
+        if out:
+            self._writelines(out)
         if self.going_away and not self.streams:
             self._close_soon()
+
+    def _writelines(self, out: list[bytes | memoryview]) -> None:
+        if self.transport is not None and not self.failed:
+            self.transport.writelines(out)
 
     def _data_frame(self, stream: _Stream, allowed: int) -> list[bytes | memoryview]:
         """A DATA frame of at most `allowed` bytes from the head of the stream's outbox."""
