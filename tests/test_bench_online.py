@@ -296,6 +296,27 @@ def test_report_sets_grpc_beside_rest_with_its_targets(tmp_path: Path) -> None:
     )
 
 
+def test_grpc_targets_come_from_the_paired_runs_when_there_are_some(tmp_path: Path) -> None:
+    onnx = "iris v2 (onnx)"
+    records: list[dict[str, object]] = [
+        _single("modelserve", onnx, 64, 5_000.0),  # 200 µs/request: the tables say 0.80
+        _grpc(
+            "grpc_single", onnx, concurrency=64, rate=6_250.0, p50_ms=1.0, p99_ms=2.0, cpu_us=160.0
+        ),
+    ]
+    for rep, ratio in enumerate((1.2, 0.9, 0.95)):  # medians within each repetition
+        records.append(
+            {"kind": "grpc_pair", "rep": rep, "artifact": onnx, "rows": 1, "ratio": ratio}
+        )
+    records += [{**record, "rep": rep} for rep in (1, 2) for record in records[:2]]
+    write_report(records, tmp_path, repeat=3, minutes=1.0)
+    report = (tmp_path / "online.md").read_text()
+    assert (
+        "| iris ONNX, 1 row, c=64: gRPC server CPU µs/request / REST JSON's (paired runs) "
+        "| 0.95 | <= 1 | yes |"
+    ) in report
+
+
 def test_grpc_only_runs_name_the_servers_measured_over_grpc(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--only \['modelserve \(no batching\)'\]: not among"):
         start_servers(

@@ -14,7 +14,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.online.grpc_runs import check_grpc_answers, grpc_large_requests, grpc_single_rows
+from bench.online.grpc_runs import (
+    check_grpc_answers,
+    grpc_large_requests,
+    grpc_pair,
+    grpc_single_rows,
+)
 from bench.online.raw import load_runtime, measure_raw
 from bench.online.report import write_report
 from bench.online.results import (
@@ -233,6 +238,8 @@ def _single_row_runs(
     for server in (s for s in order if s.name in GRPC_SERVERS and s.serves(artifact)):
         yield from grpc_single_rows(server, artifact, rep, scope.seconds)
     named = {s.name: s for s in order}
+    if artifact == GRPC_TARGET_SINGLE and OURS in named:
+        yield grpc_pair(named[OURS], artifact, label, rep, 1)
     if artifact.model == "iris" and OURS in named and OURS_UNBATCHED in named:
         yield _batching_pair(named[OURS], named[OURS_UNBATCHED], artifact, label, rep)
 
@@ -249,6 +256,8 @@ def _large_runs(
             yield from _large_requests(server, artifact, label, rep, scope.seconds, (10_000,), True)
     for server in (s for s in large if s.name in GRPC_SERVERS):
         yield from grpc_large_requests(server, artifact, rep, scope.seconds)
+        if server.name == OURS and artifact in GRPC_TARGET_LARGE:
+            yield grpc_pair(server, artifact, label, rep, 10_000)
 
 
 def measure_servers(

@@ -4,6 +4,7 @@ The same models, rows and concurrency as the REST scenarios in __main__; records
 "grpc_single" and "grpc_bulk" with the fields of their REST counterparts.
 """
 
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from bench.online.workload import (
     LARGE_ONLY_ARTIFACTS,
     WARM_UP_S,
     Artifact,
+    build_request,
 )
 from bench.online.workload import features as make_features
+from bench.online.wrk import Load, run_wrk
 from service.store.runtimes import RuntimeOptions
 
 GRPC_CONTENTS: tuple[Contents, ...] = ("contents", "raw")
@@ -84,3 +87,45 @@ def grpc_large_requests(
                 "p50_ms": load.p50_ms,
                 "cpu_us": load.cpu_us_per_request,
             }
+
+
+# Seconds of each run of a pair, and how many of each side (in the order REST, gRPC, gRPC,
+# REST, ...).
+PAIR_RUN_S = 2.0
+PAIR_RUNS = 4
+
+
+def grpc_pair(server: Server, artifact: Artifact, label: str, rep: int, rows: int) -> Record:
+    """gRPC against REST on the same server in mirrored runs, for the gRPC targets: single
+    rows at c=64 (server CPU per call, typed contents against JSON) or `rows`-row requests one
+    at a time (rows/s, raw contents against the binary extension).
+
+    The two sides' table runs lie minutes apart, and over such gaps a shared machine drifts by
+    tens of percent (one run's three repetitions gave gRPC/REST CPU ratios of 0.83, 1.09 and
+    1.10); in short mirrored runs a drift falls on both sides alike.
+    """
+    data = make_features(artifact.model, rows)
+    single = rows == 1
+    rest = build_request(server.kind, artifact, data, label, "json" if single else "binary")
+    grpc = infer_request(server.kind, artifact, data, "contents" if single else "raw")
+    connections = 64 if single else 1
+
+    def measure(load: Load) -> float:
+        return load.cpu_us_per_request if single else load.rate * rows
+
+    sides: dict[str, list[float]] = {"rest": [], "grpc": []}
+    for side in ("rest", "grpc", "grpc", "rest") * (PAIR_RUNS // 2):
+        if side == "rest":
+            sides[side].append(measure(run_wrk(server, rest, connections, PAIR_RUN_S)))
+        else:
+            sides[side].append(measure(run_h2load(server, grpc, connections, PAIR_RUN_S)))
+    rest_value, grpc_value = statistics.median(sides["rest"]), statistics.median(sides["grpc"])
+    return {
+        "kind": "grpc_pair",
+        "rep": rep,
+        "artifact": artifact.label,
+        "rows": rows,
+        "rest": rest_value,
+        "grpc": grpc_value,
+        "ratio": grpc_value / rest_value,
+    }

@@ -61,6 +61,7 @@ class Results:
     pairs: Table
     grpc_single: Table
     grpc_bulk: Table
+    grpc_pairs: Table
 
     @classmethod
     def of(cls, records: list[Record]) -> "Results":
@@ -73,6 +74,7 @@ class Results:
             pairs=medians(records, "batching_pair", ("artifact",)),
             grpc_single=medians(records, "grpc_single", ("artifact", "server", "concurrency")),
             grpc_bulk=medians(records, "grpc_bulk", ("artifact", "server", "rows", "encoding")),
+            grpc_pairs=medians(records, "grpc_pair", ("artifact", "rows")),
         )
 
     def one(self, artifact: str, server: str, c: int, name: str = "rate") -> float | None:
@@ -95,6 +97,11 @@ class Results:
     def grpc_one(self, artifact: str, server: str, c: int, name: str = "rate") -> float | None:
         record = self.grpc_single.get((artifact, server, c))
         return None if record is None else float(record[name])
+
+    def grpc_pair(self, artifact: str, rows: int) -> float | None:
+        """gRPC / REST from the paired runs (see grpc_runs.grpc_pair), when there are some."""
+        record = self.grpc_pairs.get((artifact, rows))
+        return None if record is None else float(record["ratio"])
 
     def grpc_rows(self, artifact: str, server: str, n: int, contents: str) -> float | None:
         record = self.grpc_bulk.get((artifact, server, n, contents))
