@@ -31,7 +31,6 @@ from service.protocols.grpc import open_inference_grpc_pb2 as pb
 from service.server import access, boundary
 from service.server.grpc_status import grpc_code_of
 from service.server.grpc_wire import (
-    MAX_STREAMS,
     CallContext,
     GrpcConnection,
     Methods,
@@ -56,7 +55,6 @@ _DEADLINE_SLACK_S = 0.05
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 Context = CallContext
-__all__ = ["MAX_STREAMS", "GrpcServer", "start_grpc_server"]
 
 
 def _abort(context: Context, exc: errors.ServiceError, request_id: str) -> Never:
