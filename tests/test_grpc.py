@@ -779,3 +779,125 @@ def test_a_trickled_message_and_an_unread_answer_are_ended(
         finally:
             client.close()
         assert "Traceback" not in running.output()
+
+
+def _parsed_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """The whole frames in `data` (after none of a preface): kind, flags, stream, payload."""
+    frames, at = [], 0
+    while len(data) - at >= 9:
+        size = int.from_bytes(data[at : at + 3], "big")
+        if len(data) - at - 9 < size:
+            break
+        stream = int.from_bytes(data[at + 5 : at + 9], "big") & 0x7FFFFFFF
+        frames.append((data[at + 3], data[at + 4], stream, data[at + 9 : at + 9 + size]))
+        at += 9 + size
+    return frames
+
+
+def _address(server: RunningServer) -> tuple[str, int]:
+    host, port = server.grpc_target.rsplit(":", 1)
+    return host, int(port)
+
+
+def _ping(connection: socket.socket, marker: bytes) -> bytes:
+    """Send a PING and read until its ACK: the server handles a connection's frames in order,
+    so what it sent in answer to the frames before the PING has come by then."""
+    connection.sendall(_http2_frame(6, 0, 0, marker))
+    return _frames_until_closed(connection, 30, _http2_frame(6, 0x1, 0, marker))
+
+
+def test_calls_cancelled_past_the_limit_end_the_connection(
+    server: RunningServer, client: Any
+) -> None:
+    """A client may cancel (RST_STREAM) calls in progress, a burst of 1,000 and then 100 a
+    second; a client that keeps opening and cancelling calls, which never has many open and
+    so is not held by the limit of calls in flight ("rapid reset"), has its connection ended
+    with GOAWAY ENHANCE_YOUR_CALM, logged, and other clients are served."""
+    host, port = server.grpc_target.rsplit(":", 1)
+    head = _infer_head((":authority", server.grpc_target), ("te", "trailers"))
+    cancel = (0x8).to_bytes(4, "big")
+
+    def opened_and_cancelled(first: int, count: int) -> bytes:
+        ids = range(first, first + 2 * count, 2)
+        return b"".join(_http2_frame(1, 0x4, i, head) + _http2_frame(3, 0, i, cancel) for i in ids)
+
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b""))
+        connection.sendall(opened_and_cancelled(1, 500))
+        received = _ping(connection, b"fivehun!")
+        assert all(kind != 7 for kind, *_ in _parsed_frames(received))  # no GOAWAY yet
+        with contextlib.suppress(OSError):  # the server may close before it has read all
+            connection.sendall(opened_and_cancelled(1001, 2000))
+        received = _frames_until_closed(connection, 10, b"faster")
+    goaways = [payload for kind, _, _, payload in _parsed_frames(received) if kind == 7]
+    assert goaways, received[:200]
+    assert goaways[0][4:8] == (0xB).to_bytes(4, "big")  # ENHANCE_YOUR_CALM
+    wait_for(lambda: bool(_logged(server, "cancelled faster than 100 a second")), 10, "its log")
+    assert list(client.infer("iris", [_input(ROWS)]).as_numpy("label")) == [
+        label.encode() for label in EXPECTED
+    ]
+
+
+def test_answers_waiting_for_window_move_when_it_opens(
+    trained_repository: Path, tmp_path: Path
+) -> None:
+    """Flow control both ways of waiting: 1,000 answers held by their streams' windows (the
+    client's SETTINGS_INITIAL_WINDOW_SIZE is 0) are not visited by the client's connection
+    WINDOW_UPDATEs (each cost a pass over all of them: 20,000 such frames took 8 s of the
+    server's CPU), one stream's WINDOW_UPDATE moves that stream's answer alone, and every
+    answer comes whole once the windows open."""
+    message = pb.ModelInferRequest(model_name="iris", model_version="2")
+    message.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    message.raw_input_contents.append(ROWS.tobytes())
+    body = message.SerializeToString()
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+    ids = range(1, 2001, 2)
+    head = _infer_head(("te", "trailers"))
+    calls = b"".join(_http2_frame(1, 0x4, i, head) + _http2_frame(0, 0x1, i, framed) for i in ids)
+    no_window = (4).to_bytes(2, "big") + (0).to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
+    env = {"MODELSERVE_MAX_QUEUE_REQUESTS": "1000"}  # all 1,000 calls wait for the model
+    with (
+        run_server(trained_repository, tmp_path, env) as server,
+        socket.create_connection(_address(server), timeout=30) as connection,
+    ):
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, no_window))
+        connection.sendall(calls)
+        answered = b"grpc-status\x010"  # OK
+        wait_for(lambda: bool(_logged(server, "protocol=grpc")), 10, "the calls' access lines")
+        received = _ping(connection, b"heads!!!")
+        # Every answer made, and held: its headers sent, none of its message.
+        assert all(kind != 0 for kind, *_ in _parsed_frames(received))
+        started = time.monotonic()
+        connection.sendall(_http2_frame(8, 0, 0, (1).to_bytes(4, "big")) * 20_000)
+        received += _ping(connection, b"updates!")
+        assert time.monotonic() - started < 3
+        assert all(kind != 0 for kind, *_ in _parsed_frames(received))
+        open_window = (1 << 20).to_bytes(4, "big")
+        connection.sendall(_http2_frame(8, 0, 3, open_window))  # stream 3's window alone
+        received += _ping(connection, b"stream3!")
+        frames = _parsed_frames(received)
+        assert {stream for kind, _, stream, _ in frames if kind == 0} == {3}
+        assert any(kind == 1 and stream == 3 and answered in p for kind, _, stream, p in frames)
+        opened = (4).to_bytes(2, "big") + (1 << 20).to_bytes(4, "big")
+        connection.sendall(_http2_frame(4, 0, 0, opened) + _http2_frame(8, 0, 0, open_window))
+        received += _ping(connection, b"opened!!")
+
+        def finished() -> set[int]:
+            frames = _parsed_frames(received)
+            return {
+                s for kind, flags, s, p in frames if kind == 1 and flags & 0x1 and answered in p
+            }
+
+        # (Answers held by a full socket buffer come after the PING's answer.)
+        connection.settimeout(10)
+        while finished() != set(ids) and (chunk := connection.recv(1 << 20)):
+            received += chunk
+    assert finished() == set(ids)
+    frames = _parsed_frames(received)
+    data = {s: b"" for s in ids}
+    for kind, _, stream, payload in frames:
+        if kind == 0:
+            data[stream] += payload
+    answers = {pb.ModelInferResponse.FromString(d[5:]).id for d in data.values()}
+    assert len(answers) == 1
+    assert all(int.from_bytes(d[1:5], "big") == len(d) - 5 for d in data.values())

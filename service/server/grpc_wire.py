@@ -65,6 +65,13 @@ _INBOX = 64
 # Calls in flight per connection (SETTINGS_MAX_CONCURRENT_STREAMS); past it a client's gRPC
 # queues its calls, and a stream opened anyway is refused (REFUSED_STREAM, which clients retry).
 MAX_STREAMS = 1000
+# Calls a client may cancel (RST_STREAM) while they are in progress: a burst of MAX_STREAMS
+# (a client ending all its calls at once), then RESET_RATE a second. A reset frees the stream
+# for another call at once, so without a bound a client could make the server start calls
+# without limit while never having more than a few open (HTTP/2 "rapid reset",
+# CVE-2023-44487); past it the connection ends with GOAWAY ENHANCE_YOUR_CALM.
+RESET_BURST = MAX_STREAMS
+RESET_RATE = 100.0
 # The memory budget's measure of a request is its body; a gRPC message is one.
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
@@ -273,7 +280,14 @@ class GrpcConnection(asyncio.Protocol):
         self.initial_window = DEFAULT_WINDOW  # each new stream's, from the client's SETTINGS
         self.max_frame = 16_384  # largest frame the client takes
         self.received = 0  # DATA bytes since our last connection WINDOW_UPDATE
-        self.blocked: list[_Stream] = []  # streams with answers waiting for window
+        # Streams with answers waiting, in the order they began to wait: for the connection's
+        # window (or the socket), and for their own. Kept apart so that a WINDOW_UPDATE visits
+        # only the streams it can move: a client with many stalled streams cannot make each of
+        # its frames cost a pass over all of them.
+        self.blocked: dict[_Stream, None] = {}
+        self.stalled: dict[_Stream, None] = {}
+        self.reset_tokens = float(RESET_BURST)  # calls the client may still cancel now
+        self.reset_at = self.loop.time()
         self.paused = False  # the socket's buffer is full: wait before sending more
         self.going_away = False
         self.failed = False  # a connection error was answered: the socket closes soon
@@ -310,6 +324,7 @@ class GrpcConnection(asyncio.Protocol):
             if stream.task is not None:
                 stream.task.cancel()
         self.blocked.clear()
+        self.stalled.clear()
 
     def pause_writing(self) -> None:
         # The client is not reading: nor do we, so what it sends cannot make us write more
@@ -435,7 +450,9 @@ class GrpcConnection(asyncio.Protocol):
                 self._keep(block, self._frames(block, 0))
             self._keep(data, self._frames(data, start))
         except _ConnectionError as exc:
-            logger.debug("gRPC connection from %s closed: %s", self.peer, exc.reason)
+            # A client over a limit is the operator's business; a broken one is its own.
+            level = logging.INFO if exc.code == ENHANCE_YOUR_CALM else logging.DEBUG
+            logger.log(level, "gRPC connection from %s closed: %s", self.peer, exc.reason)
             self._fail(exc.code)
 
     def _keep(self, data: bytes, pos: int) -> None:
@@ -527,6 +544,9 @@ class GrpcConnection(asyncio.Protocol):
                 delta, self.initial_window = value - self.initial_window, value
                 for stream in self.streams.values():
                     stream.window += delta
+                if delta > 0:  # every stalled stream may move
+                    self.blocked.update(self.stalled)
+                    self.stalled.clear()
             elif key == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
@@ -547,6 +567,11 @@ class GrpcConnection(asyncio.Protocol):
             if stream is None:
                 return
             stream.window += increment
+            if stream in self.stalled or stream in self.blocked:
+                self.stalled.pop(stream, None)
+                self.blocked.pop(stream, None)
+                self._flush(stream)
+            return
         self._flush_blocked()
 
     def _reset(self, stream_id: int) -> None:
@@ -554,6 +579,15 @@ class GrpcConnection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None:
             return
+        now = self.loop.time()
+        tokens = self.reset_tokens + (now - self.reset_at) * RESET_RATE
+        self.reset_tokens, self.reset_at = min(tokens, RESET_BURST) - 1, now
+        if self.reset_tokens < 0:
+            raise _ConnectionError(
+                ENHANCE_YOUR_CALM,
+                f"calls cancelled faster than {RESET_RATE:g} a second "
+                f"(after a burst of {RESET_BURST})",
+            )
         self._forget(stream)
         if stream.task is not None:
             stream.task.cancel()
@@ -988,6 +1022,8 @@ class GrpcConnection(asyncio.Protocol):
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.id, None)
+        self.blocked.pop(stream, None)
+        self.stalled.pop(stream, None)
         if stream.context is not None:
             stream.context.reservation.release()
         stream.outbox.clear()
@@ -1032,8 +1068,8 @@ class GrpcConnection(asyncio.Protocol):
             stream.drained.set_result(None)
         if not outbox and stream.trailer_block is not None:
             self._close_stream(stream, out)
-        elif outbox and stream not in self.blocked:
-            self.blocked.append(stream)
+        elif outbox:  # waits at the back of its queue
+            (self.stalled if stream.window <= 0 else self.blocked)[stream] = None
         if out:
             self._writelines(out)
         if self.going_away and not self.streams:
@@ -1064,10 +1100,13 @@ class GrpcConnection(asyncio.Protocol):
         return [_FRAME_HEAD.pack(taken >> 16, taken & 0xFFFF, DATA, 0, stream.id), *chunk]
 
     def _flush_blocked(self) -> None:
-        for stream in list(self.blocked):
-            self._flush(stream)
-            if not stream.outbox:
-                self.blocked.remove(stream)
+        """Send what waited for the connection's window or the socket, in the order it began
+        to wait, until one of them runs out: each stream visited sends or waits again."""
+        blocked = self.blocked
+        while blocked and self.window > 0 and not self.paused:
+            stream = next(iter(blocked))
+            del blocked[stream]
+            self._flush(stream)  # back in a queue if some of it still waits
 
 
 @dataclass(frozen=True)
