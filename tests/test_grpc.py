@@ -863,9 +863,10 @@ def test_answers_waiting_for_window_move_when_it_opens(
         connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, no_window))
         connection.sendall(calls)
         answered = b"grpc-status\x010"  # OK
-        wait_for(lambda: bool(_logged(server, "protocol=grpc")), 10, "the calls' access lines")
-        received = _ping(connection, b"heads!!!")
+        received = b""
         # Every answer made, and held: its headers sent, none of its message.
+        while {s for kind, _, s, _ in _parsed_frames(received) if kind == 1} != set(ids):
+            received += connection.recv(1 << 20)
         assert all(kind != 0 for kind, *_ in _parsed_frames(received))
         started = time.monotonic()
         connection.sendall(_http2_frame(8, 0, 0, (1).to_bytes(4, "big")) * 20_000)
@@ -901,3 +902,75 @@ def test_answers_waiting_for_window_move_when_it_opens(
     answers = {pb.ModelInferResponse.FromString(d[5:]).id for d in data.values()}
     assert len(answers) == 1
     assert all(int.from_bytes(d[1:5], "big") == len(d) - 5 for d in data.values())
+
+
+def test_a_settings_frame_costs_one_pass_over_the_calls(server: RunningServer, client: Any) -> None:
+    """SETTINGS_INITIAL_WINDOW_SIZE moves the window of every call in progress: a frame that
+    sets it 170,000 times over 1,000 open calls is applied once (applied per entry, such a
+    1 MiB frame cost the server seconds of CPU)."""
+    head = _infer_head(("te", "trailers"))
+    ids = range(1, 2001, 2)
+    entries = b"".join(
+        (4).to_bytes(2, "big") + (window).to_bytes(4, "big") for window in (1000, 2000)
+    )
+    flood = _http2_frame(4, 0, 0, entries * 87_000)  # under the server's 1 MiB frame limit
+    with socket.create_connection(_address(server), timeout=30) as connection:
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b""))
+        connection.sendall(b"".join(_http2_frame(1, 0x4, i, head) for i in ids))  # no messages
+        _ping(connection, b"opened!!")
+        started = time.monotonic()
+        connection.sendall(flood)
+        received = _ping(connection, b"settled!")
+        assert time.monotonic() - started < 2
+        assert _http2_frame(4, 0x1, 0, b"") in received  # its ACK
+        assert all(kind != 7 for kind, *_ in _parsed_frames(received))  # no GOAWAY
+    assert [v.decode() for v in client.infer("iris", [_input(ROWS)]).as_numpy("label")] == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("frames", "goaway"),
+    [
+        ([_http2_frame(8, 0, 0, (0).to_bytes(4, "big"))], 0x1),  # connection WINDOW_UPDATE 0
+        ([_http2_frame(3, 0, 7, (8).to_bytes(4, "big"))], 0x1),  # RST_STREAM on an idle stream
+        ([_http2_frame(3, 0, 0, (8).to_bytes(4, "big"))], 0x1),  # RST_STREAM on stream 0
+        ([_http2_frame(1, 0x4, 1, _infer_head()), _http2_frame(3, 0, 1, b"\x00\x08")], 0x6),
+        ([_http2_frame(8, 0, 0, (2**31 - 1).to_bytes(4, "big"))], 0x3),  # connection window
+        ([_http2_frame(4, 0, 0, (4).to_bytes(2, "big") + (2**31).to_bytes(4, "big"))], 0x3),
+    ],
+    ids=["window-update-0", "reset-idle", "reset-0", "reset-short", "window-over", "settings"],
+)
+def test_flow_control_and_reset_errors_end_the_connection(
+    server: RunningServer, client: Any, frames: list[bytes], goaway: int
+) -> None:
+    """RFC 9113's connection errors around flow control and RST_STREAM: GOAWAY with the code
+    the RFC names (PROTOCOL_ERROR, FRAME_SIZE_ERROR, FLOW_CONTROL_ERROR); others are served."""
+    with socket.create_connection(_address(server), timeout=10) as connection:
+        connection.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b"") + b"".join(frames)
+        )
+        received = _frames_until_closed(connection, 10)
+    goaways = [payload for kind, _, _, payload in _parsed_frames(received) if kind == 7]
+    assert goaways, received[:200]
+    assert goaways[0][4:8] == goaway.to_bytes(4, "big")
+    assert [v.decode() for v in client.infer("iris", [_input(ROWS)]).as_numpy("label")] == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("increment", "code"), [(0, 0x1), (2**31 - 1, 0x3)], ids=["zero", "past-the-limit"]
+)
+def test_a_bad_stream_window_update_resets_that_call_only(
+    server: RunningServer, increment: int, code: int
+) -> None:
+    """A stream's WINDOW_UPDATE of 0 (PROTOCOL_ERROR) or one that takes its window past
+    2^31 - 1 (FLOW_CONTROL_ERROR) is a stream error: that call is reset, the connection kept."""
+    with socket.create_connection(_address(server), timeout=10) as connection:
+        connection.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _http2_frame(4, 0, 0, b"")
+            + _http2_frame(1, 0x4, 1, _infer_head())  # a call waiting for its message
+            + _http2_frame(8, 0, 1, increment.to_bytes(4, "big"))
+        )
+        received = _ping(connection, b"stillup!")
+    frames = _parsed_frames(received)
+    assert (3, 0, 1, code.to_bytes(4, "big")) in frames
+    assert all(kind != 7 for kind, *_ in frames)

@@ -515,7 +515,7 @@ class GrpcConnection(asyncio.Protocol):
             if not flags & ACK:
                 self._write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
-            self._reset(stream_id)
+            self._reset(stream_id, payload)
         elif kind == GOAWAY:
             self.going_away = True
             if not self.streams:
@@ -536,29 +536,42 @@ class GrpcConnection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS not of 6-byte entries")
-        for at in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, at)
+        initial = self.initial_window
+        for key, value in _SETTING.iter_unpack(payload):
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "a window over 2^31 - 1")
-                delta, self.initial_window = value - self.initial_window, value
-                for stream in self.streams.values():
-                    stream.window += delta
-                if delta > 0:  # every stalled stream may move
-                    self.blocked.update(self.stalled)
-                    self.stalled.clear()
+                initial = value
             elif key == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
                 self.max_frame = value
+        self._initial_window(initial)
         self._write(frame(SETTINGS, ACK, 0))
         self._flush_blocked()
+
+    def _initial_window(self, value: int) -> None:
+        """A new SETTINGS_INITIAL_WINDOW_SIZE, applied once per SETTINGS frame whatever number
+        of entries set it: a frame costs one pass over the streams (RFC 9113 moves every
+        stream's window by the change), not one per entry."""
+        delta, self.initial_window = value - self.initial_window, value
+        if not delta:
+            return
+        for stream in self.streams.values():
+            stream.window += delta
+        if delta > 0:  # the stalled streams that can send now wait for the connection's window
+            opened = [stream for stream in self.stalled if stream.window > 0]
+            for stream in opened:
+                del self.stalled[stream]
+                self.blocked[stream] = None
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "a WINDOW_UPDATE not of 4 bytes")
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
         if not stream_id:
+            if not increment:
+                raise _ConnectionError(PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
             self.window += increment
             if self.window > MAX_WINDOW:
                 raise _ConnectionError(FLOW_CONTROL_ERROR, "the connection window past 2^31 - 1")
@@ -567,15 +580,22 @@ class GrpcConnection(asyncio.Protocol):
             if stream is None:
                 return
             stream.window += increment
-            if stream in self.stalled or stream in self.blocked:
-                self.stalled.pop(stream, None)
-                self.blocked.pop(stream, None)
+            if not increment or stream.window > MAX_WINDOW:  # RFC 9113 §6.9: a stream error
+                code = FLOW_CONTROL_ERROR if increment else PROTOCOL_ERROR
+                self._write(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
+                self._forget(stream)
+            elif stream in self.stalled:  # (one in `blocked` waits for the connection)
+                del self.stalled[stream]
                 self._flush(stream)
             return
         self._flush_blocked()
 
-    def _reset(self, stream_id: int) -> None:
+    def _reset(self, stream_id: int, payload: bytes) -> None:
         """The client ended the call (cancelled, or its deadline passed)."""
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "a RST_STREAM not of 4 bytes")
+        if not stream_id & 1 or stream_id > self.seen_stream:  # (0 and even ids: never ours)
+            raise _ConnectionError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         stream = self.streams.get(stream_id)
         if stream is None:
             return
