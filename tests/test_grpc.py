@@ -813,7 +813,6 @@ def test_calls_cancelled_past_the_limit_end_the_connection(
     second; a client that keeps opening and cancelling calls, which never has many open and
     so is not held by the limit of calls in flight ("rapid reset"), has its connection ended
     with GOAWAY ENHANCE_YOUR_CALM, logged, and other clients are served."""
-    host, port = server.grpc_target.rsplit(":", 1)
     head = _infer_head((":authority", server.grpc_target), ("te", "trailers"))
     cancel = (0x8).to_bytes(4, "big")
 
@@ -821,7 +820,7 @@ def test_calls_cancelled_past_the_limit_end_the_connection(
         ids = range(first, first + 2 * count, 2)
         return b"".join(_http2_frame(1, 0x4, i, head) + _http2_frame(3, 0, i, cancel) for i in ids)
 
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
+    with socket.create_connection(_address(server), timeout=10) as connection:
         connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, b""))
         connection.sendall(opened_and_cancelled(1, 500))
         received = _ping(connection, b"fivehun!")

@@ -320,9 +320,7 @@ class GrpcConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         for stream in list(self.streams.values()):
-            self._forget(stream)
-            if stream.task is not None:
-                stream.task.cancel()
+            self._forget(stream)  # (its handler cancelled)
         self.blocked.clear()
         self.stalled.clear()
 
@@ -383,8 +381,7 @@ class GrpcConnection(asyncio.Protocol):
                     stream.path.decode("latin-1"),
                     limits.body_idle_s,
                 )
-                self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(CANCEL)))
-                self._forget(stream)
+                self._reset_stream(stream, CANCEL)
                 continue
             if not stream.receiving or stream.inbox is not None or stream.refused:
                 continue  # (a streaming call's client may wait between messages)
@@ -581,9 +578,7 @@ class GrpcConnection(asyncio.Protocol):
                 return
             stream.window += increment
             if not increment or stream.window > MAX_WINDOW:  # RFC 9113 §6.9: a stream error
-                code = FLOW_CONTROL_ERROR if increment else PROTOCOL_ERROR
-                self._write(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
-                self._forget(stream)
+                self._reset_stream(stream, FLOW_CONTROL_ERROR if increment else PROTOCOL_ERROR)
             elif stream in self.stalled:  # (one in `blocked` waits for the connection)
                 del self.stalled[stream]
                 self._flush(stream)
@@ -609,8 +604,11 @@ class GrpcConnection(asyncio.Protocol):
                 f"(after a burst of {RESET_BURST})",
             )
         self._forget(stream)
-        if stream.task is not None:
-            stream.task.cancel()
+
+    def _reset_stream(self, stream: _Stream, code: int) -> None:
+        """End a call from our side (RST_STREAM): it is forgotten, its handler cancelled."""
+        self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
+        self._forget(stream)
 
     # Calls
 
@@ -693,8 +691,7 @@ class GrpcConnection(asyncio.Protocol):
         if not head.grpc:
             # Not a gRPC call (RFC: answer 415, and no gRPC status).
             self._write(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, _UNSUPPORTED_TYPE))
-            self._forget(stream)
-            self._write(frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR)))
+            self._reset_stream(stream, NO_ERROR)
             return
         streaming = self.methods.streaming.get(path)
         if streaming is not None:
@@ -1088,8 +1085,10 @@ class GrpcConnection(asyncio.Protocol):
             stream.drained.set_result(None)
         if not outbox and stream.trailer_block is not None:
             self._close_stream(stream, out)
-        elif outbox:  # waits at the back of its queue
-            (self.stalled if stream.window <= 0 else self.blocked)[stream] = None
+        elif outbox:  # waits in one queue, at its back if it was in neither
+            stalled = stream.window <= 0
+            (self.blocked if stalled else self.stalled).pop(stream, None)
+            (self.stalled if stalled else self.blocked)[stream] = None
         if out:
             self._writelines(out)
         if self.going_away and not self.streams:
