@@ -3,12 +3,13 @@
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
@@ -273,29 +274,78 @@ def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
     assert orjson.loads(answer.body)["id"] == "pieces"
 
 
+def whole_and_in_pieces(
+    server: RunningServer, head: Callable[[str], bytes], body: bytes, cut: int
+) -> tuple[RawResponse, RawResponse]:
+    """The answers to one request sent whole ("whole-"), then with its body cut at `cut` and
+    the rest sent 0.2 s later ("pieces"); `head` makes its head with `extra` header lines."""
+    parts = urlsplit(server.url)
+    answers = []
+    for request_id, pause in (("whole-", False), ("pieces", True)):
+        request = head(f"X-Request-ID: {request_id}\r\nConnection: close\r\n") + body
+        at = len(request) - len(body) + cut if pause else len(request)
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+            sock.sendall(request[:at])
+            if pause:
+                time.sleep(0.2)
+                sock.sendall(request[at:])
+            (answer,) = read_answers(sock)
+        answers.append(answer)
+    return answers[0], answers[1]
+
+
 def test_a_large_body_is_answered_alike_whole_or_in_pieces(server: RunningServer) -> None:
     # A body of up to one read that comes with its head is served by the connection's cycle;
     # one that comes in pieces is handed to uvicorn's, with what came so far.
     body = b" " * 200_000 + orjson.dumps(ROW)
-    parts = urlsplit(server.url)
-    answers = []
-    for request_id, cut in (("whole-", None), ("pieces", 100_000)):
-        extra = f"X-Request-ID: {request_id}\r\nConnection: close\r\n"
-        request = json_head(len(body), extra) + body
-        with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-            if cut is None:
-                sock.sendall(request)
-            else:
-                sock.sendall(request[:cut])
-                time.sleep(0.2)
-                sock.sendall(request[cut:])
-            (answer,) = read_answers(sock)
-        answers.append(answer)
-    whole, pieces = answers
+    whole, pieces = whole_and_in_pieces(
+        server, lambda extra: json_head(len(body), extra), body, 100_000
+    )
     assert whole.status == pieces.status == 200, (whole.body, pieces.body)
     assert (whole.headers["x-request-id"], pieces.headers["x-request-id"]) == ("whole-", "pieces")
     assert whole.body == pieces.body
     assert whole.headers.keys() == pieces.headers.keys()
+
+
+def test_a_binary_answer_is_sent_alike_by_both_cycles(server: RunningServer) -> None:
+    # Its JSON header and each tensor go out as pieces: written together by the connection's
+    # cycle, one body message each through uvicorn's.
+    rows = np.tile(np.asarray(ROW["inputs"][0]["data"], dtype="<f4"), (1000, 1))
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(rows.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": rows.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    body = header + rows.tobytes()
+
+    def head(extra: str) -> bytes:
+        return (
+            f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\n{extra}\r\n"
+        ).encode()
+
+    whole, pieces = whole_and_in_pieces(server, head, body, len(body) // 2)
+    assert whole.status == pieces.status == 200, (whole.body, pieces.body)
+    assert whole.body == pieces.body
+    assert int(whole.headers["content-length"]) == len(whole.body)
+    split = int(whole.headers["inference-header-content-length"])
+    tensors, start = {}, split
+    for output in orjson.loads(whole.body[:split])["outputs"]:
+        end = start + output["parameters"]["binary_data_size"]
+        tensors[output["name"]] = whole.body[start:end]
+        start = end
+    assert start == len(whole.body)
+    probabilities = np.frombuffer(tensors["probabilities"], dtype="<f4").reshape(1000, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

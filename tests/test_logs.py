@@ -64,6 +64,8 @@ def restore_logging() -> Iterator[None]:
 def _access_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
     access.log_request('a"=b', "POST", "/v2/models/ir is/infer", 200, 0.00123, "iris", "2", "v2", 1)
     access.log_request("id2", "GET", "/x", 404, 0.5, error="ModelNotFound")
+    # The same fields but the id and time again: a line built from parts kept from the first.
+    access.log_request("id3", "POST", "/v2/models/ir is/infer", 200, 0.25, "iris", "2", "v2", 1)
     if logs.access_lines is not None:
         logs.access_lines.flush()
     return capsys.readouterr().err.splitlines()
@@ -79,7 +81,7 @@ def test_access_lines_written_directly_read_as_the_formatter_writes_them(
     direct = _access_lines(capsys)
     logs.access_lines = None  # the standard path: a LogRecord through the handler
     standard = _access_lines(capsys)
-    assert len(direct) == len(standard) == 2
+    assert len(direct) == len(standard) == 3
 
     def without_time(line: str) -> object:
         if fmt == "text":
@@ -107,5 +109,5 @@ def test_a_handler_added_later_sees_every_access_line(
         lines = _access_lines(capsys)
     finally:
         logging.getLogger("service.access").removeHandler(handler)
-    assert [record.status for record in seen] == [200, 404]  # type: ignore[attr-defined]
-    assert len(lines) == 2  # and the server's own handler still writes them
+    assert [record.status for record in seen] == [200, 404, 200]  # type: ignore[attr-defined]
+    assert len(lines) == 3  # and the server's own handler still writes them

@@ -127,6 +127,9 @@ class AccessLines:
         self._clock = Clock()
         self._pending: list[str] = []
         self._bare: dict[str, str] = {}  # text values seen before (paths, names), as written
+        # A text line's parts around its request id and duration, by the other fields: the
+        # same few combinations make up almost every line.
+        self._parts: dict[tuple[Any, ...], tuple[str, str, str]] = {}
         self._root = logging.getLogger()
         self._logger = logging.getLogger(ACCESS_LOGGER)
 
@@ -163,19 +166,12 @@ class AccessLines:
             entry.update(zip(ACCESS_FIELDS, values, strict=True))
             line = orjson.dumps(entry, default=str).decode()
         else:
-            request, method, path, status, duration, *rest = values
+            request, duration = values[0], values[4]
             # The request id is new on every line: checked, not remembered (ours are hex).
             request = request if request.isalnum() else _text_value(request)
-            line = (
-                f"{self._clock.stamp_at(now)} {logging.getLevelName(level)} service.access: "
-                f"request request_id={request} method={self._text(method)} "
-                f"path={self._text(path)} status={status} duration_ms={duration}"
-            )
-            for key, value in zip(ACCESS_FIELDS[5:], rest, strict=True):
-                if value is not None:
-                    # Numbers never need quotes; names and versions repeat.
-                    text = self._text(value) if isinstance(value, str) else value
-                    line += f" {key}={text}"
+            key = (level, *values[1:4], *values[5:])
+            parts = self._parts.get(key) or self._line_parts(key)
+            line = f"{self._clock.stamp_at(now)}{parts[0]}{request}{parts[1]}{duration}{parts[2]}"
         self._pending.append(line)
         if len(self._pending) > 1:
             return  # a flush is scheduled already
@@ -185,6 +181,24 @@ class AccessLines:
             self.flush()
             return
         loop.call_soon(self.flush)
+
+    def _line_parts(self, key: tuple[Any, ...]) -> tuple[str, str, str]:
+        """A text line but for its time, request id and duration: the text before the id,
+        between the id and the duration, and after the duration."""
+        level, method, path, status, *rest = key
+        tail = ""
+        for name, value in zip(ACCESS_FIELDS[5:], rest, strict=True):
+            if value is not None:
+                # Numbers never need quotes; names and versions repeat.
+                tail += f" {name}={self._text(value) if isinstance(value, str) else value}"
+        parts = (
+            f" {logging.getLevelName(level)} service.access: request request_id=",
+            f" method={self._text(method)} path={self._text(path)} status={status} duration_ms=",
+            tail,
+        )
+        if len(self._parts) < 4096:  # row counts vary, but most requests repeat one
+            self._parts[key] = parts
+        return parts
 
     def flush(self) -> None:
         lines, self._pending = self._pending, []

@@ -357,7 +357,20 @@ def encode_infer_response(
     prediction: Prediction,
     wanted: list[tuple[str, bool]],
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it.
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    parts, json_length = encode_infer_response_parts(model, call, prediction, wanted)
+    return b"".join(parts), json_length
+
+
+def encode_infer_response_parts(
+    model: ModelVersion,
+    call: InferCall,
+    prediction: Prediction,
+    wanted: list[tuple[str, bool]],
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The response body in pieces (the JSON header, then each binary output's bytes, the
+    arrays' own memory where it can be), and the JSON header's length when binary outputs
+    follow it. A connection writes the pieces as they are, without joining them first.
 
     String labels are encoded per class when the prediction carries their class positions.
     """
@@ -387,5 +400,5 @@ def encode_infer_response(
     response["outputs"] = tensors
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
+        return [header], None
+    return [header, *chunks], len(header)

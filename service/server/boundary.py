@@ -20,6 +20,7 @@ from service.server import access
 from service.server.auth import Identity
 from service.server.deadlines import Deadline, deadline
 from service.server.http import (
+    Body,
     Headers,
     Receive,
     Scope,
@@ -35,7 +36,7 @@ from service.store.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 
-Answer = tuple[int, bytes, Headers]
+Answer = tuple[int, Body, Headers]
 
 
 @dataclass(eq=False)

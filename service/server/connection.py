@@ -386,7 +386,8 @@ class _NoEvent:
 
 class DirectCycle:
     """One small inference request served by its connection: its body came whole with its
-    head, and its answer is written in one piece.
+    head, and its answer is written at once (a body sent in pieces, as they are, in one
+    vectored write).
 
     The handler is the one the ASGI path calls, through the same request boundary, with this
     cycle's `receive` and `send`; what is skipped is uvicorn's general machinery (an event per
@@ -402,6 +403,7 @@ class DirectCycle:
         "disconnected",
         "headers",
         "keep_alive",
+        "pieces",
         "protocol",
         "received",
         "response_complete",
@@ -418,6 +420,8 @@ class DirectCycle:
         self.route = route
         self.keep_alive = keep_alive
         self.chunks: list[bytes] = []
+        # The answer's body as sent so far, when it comes in several messages.
+        self.pieces: list[bytes | memoryview] = []
         self.received = False
         self.disconnected = False
         self.response_complete = False
@@ -460,13 +464,14 @@ class DirectCycle:
             self.status = message["status"]
             self.headers = list(message.get("headers", ()))
         elif message["type"] == "http.response.body" and self.status is not None:
-            if message.get("more_body", False):
-                raise RuntimeError("a direct answer is sent in one piece")
-            self.write(message.get("body", b""))
+            self.pieces.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                pieces, self.pieces = self.pieces, []
+                self.write(pieces)
         else:
             raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
 
-    def write(self, body: bytes) -> None:
+    def write(self, body: list[bytes | memoryview]) -> None:
         """The whole answer in one write; the connection closes after it unless kept alive."""
         protocol = self.protocol
         assert self.status is not None
@@ -481,10 +486,12 @@ class DirectCycle:
         if closing:
             lines.append(b"connection: close\r\n")
         lines.append(b"\r\n")
-        lines.append(body)
         transport = protocol.transport
         if not transport.is_closing():
-            transport.write(b"".join(lines))
+            if len(body) == 1:
+                transport.write(b"".join([*lines, body[0]]))
+            else:  # a large answer's pieces are not copied into one buffer first
+                transport.writelines([b"".join(lines), *body])
         self.response_complete = True
         if close:
             transport.close()

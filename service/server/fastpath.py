@@ -184,7 +184,7 @@ async def _infer_v2(exchange: Exchange) -> Answer:
         prediction = await state.router.predict(
             model, _hand_over(call.tensors), exchange.request_id
         )
-        payload, json_length = v2.encode_infer_response(model, call, prediction, wanted)
+        payload, json_length = v2.encode_infer_response_parts(model, call, prediction, wanted)
     if json_length is None:
         return 200, payload, _JSON
     return (

@@ -13,6 +13,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+# A response body: whole, or in pieces that go out one after another as they are (a binary
+# answer's JSON header and each tensor's memory), so that a large one is never joined first.
+Body = bytes | list[bytes | memoryview]
 
 # Bodies larger than this are read into one buffer of their declared length.
 _PREALLOCATE_BYTES = 1 << 20
@@ -180,15 +183,24 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
+async def send_response(send: Send, status: int, body: Body, headers: Headers) -> None:
+    """A whole answer; a body in pieces goes as one ASGI body message per piece."""
+    pieces: list[bytes | memoryview]
+    if isinstance(body, bytes):
+        pieces, length = [body], len(body)
+    else:
+        pieces = body
+        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in body)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            "headers": [*headers, (b"content-length", str(length).encode())],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    for piece in pieces[:-1]:
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": pieces[-1]})
 
 
 _ERROR_KEY = "modelserve.access.error"
