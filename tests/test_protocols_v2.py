@@ -14,6 +14,8 @@ from service.protocols.v2 import (
     encode_infer_response,
     json_array,
     select_outputs,
+    tensor_buffer,
+    tensor_bytes,
 )
 from service.server.allocator import return_large_buffers
 from service.store.registry import LoadOptions, ModelVersion, load_registry
@@ -276,3 +278,20 @@ def test_a_number_beyond_fp64_is_named_without_a_position_inside_its_array() -> 
     with pytest.raises(InvalidInput) as refused:
         decode_infer_request(body, None, 1000)
     assert refused.value.message == "input 'input': number is infinity when parsed as double"
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array(7.0, dtype=np.float32),  # a scalar
+        np.zeros((0, 3), dtype=np.float32),  # no rows: an empty view cannot be cast to bytes
+        np.array([True, False]),
+        np.array([1.5, -2.0], dtype=np.float16),
+        np.arange(12, dtype=">i4").reshape(3, 4)[:, ::2],  # big-endian and not contiguous
+        np.array(["setosa", "versicolor"]),
+    ],
+    ids=lambda array: f"{array.dtype}-{array.shape}",
+)
+def test_a_tensors_buffer_holds_its_bytes(array: np.ndarray[Any, Any]) -> None:
+    # What binary answers send from the array's memory is what a copy of it would hold.
+    assert bytes(tensor_buffer(array)) == tensor_bytes(array)

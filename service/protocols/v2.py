@@ -312,7 +312,7 @@ def tensor_bytes(array: NDArray[Any]) -> bytes:
 def tensor_buffer(array: NDArray[Any]) -> bytes | memoryview:
     """What `tensor_bytes` gives, as the memory of a little-endian array when the tensor holds
     numbers: joined into the response as it is, not copied once more before."""
-    if array.dtype.kind in "OUS":
+    if array.dtype.kind in "OUS" or not array.size:  # an empty view cannot be cast to bytes
         return tensor_bytes(array)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data.cast("B")
 

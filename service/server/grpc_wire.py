@@ -182,7 +182,7 @@ class CallContext:
 Received = bytes | bytearray | memoryview
 # An answer serialized already, in pieces joined on the wire (large byte fields are sent from
 # their own buffers instead of copied into the message's encoding).
-Pieces = tuple[bytes, ...]
+Pieces = tuple[bytes | memoryview, ...]
 Unary = Callable[[Received, CallContext], Awaitable[Message | Pieces]]
 Streaming = Callable[[AsyncIterator[Received], CallContext], AsyncIterator[Message]]
 

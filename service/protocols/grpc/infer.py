@@ -213,17 +213,18 @@ def encode_infer_response(
     prediction: Prediction,
     wanted: list[tuple[str, bool]],
     raw: bool,
-) -> tuple[bytes, ...]:
+) -> tuple[bytes | memoryview, ...]:
     """The ModelInferResponse's encoding, in pieces joined on the wire: with typed contents, or
     with `raw_output_contents` as `raw` says, each raw output a piece of its own (it is the
-    message's last field), sent from its own buffer instead of copied into the message."""
+    message's last field), sent from its own buffer (a numeric array's own memory) instead of
+    copied into the message."""
     outputs = prediction.outputs
     datatypes = [datatype_of(outputs[name].dtype) for name, _ in wanted]
     raw = raw or any(datatype not in _CONTENTS for datatype in datatypes)
     head = [_field(1, model.name.encode()), _field(2, str(model.version).encode())]
     if call.id:
         head.append(_field(3, call.id.encode()))
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     for (name, _), datatype in zip(wanted, datatypes, strict=True):
         array = outputs[name]
         by_class = (
@@ -234,7 +235,7 @@ def encode_infer_response(
             tensor += _field(3, b"".join(varint(size) for size in array.shape))
         if raw:
             content = (
-                by_class[0].bytes_elements(by_class[1]) if by_class else v2.tensor_bytes(array)
+                by_class[0].bytes_elements(by_class[1]) if by_class else v2.tensor_buffer(array)
             )
             pieces += (_RAW_OUTPUT_TAG + varint(len(content)), content)
         else:
