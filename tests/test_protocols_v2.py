@@ -8,8 +8,10 @@ import numpy as np
 import orjson
 import pytest
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
+from service.protocols import v2
 from service.protocols.v2 import (
+    InferCall,
     decode_infer_request,
     encode_infer_response,
     json_array,
@@ -295,3 +297,133 @@ def test_a_number_beyond_fp64_is_named_without_a_position_inside_its_array() -> 
 def test_a_tensors_buffer_holds_its_bytes(array: np.ndarray[Any, Any]) -> None:
     # What binary answers send from the array's memory is what a copy of it would hold.
     assert bytes(tensor_buffer(array)) == tensor_bytes(array)
+
+
+def _same_call(plain: InferCall, general: InferCall) -> bool:
+    return (
+        plain.tensors.keys() == general.tensors.keys()
+        and all(
+            a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+            for a, b in zip(plain.tensors.values(), general.tensors.values(), strict=True)
+        )
+        and (plain.id, plain.parameters, plain.outputs, plain.binary_default)
+        == (general.id, general.parameters, general.outputs, general.binary_default)
+    )
+
+
+def _agree(body: bytes, max_rows: int = 8) -> bool | None:
+    """Whether the plain decoder took `body` (None: it left it to the general one), after
+    checking that whatever it took, the general decoder takes alike."""
+    plain = v2._plain_small_request(body, max_rows)
+    try:
+        general = v2._decode_fields(body, None, max_rows, False)
+    except (InvalidInput, PayloadTooLarge):
+        assert plain is None, f"the plain decoder took what the general one refuses: {body!r}"
+        return None
+    if plain is None:
+        return None
+    assert _same_call(plain, general), body
+    return True
+
+
+@pytest.mark.parametrize(
+    ("body", "taken"),
+    [
+        (b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[[1,2.5,-0.0,3]]}]}', 1),
+        (b'{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP64","data":[1,2,3,4]}]}', 1),
+        (
+            b'{"id":"a","inputs":[{"name":"x","shape":[4,1],"datatype":"FP16","data":[[1,2],[3,4]]}]}',
+            1,
+        ),
+        (
+            b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[18446744073709551615]}]}',
+            1,
+        ),
+        (b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[-0]}]}', 1),
+        (
+            b'{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1]},'
+            b'{"name":"b","shape":[1],"datatype":"FP32","data":[2]}]}',
+            1,
+        ),
+        # booleans, nulls and strings among numbers; ragged rows; a shape that does not match
+        (b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[true,1.5]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[null,1.5]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":["1",1.5]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[[1,2],[3]]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}', 0),
+        # shapes: a bool, a negative size, too many rows; names twice; other datatypes
+        (b'{"inputs":[{"name":"x","shape":[true,2],"datatype":"FP32","data":[1,2]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[-1,2],"datatype":"FP32","data":[1,2]}]}', 0),
+        (
+            b'{"inputs":[{"name":"x","shape":[9,1],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9]}]}',
+            0,
+        ),
+        (
+            b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]},'
+            b'{"name":"x","shape":[1],"datatype":"FP32","data":[2]}]}',
+            0,
+        ),
+        (b'{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[1000]}]}', None),
+        (b'{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}', None),
+        # other fields, unknown fields, a non-string id, not an object
+        (
+            b'{"parameters":{},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}',
+            None,
+        ),
+        (
+            b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{}}]}',
+            None,
+        ),
+        (
+            b'{"model_name":"m","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}',
+            None,
+        ),
+        (b'{"oops":1,"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}', 0),
+        (b'{"id":3,"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}', 0),
+        (b'[{"name":"x"}]', 0),
+        (b'{"inputs":[]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1e400]}]}', 0),
+        (b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]} x', 0),
+        (b'{"inputs":[{"name":"\xff","shape":[1],"datatype":"FP32","data":[1]}]}', 0),
+    ],
+)
+def test_the_plain_decoder_takes_only_what_the_general_one_takes_alike(
+    body: bytes, taken: int | None
+) -> None:
+    # taken: 1, the plain decoder takes it; 0, the general one refuses it; None, either.
+    result = _agree(body)
+    if taken == 1:
+        assert result is True
+    elif taken == 0:
+        assert result is None
+
+
+def test_the_plain_decoder_agrees_on_random_requests() -> None:
+    rng = np.random.default_rng(7)
+    values = ["1", "-0", "2.5", "-0.0", "1e3", "true", "null", '"s"', "[1]", "{}", "1e400"]
+    fields = [
+        '"name":"x"',
+        '"name":"y"',
+        '"name":1',
+        '"datatype":"FP32"',
+        '"datatype":"FP64"',
+        '"datatype":"INT32"',
+        '"shape":[2,2]',
+        '"shape":[4]',
+        '"shape":[1,4]',
+        '"shape":[true]',
+        '"parameters":{}',
+    ]
+    taken = 0
+    for _ in range(3000):
+        rows = [",".join(rng.choice(values, 2, p=[0.2] * 4 + [0.2 / 7] * 7)) for _ in range(2)]
+        data = (
+            "[" + ",".join(f"[{row}]" for row in rows) + "]" if rng.random() < 0.7 else "[1,2,3,4]"
+        )
+        chosen = [f for f in fields if rng.random() < 0.35] + [f'"data":{data}']
+        tensor = "{" + ",".join(rng.permutation(chosen)) + "}"
+        top = [f'"inputs":[{tensor}]'] + (['"id":"r"'] if rng.random() < 0.3 else [])
+        taken += bool(
+            _agree(("{" + ",".join(top) + "}").encode(), max_rows=1 if rng.random() < 0.1 else 8)
+        )
+    assert taken > 50  # the plain decoder is exercised, not only declined

@@ -74,6 +74,7 @@ class Batcher:
         self._waiting: deque[_Waiting] = deque()
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Calls of up to this many rows were measured faster than INLINE_CALL_S: they run
         # inline. Learnt from calls in the executor, lowered again by a slow inline call.
         self._inline_rows = 0
@@ -87,7 +88,7 @@ class Batcher:
                 f"{len(self._waiting)} requests are already waiting for this model version; "
                 "retry later"
             )
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if not self._running and self._max_delay_s == 0 and rows > self._inline_rows:
             # The model is idle: call it from this request's own task, with no queue, future
             # or drainer task in between, so batching costs nothing at low load.
@@ -103,6 +104,14 @@ class Batcher:
             self._running = True
             self._start_draining(loop)
         return await future
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the batcher serves, looked up once (a system call each time on Python
+        3.11); again only once that loop closed (a test's)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the model to a drainer task if requests wait, else mark it idle."""
@@ -193,7 +202,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         merged = batch[0].inputs if len(batch) == 1 else _concatenate([w.inputs for w in batch])
         rows = sum(w.rows for w in batch)
         inline = rows <= self._inline_rows

@@ -10,6 +10,12 @@ from service.store.registry import ModelVersion
 from service.store.runtimes import Arrays
 from service.store.tensors import TensorSpec
 
+# The ufunc reductions themselves: ndarray.all() and .max() go through a Python function each.
+_ALL = np.logical_and.reduce
+_MAX = np.maximum.reduce
+# The largest finite value of each floating-point dtype a model may take.
+_FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)}
+
 
 def _describe(model: ModelVersion) -> str:
     return f"model {model.name!r} version {model.version}"
@@ -71,15 +77,20 @@ def conform_tensor(
         raise InvalidInput(
             f"{_where(model, spec)}: datatype {given} given; this input takes {spec.datatype}"
         )
+    allow_nan = model.allow_nan
     if array.dtype != spec.dtype:
         if kind == "f" and spec.dtype.kind in "iu":
             raise InvalidInput(
                 f"{_where(model, spec)}: expected {spec.datatype} integers, got floating point"
             )
+        largest = _FLOAT_MAX.get(spec.dtype) if kind == "f" and not allow_nan else None
+        if largest is not None and array.size and _MAX(np.abs(array), axis=None) <= largest:
+            # Finite and within the target's range (NaN compares false): the cast can neither
+            # overflow nor give a value the check below refuses.
+            return array.astype(spec.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             array = array.astype(spec.dtype)
-    allow_nan = model.allow_nan
-    if array.dtype.kind == "f" and not allow_nan and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not allow_nan and not _ALL(np.isfinite(array), axis=None):
         raise InvalidInput(
             f"{_where(model, spec)}: contains NaN, Infinity or a value out of {spec.datatype} range"
         )
@@ -93,6 +104,11 @@ def _where(model: ModelVersion, spec: TensorSpec) -> str:
 def conform(model: ModelVersion, tensors: dict[str, NDArray[Any]], max_rows: int) -> Arrays:
     """Match request tensors to the model's inputs by name; every input exactly once."""
     specs = model.signature.inputs
+    if len(specs) == 1 and len(tensors) == 1:
+        spec = specs[0]
+        array = tensors.get(spec.name)
+        if array is not None:  # the one input, by its name: nothing to match
+            return {spec.name: conform_tensor(model, spec, array, max_rows)}
     names = {s.name for s in specs}
     unknown = [name for name in tensors if name not in names]
     if unknown:

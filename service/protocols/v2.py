@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.protocols import envelope
-from service.protocols.arrays import array_from_json, array_with_nulls
+from service.protocols.arrays import SMALL_BYTES, array_from_json, array_with_nulls
 from service.store.labels import ClassLabels
 from service.store.registry import ModelVersion
 from service.store.runtimes import Prediction
@@ -213,6 +213,18 @@ def decode_infer_request(
     """The request's tensors and options; a tensor of more than `max_rows` rows is refused
     before its data is decoded. With `nulls`, a null in a floating-point tensor's JSON data is
     a missing value (NaN)."""
+    if header_length is None and len(body) <= SMALL_BYTES:
+        call = _plain_small_request(body, max_rows)
+        if call is not None:
+            return call
+    return _decode_fields(body, header_length, max_rows, nulls)
+
+
+def _decode_fields(
+    body: bytes | bytearray, header_length: str | None, max_rows: int, nulls: bool
+) -> InferCall:
+    """The general decoder: the body's fields one by one, each checked, its tensors' data
+    decoded only once the request around them is known to be sound."""
     view = memoryview(body)
     if header_length is None:
         json_part, binary = view, view[len(view) :]
@@ -253,6 +265,69 @@ def decode_infer_request(
     return InferCall(
         tensors, request_id, parameters, outputs, bool(parameters.get("binary_data_output", False))
     )
+
+
+_PLAIN_INPUT_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_PLAIN_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+
+
+def _plain_small_request(body: bytes | bytearray, max_rows: int) -> InferCall | None:
+    """A small JSON request of the plainest kind decoded in one pass, or None for the general
+    decoder: the same tensors it makes, from the same parser, at a fraction of the cost of
+    decoding field by field (on single rows, decoding cost more than the model call).
+
+    Plain: only `inputs` and `id`; each input with exactly name, shape, datatype (floating
+    point) and data, within the row limit; numbers only in its data. Anything else (and every
+    error) is left to the general decoder, which says what is wrong.
+    """
+    if b"true" in body or b"false" in body:  # a boolean among numbers would read as 1 or 0
+        return None
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(request) is not dict or not request.keys() <= {"inputs", "id"}:
+        return None
+    inputs, request_id = request.get("inputs"), request.get("id")
+    if (
+        type(inputs) is not list
+        or not inputs
+        or not (request_id is None or type(request_id) is str)
+    ):
+        return None
+    tensors: dict[str, NDArray[Any]] = {}
+    for tensor in inputs:
+        plain = _plain_tensor(tensor, max_rows)
+        if plain is None or plain[0] in tensors:
+            return None
+        tensors[plain[0]] = plain[1]
+    return InferCall(tensors, request_id)
+
+
+def _plain_tensor(tensor: Any, max_rows: int) -> tuple[str, NDArray[Any]] | None:
+    """A plain input's name and array, as the general decoder makes them; None if not plain."""
+    if type(tensor) is not dict or tensor.keys() != _PLAIN_INPUT_KEYS:
+        return None
+    name, shape, data = tensor["name"], tensor["shape"], tensor["data"]
+    if (
+        type(name) is not str
+        or tensor["datatype"] not in _PLAIN_DATATYPES
+        or type(data) is not list
+        or type(shape) is not list
+    ):
+        return None
+    for size in shape:
+        if type(size) is not int or size < 0:  # a bool is not an int here
+            return None
+    if shape and shape[0] > max_rows:
+        return None
+    try:
+        array = np.asarray(data)  # as the general decoder makes it from the same values
+    except ValueError:  # ragged
+        return None
+    if array.dtype.kind not in "iuf" or array.size != math.prod(shape):
+        return None
+    return name, array.reshape(shape)
 
 
 def select_outputs(model: ModelVersion, call: InferCall) -> list[tuple[str, bool]]:

@@ -8,7 +8,6 @@ through `Exchange.start`. `run` and `record` are the part that knows no HTTP: th
 goes through them too.
 """
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -152,7 +151,7 @@ async def run(
     try:
         # The deadline covers reading the body too, so a client that trickles its body in
         # cannot hold a request open for longer than any other.
-        async with deadline(state.settings.request_timeout_s) as call.budget:
+        async with deadline(state.settings.request_timeout_s, state.loop) as call.budget:
             if state.draining:
                 raise errors.Overloaded(
                     "the server is shutting down; send the request to another instance"
@@ -209,7 +208,7 @@ async def serve(
         access.request_id(scope),
         scope["method"],
         scope["path"],
-        asyncio.get_running_loop().time(),
+        state.loop.time(),
         scope=scope,
         receive=receive,
         send=send,

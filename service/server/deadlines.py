@@ -37,7 +37,7 @@ class Deadline:
             self._clock.due(when, self)
 
     async def __aenter__(self) -> "Deadline":
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._clock.loop)
         if task is None:
             raise RuntimeError("a Deadline must be used inside a task")
         self._task = task
@@ -71,7 +71,7 @@ class _Clock:
     """The live deadlines of one loop, and the one timer for the earliest of them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._live: dict[Deadline, None] = {}
         self._timer: asyncio.TimerHandle | None = None
 
@@ -87,7 +87,7 @@ class _Clock:
     def due(self, when: float, deadline: Deadline) -> None:
         """Wake up by `when` at the latest; a deadline already past expires now, so that no
         work the block starts meanwhile (a model call on the loop, say) can finish first."""
-        if when <= self._loop.time() + RESOLUTION_S:
+        if when <= self.loop.time() + RESOLUTION_S:
             self._live.pop(deadline, None)
             deadline._expire()
             return
@@ -95,11 +95,11 @@ class _Clock:
         if timer is None or when < timer.when():
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(when, self._sweep)
+            self._timer = self.loop.call_at(when, self._sweep)
 
     def _sweep(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = self.loop.time()
         earliest: float | None = None
         for deadline in list(self._live):
             when = deadline.when()
@@ -111,7 +111,7 @@ class _Clock:
             elif earliest is None or when < earliest:
                 earliest = when
         if earliest is not None:
-            self._timer = self._loop.call_at(earliest, self._sweep)
+            self._timer = self.loop.call_at(earliest, self._sweep)
 
 
 _clocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock]" = (
@@ -119,9 +119,10 @@ _clocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock]" = (
 )
 
 
-def deadline(seconds: float) -> Deadline:
-    """A block that times out `seconds` from now, on the running loop."""
-    loop = asyncio.get_running_loop()
+def deadline(seconds: float, loop: asyncio.AbstractEventLoop | None = None) -> Deadline:
+    """A block that times out `seconds` from now, on the running loop (`loop`, when the caller
+    knows it: looking it up costs a system call on Python 3.11)."""
+    loop = loop or asyncio.get_running_loop()
     clock = _clocks.get(loop)
     if clock is None:
         clock = _clocks[loop] = _Clock(loop)

@@ -204,7 +204,7 @@ class InferenceService:
             access.request_id_from(metadata.get("x-request-id")),
             "POST",
             _INFER_PATH,
-            asyncio.get_running_loop().time(),
+            self.state.loop.time(),
             peer=context.peer if self.state.limiter is not None else None,
         )
         if corrupt is not None:  # before credentials: there is no model to check them for

@@ -1046,7 +1046,7 @@ class GrpcConnection(asyncio.Protocol):
         stream.outbox.clear()
         stream.receiving = False
         task = stream.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
+        if task is not None and not task.done() and task is not asyncio.current_task(self.loop):
             task.cancel()  # a handler still running for a call that has ended
         if stream.drained is not None and not stream.drained.done():
             stream.drained.set_result(None)

@@ -43,6 +43,13 @@ class ServiceState:
         return self.settings.load_options()
 
     @cached_property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that serves requests, looked up once: on Python 3.11 each
+        `asyncio.get_running_loop()` makes a getpid system call, and on a small request the
+        four the path made cost as much as decoding it."""
+        return asyncio.get_running_loop()
+
+    @cached_property
     def credentials(self) -> Credentials:
         return Credentials.from_settings(self.settings)
 

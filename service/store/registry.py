@@ -83,7 +83,7 @@ class ModelVersion:
         """Whether the model takes missing and infinite values (its metadata says so)."""
         return self.metadata is not None and self.metadata.allow_nan
 
-    @property
+    @cached_property
     def batchable(self) -> bool:
         """Requests can share a call only if every tensor's first axis is the row axis."""
         tensors = [*self.signature.inputs, *self.signature.outputs]
