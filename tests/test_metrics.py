@@ -5,8 +5,10 @@ import subprocess
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.observability.metrics import LATENCY_BUCKETS, adder, observing
 from tests.scrape import scrape, send, total
 from tests.serving import RunningServer
 
@@ -140,3 +142,39 @@ def test_promtool_finds_no_problems(any_server: RunningServer) -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout + checked.stderr == ""
+
+
+def _exposition(registry: CollectorRegistry) -> list[tuple[str, list[tuple[str, str]], float]]:
+    return sorted(
+        (sample.name, sorted(sample.labels.items()), sample.value)
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    )
+
+
+def test_the_request_path_counts_as_prometheus_client_does() -> None:
+    # Values on bucket bounds, between them, past the last and at zero; counts, and a gauge
+    # going down: written through the public methods and through ours, exposed alike.
+    amounts = [0.0, 0.0001, 0.00012, 0.001, 0.0049, 0.5, 10.0, 11.0, 1e9]
+    registries = []
+    for fast in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h", "h", ["m"], buckets=LATENCY_BUCKETS, registry=registry)
+        counter = Counter("c", "c", ["m"], registry=registry)
+        gauge = Gauge("g", "g", registry=registry)
+        child, count = histogram.labels("a"), counter.labels("a")
+        for amount in amounts:
+            if fast:
+                observing(child)(amount)
+                adder(count)(3)
+                adder(gauge)(1)
+                adder(gauge)(-2)
+            else:
+                child.observe(amount)
+                count.inc(3)
+                gauge.inc()
+                gauge.dec(2)
+        registries.append(_exposition(registry))
+    assert registries[0] == registries[1]
+    assert ("h_bucket", [("le", "0.0001"), ("m", "a")], 2.0) in registries[1]

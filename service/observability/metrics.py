@@ -1,8 +1,10 @@
 """Every Prometheus metric of the service, defined once, on a registry the app injects."""
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.core import GaugeMetricFamily
@@ -40,6 +42,49 @@ JOB_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
+def adder(child: Any) -> Callable[[float], None]:
+    """What adds to a labelled counter or gauge (negative amounts too, for a gauge) on the
+    request path: its value's own `inc`. The public `inc` checks on every call that the metric
+    is not a parent, and that a counter's amount is not negative, which a bound child on the
+    request path never needs; where prometheus_client keeps its values otherwise, the public
+    method."""
+    inc = getattr(getattr(child, "_value", None), "inc", None)
+    if callable(inc):
+        return cast(Callable[[float], None], inc)
+    return cast(Callable[[float], None], child.inc)
+
+
+class _Observer:
+    """A histogram child's observe as prometheus_client does it, its bucket found by bisection
+    rather than a Python loop over the bounds."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, bounds: list[float], buckets: list[Any], total: Any) -> None:
+        self._bounds, self._buckets, self._sum = bounds, buckets, total
+
+    def __call__(self, amount: float) -> None:
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
+def observing(child: Any) -> Callable[[float], None]:
+    """What observes into a labelled histogram on the request path (see `adder`)."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets)
+        and bounds
+        and bounds[-1] == float("inf")
+        and all(callable(getattr(b, "inc", None)) for b in [*buckets, total])
+    ):
+        return _Observer(bounds, buckets, total)
+    return cast(Callable[[float], None], child.observe)
+
+
 @dataclass(frozen=True)
 class Metrics:
     requests: Counter
@@ -69,11 +114,16 @@ class Metrics:
     job_duration: Histogram
     rate_limited: Counter
     payload_records: Counter
-    # Labelled children of `requests` and `request_duration` by (model, version, protocol,
+    # What counts into `requests` and `request_duration` by (model, version, protocol,
     # status): looking a child up through `labels` costs a request more than counting it.
-    _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    _request_children: dict[
+        tuple[str, str, str, int],
+        tuple[Callable[[float], None], Callable[[float], None] | None],
+    ] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def inflight_add(self) -> Callable[[float], None]:
+        return adder(self.inflight)
 
     def request_done(
         self, model: str, version: str, protocol: str, status: int, seconds: float
@@ -82,12 +132,12 @@ class Metrics:
         key = (model, version, protocol, status)
         children = self._request_children.get(key)
         if children is None:
-            count = self.requests.labels(model, version, protocol, str(status))
-            duration = self.request_duration.labels(model, version, protocol)
+            count = adder(self.requests.labels(model, version, protocol, str(status)))
+            duration = observing(self.request_duration.labels(model, version, protocol))
             children = self._request_children[key] = (count, duration if status == 200 else None)
-        children[0].inc()
+        children[0](1)
         if children[1] is not None:
-            children[1].observe(seconds)
+            children[1](seconds)
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:

@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from service.errors import Overloaded
 from service.observability.drift import DriftWatch
-from service.observability.metrics import Metrics
+from service.observability.metrics import Metrics, adder, observing
 from service.observability.payloads import PayloadLog
 from service.prediction.batching import Batcher, Timed, predict_unbatched
 from service.prediction.shadow import Shadows
@@ -25,46 +25,46 @@ class _VersionObserver:
 
     def __init__(self, metrics: Metrics, model: ModelVersion) -> None:
         labels = (model.name, str(model.version))
-        self._batch_rows = metrics.batch_rows.labels(*labels)
-        self._compute = metrics.compute_duration.labels(*labels)
+        self._batch_rows = observing(metrics.batch_rows.labels(*labels))
+        self._compute = observing(metrics.compute_duration.labels(*labels))
         self._depth = metrics.queue_depth.labels(*labels)
         self._last = metrics.last_inference.labels(*labels)
-        self.rows = metrics.inference_rows.labels(*labels)
-        self.queue = metrics.queue_duration.labels(*labels)
+        self.rows = adder(metrics.inference_rows.labels(*labels))
+        self.queue = observing(metrics.queue_duration.labels(*labels))
         self._predictions = metrics.predictions
-        self._label_children: dict[str, Any] = {}
+        self._label_children: dict[str, Callable[[float], None]] = {}
         self._labels = labels
         self._known = model.labels
         # Sorted, as searchsorted needs; None when labels must be counted the slow way.
         self._classes = np.sort(np.asarray(model.signature.classes)) if self._known else None
 
     def call_done(self, rows: int, seconds: float) -> None:
-        self._batch_rows.observe(rows)
-        self._compute.observe(seconds)
+        self._batch_rows(rows)
+        self._compute(seconds)
         self._last.set(time.time())
 
     def queue_changed(self, depth: int) -> None:
         self._depth.set(depth)
 
-    def _label_child(self, value: Any) -> Any:
+    def _label_child(self, value: Any) -> Callable[[float], None]:
         text = str(value)
         child = self._label_children.get(text)
         if child is None:
-            child = self._predictions.labels(*self._labels, text)
+            child = adder(self._predictions.labels(*self._labels, text))
             if len(self._label_children) < 1024:  # a regressor's outputs are not class labels
                 self._label_children[text] = child
         return child
 
     def count_labels(self, label: NDArray[Any], prediction: Prediction) -> None:
         if label.size == 1:
-            self._label_child(label.reshape(-1)[0]).inc()
+            self._label_child(label.reshape(-1)[0])(1)
             return
         if prediction.label_index is not None and self._known is not None:
             counts = self._known.counts(prediction.class_counts(len(self._known.names)))
         else:
             counts = _label_counts(label, self._classes)
         for value, count in counts:
-            self._label_child(value).inc(count)
+            self._label_child(value)(count)
 
 
 def _label_counts(label: NDArray[Any], classes: NDArray[Any] | None) -> list[tuple[Any, int]]:
@@ -175,8 +175,8 @@ class Router:
         rows = len(next(iter(inputs.values())))
         observer = self._observer(model)
         timed = await self._run(model, inputs, rows)
-        observer.rows.inc(rows)
-        observer.queue.observe(timed.queue_seconds)
+        observer.rows(rows)
+        observer.queue(timed.queue_seconds)
         prediction = timed.prediction
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":

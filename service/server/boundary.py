@@ -147,7 +147,8 @@ async def run(
     answer with; `record` then counts and logs the call.
     """
     state = call.state
-    state.metrics.inflight.inc()
+    inflight = state.metrics.inflight_add
+    inflight(1)
     try:
         # The deadline covers reading the body too, so a client that trickles its body in
         # cannot hold a request open for longer than any other.
@@ -181,7 +182,7 @@ async def run(
         call.error = "InternalError"
         return errors.ServiceError("internal error; see the server log")
     finally:
-        state.metrics.inflight.dec()
+        inflight(-1)
 
 
 def _error_answer(exc: errors.ServiceError, request_id: str) -> Answer:
