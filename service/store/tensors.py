@@ -21,12 +21,19 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
+# The same, looked up by dtype (a dtype hashes as it compares); the first name of a dtype wins.
+_DATATYPE_OF: dict[np.dtype[Any], str] = {
+    dtype: name for name, dtype in reversed(DATATYPES.items())
+}
 
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
     """The V2 datatype name for a numpy dtype (strings map to BYTES)."""
     if dtype.kind in "OUS":
         return "BYTES"
+    known = _DATATYPE_OF.get(dtype)
+    if known is not None:
+        return known
     for name, candidate in DATATYPES.items():
         if candidate == dtype:
             return name
