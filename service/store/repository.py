@@ -1,5 +1,6 @@
 """The on-disk model repository: names, versions, model.toml, metadata and sha256 checks."""
 
+import functools
 import hashlib
 import logging
 import re
@@ -26,6 +27,7 @@ def is_model_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
+@functools.lru_cache(maxsize=1024)  # every request that names a version asks again
 def parse_version(text: str) -> int | None:
     return int(text) if VERSION_RE.fullmatch(text) else None
 
