@@ -30,6 +30,8 @@ def summarise(collapsed: Path, top: int) -> str:
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # py-spy writes a frame named by source text with newlines
+            continue  # over several lines: that sample is left out
         thread, *calls = stack.split(";")
         frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1] for f in calls] or ["?"]
         samples = int(count)

@@ -70,8 +70,13 @@ class ClassLabels:
         return self._protobuf.join(index)
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """A protobuf varint (non-negative values)."""
+    if value < 0x80:  # most lengths and sizes of a small answer
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

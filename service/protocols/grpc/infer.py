@@ -5,6 +5,7 @@ Both encodings of a tensor are spoken: typed `contents` and `raw_input_contents`
 to the same `InferCall` as a REST one, so outputs, parameters and the timeout mean the same.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -175,9 +176,19 @@ def wants_raw(request: pb.ModelInferRequest, call: v2.InferCall) -> bool:
 # packed repeated scalars, empty fields left out: the bytes protobuf itself writes (tested).
 
 
+_TAGS = [bytes(((number << 3) | 2,)) for number in range(16)]
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (a string, bytes, a message, packed scalars)."""
-    return bytes(((number << 3) | 2,)) + varint(len(payload)) + payload
+    return _TAGS[number] + varint(len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=1024)
+def _named(first: str, second: str) -> bytes:
+    """Fields 1 and 2, strings: a response's model name and version, a tensor's name and
+    datatype; the same few on every answer."""
+    return _field(1, first.encode()) + _field(2, second.encode())
 
 
 # InferTensorContents' packed floats: field and little-endian dtype.
@@ -221,7 +232,7 @@ def encode_infer_response(
     outputs = prediction.outputs
     datatypes = [datatype_of(outputs[name].dtype) for name, _ in wanted]
     raw = raw or any(datatype not in _CONTENTS for datatype in datatypes)
-    head = [_field(1, model.name.encode()), _field(2, str(model.version).encode())]
+    head = [_named(model.name, str(model.version))]
     if call.id:
         head.append(_field(3, call.id.encode()))
     pieces: list[bytes | memoryview] = []
@@ -230,7 +241,7 @@ def encode_infer_response(
         by_class = (
             v2.labels_by_class(model, array, prediction.label_index) if name == "label" else None
         )
-        tensor = _field(1, name.encode()) + _field(2, datatype.encode())
+        tensor = _named(name, datatype)
         if array.ndim:
             tensor += _field(3, b"".join(varint(size) for size in array.shape))
         if raw:
