@@ -3,6 +3,8 @@
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -322,3 +324,26 @@ def test_grpc_only_runs_name_the_servers_measured_over_grpc(tmp_path: Path) -> N
         start_servers(
             tmp_path, tmp_path, tmp_path, peers=False, only=[OURS_UNBATCHED], grpc_only=True
         )
+
+
+def _driver(repository: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "bench.online.driver", "--repository", str(repository)]
+    command += ["--connections", "4", "--rounds", "4", "--repeats", "2", *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_driver_measures_answered_requests(trained_repository: Path) -> None:
+    done = _driver(trained_repository)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figure = float(done.stdout.split(" µs of CPU a request")[0])
+    assert 0 < figure < 100_000
+    # Every request it sent was answered, once: its access lines say so.
+    answered = [line for line in done.stderr.splitlines() if "status=200" in line]
+    # 4 connections, each sent a request in 2 warm-up rounds and 2 repeats of 4 rounds
+    assert len(answered) == 4 * (2 + 2 * 4)
+
+
+def test_the_driver_stops_on_an_answer_that_is_not_a_success(trained_repository: Path) -> None:
+    done = _driver(trained_repository, "--version", "9")
+    assert done.returncode != 0
+    assert "answered b'HTTP/1.1 404" in done.stderr
