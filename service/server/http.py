@@ -200,7 +200,7 @@ async def send_response(send: Send, status: int, body: Body, headers: Headers) -
     )
     for piece in pieces[:-1]:
         await send({"type": "http.response.body", "body": piece, "more_body": True})
-    await send({"type": "http.response.body", "body": pieces[-1]})
+    await send({"type": "http.response.body", "body": pieces[-1] if pieces else b""})
 
 
 _ERROR_KEY = "modelserve.access.error"
