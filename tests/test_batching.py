@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from service.errors import PredictionFailed
-from service.prediction.batching import INLINE_WALL_S, Batcher
+from service.prediction.batching import (
+    INLINE_CALL_S,
+    INLINE_WALL_FACTOR,
+    ONE_CORE_INLINE_CALL_S,
+    Batcher,
+    inline_call_bound,
+)
 from service.store.runtimes import Arrays, Prediction
 
 
@@ -189,7 +195,8 @@ def test_a_model_that_slows_down_goes_back_to_a_thread(executor: ThreadPoolExecu
         if threads[-1] == main:
             break
     assert threads[-1] == main
-    delay[0] = 2 * INLINE_WALL_S  # waiting, as on I/O: no CPU time, but the loop stalls
+    # Waiting, as on I/O: no CPU time, but the loop stalls.
+    delay[0] = 2 * INLINE_WALL_FACTOR * INLINE_CALL_S
     threads.clear()
     for _ in range(5):
         run(batcher, [np.ones((1, 1))])
@@ -198,3 +205,47 @@ def test_a_model_that_slows_down_goes_back_to_a_thread(executor: ThreadPoolExecu
     # call then runs in a thread, is learnt fast by CPU time and runs inline once more.)
     assert threads.count(main) <= 1
     assert main not in threads[-3:]
+
+
+def spin(seconds: float) -> None:
+    """Spend `seconds` of this thread's CPU time, as a model's computation does."""
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+
+
+@pytest.mark.parametrize(("cores", "inline"), [(1, True), (2, False)])
+def test_a_worker_with_one_core_runs_calls_of_a_millisecond_on_the_loop(
+    executor: ThreadPoolExecutor, cores: int, inline: bool
+) -> None:
+    """With one core a model thread cannot run beside the loop: a call of 0.3 ms CPU moves to
+    the loop, even a request too large to share a call. With two it stays in a thread."""
+    assert inline_call_bound(cores) == (ONE_CORE_INLINE_CALL_S if cores == 1 else INLINE_CALL_S)
+    threads: list[str] = []
+
+    def computing(inputs: Arrays) -> Prediction:
+        threads.append(threading.current_thread().name)
+        spin(3 * INLINE_CALL_S)
+        x = inputs["x"]
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return Prediction({"y": x * 2}, label_index=x[:, 0].astype(np.intp))
+
+    recorder = Recorder()
+    batcher = Batcher(
+        computing, executor, max_rows=8, observer=recorder, inline_call_s=inline_call_bound(cores)
+    )
+    main = threading.main_thread().name
+    large = np.arange(64, dtype=np.float32).reshape(32, 2)
+    for _ in range(3):
+        results = run(batcher, [large])
+        assert not isinstance(results[0], BaseException)
+        np.testing.assert_array_equal(results[0]["y"], large * 2)
+    assert threads[0] != main  # the first call is measured in a thread
+    assert (threads[-1] == main) is inline
+    assert recorder.calls == [32, 32, 32]
+    # A failing call on the loop fails its own request only.
+    failed = run(batcher, [-large])
+    assert isinstance(failed[0], PredictionFailed)
+    again = run(batcher, [large])
+    assert not isinstance(again[0], BaseException)

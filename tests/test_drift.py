@@ -265,3 +265,29 @@ def test_rows_waiting_in_the_buffer_are_counted_within_a_second(iris_v1: ModelVe
 
     asyncio.run(idle())
     assert registry.get_sample_value("modelserve_feature_out_of_range_total", labels) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_of_range_values_on_one_side_only_are_counted_exactly(
+    iris_v1: ModelVersion, dtype: type
+) -> None:
+    """A large batch counts a feature's values past its maximum (or below its minimum) as a
+    row-by-row count does, whichever side they fall, with clean features beside them."""
+    profile = iris_v1.profile
+    assert profile is not None
+    low = np.array([f.min for f in profile.features], dtype=np.float64)
+    high = np.array([f.max for f in profile.features], dtype=np.float64)
+    rng = np.random.default_rng(2)
+    rows: np.ndarray = (low + (high - low) * rng.random((5_000, 4))).astype(dtype)
+    rows[::11, 1] = high[1] + 1.0  # past the maximum only
+    rows[::17, 2] = low[2] - 1.0  # below the minimum only
+    prediction = Prediction({}, np.arange(5_000, dtype=np.intp) % 3)
+    at_once = Window(profile, max_features=50, window_rows=10_000)
+    exact = Window(profile, max_features=50, window_rows=10_000)
+    at_once.record(rows, prediction)
+    for start in range(0, len(rows), 100):
+        exact.record(rows[start : start + 100], prediction.rows(start, start + 100))
+    exact.flush()
+    counted = [(f.out_of_range, f.missing) for f in exact.report("iris", 1).features]
+    assert [(f.out_of_range, f.missing) for f in at_once.report("iris", 1).features] == counted
+    assert counted == [(0, 0), (455, 0), (295, 0), (0, 0)]

@@ -203,18 +203,25 @@ class Window:
         features, rows = columns.shape
         counts = np.zeros(self.size, dtype=np.int64)
         per_feature = counts[: self.prediction_at].reshape(features, self.slots)
-        # NaN fails both comparisons: a feature with a missing value is counted too.
-        clean = (columns.min(axis=1) >= low) & (columns.max(axis=1) <= high)
-        for i in np.flatnonzero(~clean):
-            column = columns[i]
-            per_feature[i, self.missing_slot] = np.count_nonzero(np.isnan(column))
-            below = np.count_nonzero(column < low[i])
-            counts[self.out_of_range_at + i] = below + np.count_nonzero(column > high[i])
+        # NaN fails both comparisons: a feature with a missing value is counted too. The
+        # minimum and maximum are NaN when a value is, and else say which sides need counting.
+        least, most = columns.min(axis=1), columns.max(axis=1)
+        clean = (least >= low) & (most <= high)
+        missing = False
+        for i in np.flatnonzero(~clean).tolist():
+            column, at_least, at_most = columns[i], least[i], most[i]
+            gaps = np.isnan(at_least)
+            if gaps:
+                per_feature[i, self.missing_slot] = np.count_nonzero(np.isnan(column))
+                missing = True
+            below = np.count_nonzero(column < low[i]) if gaps or at_least < low[i] else 0
+            above = np.count_nonzero(column > high[i]) if gaps or at_most > high[i] else 0
+            counts[self.out_of_range_at + i] = below + above
         step = -(-rows // SAMPLED_ROWS)
         sample = np.ascontiguousarray(columns[:, ::step])
         reached = np.zeros((self.slots, features), dtype=np.int64)
         reached[0] = sample.shape[1]
-        if not clean.all():
+        if missing:
             reached[0] -= np.count_nonzero(np.isnan(sample), axis=1)  # NaN reaches no edge
         # Summed as bytes into uint16 (a sample has at most SAMPLED_ROWS values): a third
         # cheaper than summing booleans into int64.
@@ -364,12 +371,15 @@ class VersionWatch:
 
     def _count(self, binned: NDArray[np.int64]) -> None:
         window = self.window
-        outside = binned[window.out_of_range_at :]
-        for i in np.flatnonzero(outside):
-            self._out_of_range[i].inc(int(outside[i]))
-        missing = binned[window.offsets + window.missing_slot]
-        for i in np.flatnonzero(missing):
-            self._missing[i].inc(int(missing[i]))
+        # As lists: a few features' counts, where numpy's per-call cost would be most of it.
+        outside = binned[window.out_of_range_at :].tolist()
+        for counter, count in zip(self._out_of_range, outside, strict=True):
+            if count:
+                counter.inc(count)
+        missing = binned[window.offsets + window.missing_slot].tolist()
+        for counter, count in zip(self._missing, missing, strict=True):
+            if count:
+                counter.inc(count)
 
     def report(self) -> VersionDrift:
         binned = self.window.flush()

@@ -19,9 +19,18 @@ logger = logging.getLogger(__name__)
 # A call that takes less CPU time than this runs on the event loop itself: handing it to a
 # thread and back costs more CPU (a wake-up each way, the GIL passed twice) than such a call.
 INLINE_CALL_S = 100e-6
-# ... and less wall time than this: a call that waits (on threads of its own, on I/O) would
-# stall every other request on the loop meanwhile.
-INLINE_WALL_S = 4 * INLINE_CALL_S
+# The same bound for a worker with one core: there a model thread cannot run beside the loop,
+# so the hand-off buys no parallelism, only its cost (about 8% of a 10,000-row call of 0.4 ms).
+# A request arriving meanwhile waits at most this long for the loop.
+ONE_CORE_INLINE_CALL_S = 2e-3
+# An inline call must also take less wall time than this many times its CPU bound: a call that
+# waits (on threads of its own, on I/O) would stall every other request on the loop meanwhile.
+INLINE_WALL_FACTOR = 4
+
+
+def inline_call_bound(cores: int) -> float:
+    """The CPU time under which a model call runs on the loop, for a worker with `cores`."""
+    return ONE_CORE_INLINE_CALL_S if cores == 1 else INLINE_CALL_S
 
 
 class BatchObserver(Protocol):
@@ -64,8 +73,11 @@ class Batcher:
         max_delay_ms: float = 0.0,
         observer: BatchObserver | None = None,
         max_queue: int | None = None,
+        inline_call_s: float = INLINE_CALL_S,
     ) -> None:
         self._predict = predict
+        self._inline_call_s = inline_call_s
+        self._inline_wall_s = INLINE_WALL_FACTOR * inline_call_s
         self._max_queue = max_queue
         self._executor = executor
         self._max_rows = max_rows
@@ -75,7 +87,7 @@ class Batcher:
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Calls of up to this many rows were measured faster than INLINE_CALL_S: they run
+        # Calls of up to this many rows were measured faster than the inline bound: they run
         # inline. Learnt from calls in the executor, lowered again by a slow inline call.
         self._inline_rows = 0
         # Set once an inline call took too long by the clock: from then on a call in a thread
@@ -89,11 +101,17 @@ class Batcher:
                 "retry later"
             )
         loop = self._running_loop()
-        if not self._running and self._max_delay_s == 0 and rows > self._inline_rows:
+        if not self._running and self._max_delay_s == 0:
             # The model is idle: call it from this request's own task, with no queue, future
-            # or drainer task in between, so batching costs nothing at low load.
-            self._running = True
-            return await self._call_alone(loop, inputs, rows)
+            # or drainer task in between, so batching costs nothing at low load. A call fast
+            # enough to run inline waits for the requests that are ready to share it, unless
+            # the request is too large to share a call anyway.
+            if rows > self._inline_rows:
+                self._running = True
+                return await self._call_alone(loop, inputs, rows)
+            if rows >= self._max_rows:
+                self._running = True
+                return self._call_inline(loop, inputs, rows)
         # A fast model's drainer runs its calls inline; started now, its task runs after the
         # request tasks already scheduled, so the requests that are ready share one call.
         future: asyncio.Future[Timed] = loop.create_future()
@@ -129,13 +147,14 @@ class Batcher:
         started, wall_started = time.thread_time(), time.perf_counter()
         prediction = self._predict(inputs)
         seconds = time.thread_time() - started
-        if seconds < INLINE_CALL_S and (
-            not self._waits or time.perf_counter() - wall_started < INLINE_WALL_S
+        bound = self._inline_call_s
+        if seconds < bound and (
+            not self._waits or time.perf_counter() - wall_started < self._inline_wall_s
         ):
             # A call's cost grows at most in proportion to its rows (a fixed part is most of a
             # small call), so this many rows stay under the bound; a slow inline call corrects it.
-            scaled = rows if seconds <= 0 else int(rows * INLINE_CALL_S / seconds)
-            self._inline_rows = max(self._inline_rows, min(scaled, self._max_rows))
+            scaled = rows if seconds <= 0 else int(rows * bound / seconds)
+            self._inline_rows = max(self._inline_rows, scaled)
         return prediction
 
     async def _call_alone(
@@ -156,6 +175,19 @@ class Batcher:
             self._start_draining(loop)
             raise PredictionFailed(f"the model failed: {type(exc).__name__}") from exc
         self._start_draining(loop)
+        compute = time.perf_counter() - started
+        self._call_done(rows, compute)
+        return Timed(prediction, 0.0, compute)
+
+    def _call_inline(self, loop: asyncio.AbstractEventLoop, inputs: Arrays, rows: int) -> Timed:
+        started = time.perf_counter()
+        try:
+            prediction = self._inline(inputs, rows)
+        except Exception as exc:  # the batcher boundary, as in _call_alone
+            logger.exception("prediction failed")
+            raise PredictionFailed(f"the model failed: {type(exc).__name__}") from exc
+        finally:
+            self._start_draining(loop)
         compute = time.perf_counter() - started
         self._call_done(rows, compute)
         return Timed(prediction, 0.0, compute)
@@ -208,13 +240,7 @@ class Batcher:
         inline = rows <= self._inline_rows
         try:
             if inline:
-                cpu_started, wall_started = time.thread_time(), time.perf_counter()
-                prediction = self._predict(merged)
-                if time.perf_counter() - wall_started >= INLINE_WALL_S:
-                    self._waits = True
-                    self._inline_rows = min(self._inline_rows, rows - 1)
-                elif time.thread_time() - cpu_started >= INLINE_CALL_S:
-                    self._inline_rows = min(self._inline_rows, rows - 1)
+                prediction = self._inline(merged, rows)
             else:
                 prediction = await loop.run_in_executor(
                     self._executor, self._measured, merged, rows
@@ -231,6 +257,17 @@ class Batcher:
             )
             return
         self._settle_batch(batch, prediction, started, time.perf_counter() - started)
+
+    def _inline(self, inputs: Arrays, rows: int) -> Prediction:
+        """The model call on the loop; one too slow for it sends calls this large to a thread."""
+        cpu_started, wall_started = time.thread_time(), time.perf_counter()
+        prediction = self._predict(inputs)
+        if time.perf_counter() - wall_started >= self._inline_wall_s:
+            self._waits = True
+            self._inline_rows = min(self._inline_rows, rows - 1)
+        elif time.thread_time() - cpu_started >= self._inline_call_s:
+            self._inline_rows = min(self._inline_rows, rows - 1)
+        return prediction
 
     def _settle_batch(
         self, batch: list[_Waiting], prediction: Prediction, started: float, compute: float

@@ -13,7 +13,7 @@ from service.errors import Overloaded
 from service.observability.drift import DriftWatch
 from service.observability.metrics import Metrics, adder, observing
 from service.observability.payloads import PayloadLog
-from service.prediction.batching import Batcher, Timed, predict_unbatched
+from service.prediction.batching import INLINE_CALL_S, Batcher, Timed, predict_unbatched
 from service.prediction.shadow import Shadows
 from service.prediction.signature import conform
 from service.store.registry import ModelVersion, Registry
@@ -92,8 +92,10 @@ class Router:
         shadow_max_pending: int = 8,
         drift: DriftWatch | None = None,
         payloads: PayloadLog | None = None,
+        inline_call_s: float = INLINE_CALL_S,
     ) -> None:
         self.registry = registry
+        self.inline_call_s = inline_call_s
         self.drift = drift
         self.payloads = payloads
         self._shadows = Shadows(metrics, self._shadow_call, shadow_max_pending)
@@ -130,6 +132,7 @@ class Router:
                 model.max_delay_ms,
                 self._observer(model),
                 self.max_queue,
+                self.inline_call_s,
             )
             self._batchers[model] = batcher
         return batcher

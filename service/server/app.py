@@ -31,6 +31,7 @@ from service.observability.exposition import (
 )
 from service.observability.metrics import JobStates, create_metrics, record_model
 from service.observability.payloads import create_payload_log
+from service.prediction.batching import inline_call_bound
 from service.prediction.router import Router
 from service.protocols.envelope import MAX_JSON_DEPTH
 from service.server.access import AccessLogMiddleware
@@ -168,9 +169,8 @@ def create_app(settings: Settings) -> InferenceMiddleware:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Not os.cpu_count(): a container limited to two cores of a large host would start a
         # thread per host core.
-        executor = ThreadPoolExecutor(
-            max_workers=max(2, usable_cores()), thread_name_prefix="model"
-        )
+        cores = usable_cores()
+        executor = ThreadPoolExecutor(max_workers=max(2, cores), thread_name_prefix="model")
         payloads = create_payload_log(settings, metrics)
         state = ServiceState(
             settings,
@@ -192,6 +192,7 @@ def create_app(settings: Settings) -> InferenceMiddleware:
                 if settings.drift_window_rows
                 else None,
                 payloads,
+                inline_call_bound(cores),
             ),
         )
         app.state.service = state
