@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ from prometheus_client import CollectorRegistry
 from service.errors import ModelNotFound
 from service.observability.drift import BLOCKS, REFRESH_S, SAMPLED_ROWS, DriftWatch, Window
 from service.observability.metrics import create_metrics
+from service.prediction.batching import ONE_CORE_INLINE_CALL_S
+from service.prediction.router import Router
 from service.store.profiles import FeatureProfile, PredictionProfile, Profile
-from service.store.registry import LoadOptions, ModelVersion, load_version
+from service.store.registry import LoadOptions, ModelVersion, Registry, load_version
 from service.store.runtimes import Prediction
 from tests.test_profiles import iris_training_rows
 
@@ -291,3 +294,42 @@ def test_out_of_range_values_on_one_side_only_are_counted_exactly(
     counted = [(f.out_of_range, f.missing) for f in exact.report("iris", 1).features]
     assert [(f.out_of_range, f.missing) for f in at_once.report("iris", 1).features] == counted
     assert counted == [(0, 0), (455, 0), (295, 0), (0, 0)]
+
+
+def test_a_call_on_the_loop_is_counted_after_its_answer_and_before_any_report(
+    iris_repository: Path,
+) -> None:
+    """A call the batcher makes on the event loop is counted at the loop's next turn, so the
+    answer does not wait for it; a report in between counts it first. A call in a thread is
+    counted there, before its answer."""
+    model = load_version("iris", 1, iris_repository / "iris" / "1", LoadOptions(), (256, 0.0))
+    registry = CollectorRegistry()
+    metrics = create_metrics(registry)
+    watch = DriftWatch(metrics, window_rows=10_000, max_features=50)
+    router = Router(
+        Registry(),
+        ThreadPoolExecutor(2),
+        metrics,
+        max_rows=100_000,
+        drift=watch,
+        inline_call_s=ONE_CORE_INLINE_CALL_S,
+    )
+    rows = np.tile(iris_training_rows(), (10, 1))[:1_500]
+    rows[:, 2] = 100.0  # every petal length out of range: counted as soon as observed
+    labels = {"model": "iris", "version": "1", "feature": "petal_length"}
+
+    def out_of_range() -> float | None:
+        return registry.get_sample_value("modelserve_feature_out_of_range_total", labels)
+
+    async def main() -> list[bool]:
+        lagging = []
+        for call in range(1, 6):
+            await router.predict(model, {"input": rows})
+            lagging.append(out_of_range() != call * len(rows))
+            assert watch.report(model).window_rows == call * len(rows)
+            assert out_of_range() == call * len(rows)
+        return lagging
+
+    lagging = asyncio.run(main())
+    assert lagging[0] is False  # measured in a thread, counted there
+    assert any(lagging[1:])  # then on the loop, counted after the answer

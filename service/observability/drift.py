@@ -411,6 +411,28 @@ class DriftWatch:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        # Batches counted on the loop once it has written the answers waiting on them.
+        self._soon: list[tuple[ModelVersion, Arrays, Prediction]] = []
+
+    def observe_soon(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        model: ModelVersion,
+        inputs: Arrays,
+        prediction: Prediction,
+    ) -> None:
+        """`observe`, at the loop's next turn: the request tasks running now write their
+        answers first. Called on the loop; a report counts what waits here first."""
+        soon = self._soon
+        soon.append((model, inputs, prediction))
+        if len(soon) == 1:
+            loop.call_soon(self.observe_waiting)
+
+    def observe_waiting(self) -> None:
+        """Count the batches `observe_soon` left for the loop's next turn."""
+        soon, self._soon = self._soon, []
+        for model, inputs, prediction in soon:
+            self.observe(model, inputs, prediction)
 
     def observe(self, model: ModelVersion, inputs: Arrays, prediction: Prediction) -> None:
         """Count one checked batch of rows and its prediction in the version's window."""
@@ -436,6 +458,7 @@ class DriftWatch:
         return watch
 
     def report(self, model: ModelVersion) -> VersionDrift:
+        self.observe_waiting()
         if model.profile is None:
             raise ModelNotFound(
                 f"model {model.name!r} version {model.version} has no reference profile, so its "
@@ -457,6 +480,7 @@ class DriftWatch:
 
     def refresh(self) -> None:
         """Bin the pending rows and bring every gauge of this worker up to its windows."""
+        self.observe_waiting()
         with self._lock:
             watches = [w for w in self._watches.values() if w is not None]
         for watch in watches:

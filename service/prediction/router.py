@@ -1,5 +1,7 @@
 """Routes a request to its model version and through that version's batcher."""
 
+import asyncio
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -126,7 +128,7 @@ class Router:
         batcher = self._batchers.get(model)
         if batcher is None:
             batcher = Batcher(
-                self._predictor(model),
+                self._predictor(model, asyncio.get_running_loop()),
                 self._executor,
                 model.max_batch_rows,
                 model.max_delay_ms,
@@ -148,16 +150,27 @@ class Router:
         finally:
             self._unbatched[model] -= 1
 
-    def _predictor(self, model: ModelVersion) -> Callable[[Arrays], Prediction]:
+    def _predictor(
+        self, model: ModelVersion, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Callable[[Arrays], Prediction]:
         """The version's model call, its rows and prediction counted in the drift window once
-        per call (a batch of requests, mirrored ones included), not once per request."""
+        per call (a batch of requests, mirrored ones included), not once per request.
+
+        A call made on `loop` (inline) is counted once the loop has written the answers that
+        wait on it: the client does not wait for its monitoring. A call in a thread is counted
+        there, beside the loop.
+        """
         predict, drift = model.runtime.predict, self.drift
         if drift is None:
             return predict
+        loop_thread = threading.get_ident() if loop is not None else None
 
         def predict_and_watch(inputs: Arrays) -> Prediction:
             prediction = predict(inputs)
-            drift.observe(model, inputs, prediction)
+            if threading.get_ident() == loop_thread and loop is not None and not loop.is_closed():
+                drift.observe_soon(loop, model, inputs, prediction)
+            else:
+                drift.observe(model, inputs, prediction)
             return prediction
 
         return predict_and_watch
