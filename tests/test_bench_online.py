@@ -319,6 +319,52 @@ def test_grpc_targets_come_from_the_paired_runs_when_there_are_some(tmp_path: Pa
     ) in report
 
 
+def test_raw_call_shares_come_from_the_paired_runs_when_there_are_some(tmp_path: Path) -> None:
+    int_onnx, int_joblib = "iris_int v2 (onnx)", "iris_int v1 (joblib)"
+    records: list[dict[str, object]] = []
+    for rep, ratio in enumerate((0.7, 0.4, 0.55)):  # medians within each repetition
+        records += [
+            {
+                "kind": "raw",
+                "rep": rep,
+                "artifact": int_onnx,
+                "rows": 10_000,
+                "session": 2e7,
+                "runtime": 2e7,
+            },
+            {
+                "kind": "raw",
+                "rep": rep,
+                "artifact": int_joblib,
+                "rows": 10_000,
+                "estimator": 5e6,
+                "runtime": 3e7,
+            },
+            # The table's run says 0.40 of the raw session, the paired runs 0.55.
+            {**_bulk("modelserve", "binary", 8e6), "rep": rep, "artifact": int_onnx},
+            {**_bulk("modelserve", "binary", 5e6), "rep": rep, "artifact": int_joblib},
+            {
+                "kind": "share_pair",
+                "rep": rep,
+                "artifact": int_onnx,
+                "raw": 2e7,
+                "served": 1e7,
+                "ratio": ratio,
+            },
+        ]
+    write_report(records, tmp_path, repeat=3, minutes=1.0)
+    report = (tmp_path / "online.md").read_text()
+    assert (
+        "| iris_int ONNX, 10,000 rows, binary: share of the raw session.run rows/s (paired runs) "
+        "| 0.55 | >= 0.5 | yes |"
+    ) in report
+    # Without paired runs, the share comes from the tables.
+    assert (
+        "| iris_int joblib, 10,000 rows, binary: share of the raw predict + predict_proba rows/s "
+        "| 1.00 | >= 0.8 | yes |"
+    ) in report
+
+
 def test_grpc_only_runs_name_the_servers_measured_over_grpc(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--only \['modelserve \(no batching\)'\]: not among"):
         start_servers(

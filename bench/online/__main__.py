@@ -20,7 +20,13 @@ from bench.online.grpc_runs import (
     grpc_pair,
     grpc_single_rows,
 )
-from bench.online.raw import load_runtime, measure_raw
+from bench.online.raw import (
+    estimator_call,
+    load_runtime,
+    measure_raw,
+    seconds_per_call,
+    session_call,
+)
 from bench.online.report import write_report
 from bench.online.results import (
     MLSERVER,
@@ -215,6 +221,54 @@ def _large_requests(
             }
 
 
+# The 10,000-row binary targets' artifacts, each with its share of the raw call in paired runs.
+SHARE_TARGETS = (
+    Artifact("iris", 1),
+    Artifact("iris", 2),
+    Artifact("iris_int", 1),
+    Artifact("iris_int", 2),
+)
+SHARE_RUN_S = 1.0
+
+
+def _share_pair(
+    server: Server, repository: Path, artifact: Artifact, label: str, rep: int
+) -> Record:
+    """10,000-row binary rows/s against the raw call's (predict + predict_proba, or
+    session.run) on the server's core, in mirrored 1 s runs: raw, served, served, raw, ...
+
+    The raw table's calls and the large-request runs lie a minute or more apart, and over
+    such gaps a shared machine's speed drifts by tens of percent (one run's raw session for
+    iris_int read 16.0, 19.8 and 20.4 M rows/s in its three repetitions); in short mirrored
+    runs a drift falls on both sides alike.
+    """
+    rows = 10_000
+    data = make_features(artifact.model, rows)
+    request = build_request(server.kind, artifact, data, label, "binary")
+    path = artifact.path(repository)
+    raw = (
+        estimator_call(path, data)
+        if artifact.format == "joblib"
+        else session_call(path, data, RuntimeOptions())
+    )
+    sides: dict[str, list[float]] = {"raw": [], "served": []}
+    for side in ("raw", "served", "served", "raw") * 3:
+        if side == "raw":
+            with pinned({0}):
+                sides[side].append(rows / seconds_per_call(raw, SHARE_RUN_S))
+        else:
+            sides[side].append(run_wrk(server, request, 1, SHARE_RUN_S).rate * rows)
+    raw_rate, served = statistics.median(sides["raw"]), statistics.median(sides["served"])
+    return {
+        "kind": "share_pair",
+        "rep": rep,
+        "artifact": artifact.label,
+        "raw": raw_rate,
+        "served": served,
+        "ratio": served / raw_rate,
+    }
+
+
 @dataclass(frozen=True)
 class Scope:
     """What one run measures, of every scenario."""
@@ -278,6 +332,11 @@ def measure_servers(
                 for record in runs(order, artifact, labels[artifact], rep, scope):
                     records.append(record)
                     print(json.dumps(record), flush=True)
+            ours = next((s for s in order if s.name == OURS), None)
+            if ours is not None and artifact in SHARE_TARGETS and not scope.grpc_only:
+                record = _share_pair(ours, repository, artifact, labels[artifact], rep)
+                records.append(record)
+                print(json.dumps(record), flush=True)
     return records
 
 

@@ -62,6 +62,7 @@ class Results:
     grpc_single: Table
     grpc_bulk: Table
     grpc_pairs: Table
+    share_pairs: Table
 
     @classmethod
     def of(cls, records: list[Record]) -> "Results":
@@ -75,6 +76,7 @@ class Results:
             grpc_single=medians(records, "grpc_single", ("artifact", "server", "concurrency")),
             grpc_bulk=medians(records, "grpc_bulk", ("artifact", "server", "rows", "encoding")),
             grpc_pairs=medians(records, "grpc_pair", ("artifact", "rows")),
+            share_pairs=medians(records, "share_pair", ("artifact",)),
         )
 
     def one(self, artifact: str, server: str, c: int, name: str = "rate") -> float | None:
@@ -101,6 +103,11 @@ class Results:
     def grpc_pair(self, artifact: str, rows: int) -> float | None:
         """gRPC / REST from the paired runs (see grpc_runs.grpc_pair), when there are some."""
         record = self.grpc_pairs.get((artifact, rows))
+        return None if record is None else float(record["ratio"])
+
+    def share_pair(self, artifact: str) -> float | None:
+        """10,000-row binary rows/s / the raw call's, from the paired runs, when there are some."""
+        record = self.share_pairs.get((artifact,))
         return None if record is None else float(record["ratio"])
 
     def grpc_rows(self, artifact: str, server: str, n: int, contents: str) -> float | None:
