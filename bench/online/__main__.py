@@ -20,13 +20,7 @@ from bench.online.grpc_runs import (
     grpc_pair,
     grpc_single_rows,
 )
-from bench.online.raw import (
-    estimator_call,
-    load_runtime,
-    measure_raw,
-    seconds_per_call,
-    session_call,
-)
+from bench.online.raw import bare_call, load_runtime, measure_raw, seconds_per_call
 from bench.online.report import write_report
 from bench.online.results import (
     MLSERVER,
@@ -245,12 +239,9 @@ def _share_pair(
     rows = 10_000
     data = make_features(artifact.model, rows)
     request = build_request(server.kind, artifact, data, label, "binary")
-    path = artifact.path(repository)
-    raw = (
-        estimator_call(path, data)
-        if artifact.format == "joblib"
-        else session_call(path, data, RuntimeOptions())
-    )
+    bare = bare_call(repository, artifact, data, RuntimeOptions())
+    assert bare is not None, artifact  # SHARE_TARGETS are joblib and ONNX versions
+    raw = bare[1]
     sides: dict[str, list[float]] = {"raw": [], "served": []}
     for side in ("raw", "served", "served", "raw") * 3:
         if side == "raw":

@@ -73,10 +73,20 @@ def measure_raw(
     data = features(artifact.model, rows)
     runtime = load_runtime(repository, artifact, options)
     result = {"runtime": rows / seconds_per_call(runtime_call(runtime, data), budget_s)}
-    if artifact.format == "joblib":
-        call = estimator_call(artifact.path(repository), data)
-        result["estimator"] = rows / seconds_per_call(call, budget_s)
-    elif artifact.format == "onnx":
-        call = session_call(artifact.path(repository), data, options)
-        result["session"] = rows / seconds_per_call(call, budget_s)
+    bare = bare_call(repository, artifact, data, options)
+    if bare is not None:
+        name, call = bare
+        result[name] = rows / seconds_per_call(call, budget_s)
     return result
+
+
+def bare_call(
+    repository: Path, artifact: Artifact, rows: NDArray[np.float32], options: RuntimeOptions
+) -> tuple[str, Callable[[], object]] | None:
+    """The call a hand-written server makes on `rows`, named as the raw records name it:
+    "estimator" (joblib) or "session" (ONNX); None for another format."""
+    if artifact.format == "joblib":
+        return "estimator", estimator_call(artifact.path(repository), rows)
+    if artifact.format == "onnx":
+        return "session", session_call(artifact.path(repository), rows, options)
+    return None
