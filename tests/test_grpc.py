@@ -973,3 +973,40 @@ def test_a_bad_stream_window_update_resets_that_call_only(
     frames = _parsed_frames(received)
     assert (3, 0, 1, code.to_bytes(4, "big")) in frames
     assert all(kind != 7 for kind, *_ in frames)
+
+
+def test_a_large_answer_comes_in_frames_of_the_clients_size(server: RunningServer) -> None:
+    """A client that leaves SETTINGS_MAX_FRAME_SIZE at HTTP/2's 16,384 (as nghttp2 does), its
+    windows open: a 4,000-row answer comes as full frames of that size and a last shorter one,
+    and they join into the answer grpcio's client gets for the same call."""
+    rows = np.tile(ROWS, (1334, 1))[:4000]
+    message = pb.ModelInferRequest(model_name="iris", model_version="2", id="framed")
+    message.inputs.add(name="input", datatype="FP32", shape=[4000, 4])
+    message.raw_input_contents.append(rows.tobytes())
+    body = message.SerializeToString()
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+    window = (4).to_bytes(2, "big") + (2**30).to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
+    data = [
+        _http2_frame(0, 0x1 if at + 16384 >= len(framed) else 0, 1, framed[at : at + 16384])
+        for at in range(0, len(framed), 16384)
+    ]
+    with socket.create_connection(_address(server), timeout=10) as connection:
+        connection.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _http2_frame(4, 0, 0, window)
+            + _http2_frame(8, 0, 0, (2**30).to_bytes(4, "big"))  # the connection's window
+            + _http2_frame(1, 0x4, 1, _infer_head(("te", "trailers")))
+            + b"".join(data)
+        )
+        received = _frames_until_closed(connection, 10, b"grpc-status\x010")
+    sizes = [len(payload) for kind, _, _, payload in _parsed_frames(received) if kind == 0]
+    assert len(sizes) > 2
+    assert all(size == 16384 for size in sizes[:-1])
+    assert 0 < sizes[-1] <= 16384
+    answer = b"".join(p for kind, _, _, p in _parsed_frames(received) if kind == 0)
+    assert int.from_bytes(answer[1:5], "big") == len(answer) - 5
+    channel, stub = _stub(server)
+    with channel:
+        expected = stub.ModelInfer(message)
+    assert type(expected).FromString(answer[5:]) == expected
+    assert len(expected.raw_output_contents) == 2  # raw contents in, raw contents out

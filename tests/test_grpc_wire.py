@@ -137,3 +137,62 @@ def test_grpc_message_is_percent_encoded() -> None:
     assert _percent_encoded("plain text: 4 < 5") == b"plain text: 4 < 5"
     assert _percent_encoded("100% sure") == b"100%25 sure"
     assert _percent_encoded("naïve\n") == b"na%C3%AFve%0A"
+
+
+def _request_with_raw_contents() -> Any:
+    message = pb.ModelInferRequest(model_name="iris", model_version="2", id="split")
+    message.parameters["binary_data_output"].bool_param = True
+    for name, rows in (("a", 3), ("b", 200)):
+        message.inputs.add(name=name, datatype="FP32", shape=[rows, 4])
+        message.raw_input_contents.append(np.arange(rows * 4, dtype="<f4").tobytes())
+    message.outputs.add(name="label")
+    return message
+
+
+@pytest.mark.parametrize("container", [bytes, bytearray, memoryview])
+def test_raw_contents_split_out_parse_as_protobuf_parses_them(container: type) -> None:
+    """The message without its raw contents parses to the message without them, the contents
+    come out in order and unchanged, wherever the fields lie among the others (protobuf
+    merges a message sent in parts: raw contents may come before, between or after them)."""
+    message = _request_with_raw_contents()
+    without = pb.ModelInferRequest()
+    without.CopyFrom(message)
+    del without.raw_input_contents[:]
+    head = without.SerializeToString()
+    raws = [bytes(r) for r in message.raw_input_contents]
+    raw_fields = [pb.ModelInferRequest(raw_input_contents=[r]).SerializeToString() for r in raws]
+    middle = len(head) // 2
+    while True:  # a point between two of the head's fields
+        try:
+            pb.ModelInferRequest.FromString(head[:middle])
+            break
+        except Exception:
+            middle += 1
+    for encoding in (
+        message.SerializeToString(),
+        raw_fields[0] + head + raw_fields[1],
+        head[:middle] + raw_fields[0] + head[middle:] + raw_fields[1],
+    ):
+        rest, split = infer.split_raw_contents(container(encoding))
+        assert [bytes(r) for r in split] == raws
+        assert pb.ModelInferRequest.FromString(bytes(rest)) == without
+        whole = pb.ModelInferRequest.FromString(encoding)
+        assert list(whole.raw_input_contents) == raws
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        b"",  # an empty message: nothing to split
+        b"\x0a\x04iris",  # no raw contents
+        b"\x3a\x10abc",  # raw contents longer than the message
+        b"\x0a\x04iris\x3a",  # a field cut after its tag
+        b"\x0b\x0c",  # a group
+        b"\x3a" + b"\xff" * 11,  # a varint past ten bytes
+    ],
+)
+def test_messages_the_split_cannot_follow_come_back_whole(encoding: bytes) -> None:
+    """For protobuf's parser to take or refuse as it would have."""
+    rest, raws = infer.split_raw_contents(encoding)
+    assert rest is encoding
+    assert raws == []

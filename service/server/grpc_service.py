@@ -193,6 +193,7 @@ class InferenceService:
     async def ModelInfer(self, data: Received, context: Context) -> Pieces:
         metadata = context.metadata
         corrupt: errors.InvalidInput | None = None
+        data, raws = infer.split_raw_contents(data)
         try:
             request = _parse(pb.ModelInferRequest, data)
         except errors.InvalidInput as exc:  # answered below, once the call is counted
@@ -220,7 +221,7 @@ class InferenceService:
             # The transport reserved the message in the memory budget as it came, and holds
             # that until the answer has gone: what the budget bounds from here is what an
             # HTTP body's is, its arrays, outputs and answer.
-            return await self._infer(call, request, metadata.get("x-routing-key"))
+            return await self._infer(call, request, raws, metadata.get("x-routing-key"))
 
         try:
             result = await boundary.run(
@@ -244,11 +245,15 @@ class InferenceService:
         return result
 
     async def _infer(
-        self, call: boundary.Call, request: pb.ModelInferRequest, routing_key: str | None
+        self,
+        call: boundary.Call,
+        request: pb.ModelInferRequest,
+        raws: list[Received],
+        routing_key: str | None,
     ) -> Pieces:
         router = self.state.router
         model = call.model = router.resolve(*call.names, routing_key)
-        decoded = infer.decode_infer_request(request, self.state.settings.max_batch_rows)
+        decoded = infer.decode_infer_request(request, self.state.settings.max_batch_rows, raws)
         key = decoded.parameters.get("routing_key")
         if key is not None:
             if not isinstance(key, str):
@@ -263,7 +268,7 @@ class InferenceService:
         wanted = v2.select_outputs(model, decoded)
         prediction = await router.predict(model, decoded.tensors, call.request_id)
         return infer.encode_infer_response(
-            model, decoded, prediction, wanted, infer.wants_raw(request, decoded)
+            model, decoded, prediction, wanted, infer.wants_raw(request, decoded, bool(raws))
         )
 
 

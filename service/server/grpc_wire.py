@@ -203,6 +203,7 @@ class _Stream:
         "drained",
         "encoding",
         "expected",
+        "filled",
         "headers_sent",
         "id",
         "inbox",
@@ -226,6 +227,7 @@ class _Stream:
         self.context: CallContext | None = None
         self.body = bytearray()  # the message being received, its 5-byte prefix first
         self.expected = -1  # its length once the prefix is in
+        self.filled = 0  # bytes of it received, once it is
         self.messages: list[Received] = []  # complete messages of a unary call
         self.inbox: asyncio.Queue[Received | None] | None = None  # a streaming call's messages
         self.encoding = b"identity"
@@ -762,10 +764,17 @@ class GrpcConnection(asyncio.Protocol):
                     start += length
                     self._deliver(stream, view[start - length : start])
                     continue
-            take = min(stream.expected - len(body), end - start)
-            body += view[start : start + take]
+                # Its whole length at once, filled in place as frames come: appending frame
+                # by frame would copy it again each time the buffer grew. (The length is
+                # reserved in the memory budget already.)
+                stream.body = body = bytearray(length)
+                stream.filled = 0
+            filled = stream.filled
+            take = min(stream.expected - filled, end - start)
+            body[filled : filled + take] = view[start : start + take]
             start += take
-            if len(body) == stream.expected:
+            stream.filled = filled = filled + take
+            if filled == stream.expected:
                 stream.body = bytearray()  # the message is handed over, not copied
                 self._deliver(stream, body)
 
@@ -924,7 +933,7 @@ class GrpcConnection(asyncio.Protocol):
         pieces = (result.SerializeToString(),) if isinstance(result, Message) else result
         length = sum(len(piece) for piece in pieces)
         size = length + 5
-        if not self.paused and size <= min(self.window, stream.window, self.max_frame):
+        if not self.paused and size <= min(self.window, stream.window):
             # The common case: headers, the answer and the trailers in one write.
             if stream.id not in self.streams:
                 return
@@ -933,23 +942,52 @@ class GrpcConnection(asyncio.Protocol):
             block = _OK
             for name, value in context.trailers:
                 block += literal(name.encode("latin-1"), value.encode("latin-1"))
-            self._write(
-                b"".join(
-                    (
-                        self._header_frames(stream.id, 0, _RESPONSE_HEAD + _ACCEPT_ENCODING),
-                        _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id),
-                        _MESSAGE_HEAD.pack(0, length),
-                        *pieces,
-                        self._header_frames(stream.id, END_STREAM, block),
-                    )
-                )
-            )
+            head = self._header_frames(stream.id, 0, _RESPONSE_HEAD + _ACCEPT_ENCODING)
+            trailers = self._header_frames(stream.id, END_STREAM, block)
+            framed = _MESSAGE_HEAD.pack(0, length)
+            if size <= self.max_frame:
+                data_head = _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id)
+                self._write(b"".join((head, data_head, framed, *pieces, trailers)))
+            else:
+                out = [head, *self._frames_of((framed, *pieces), stream.id), trailers]
+                self._writelines(out)
             self._forget(stream)
             if self.going_away and not self.streams:
                 self._close_soon()
             return
         self._send(stream, pieces, now=False)
         self._finish(stream, StatusCode.OK, "", context.trailers)
+
+    def _frames_of(
+        self, pieces: Iterable[bytes | memoryview], stream_id: int
+    ) -> list[bytes | memoryview]:
+        """`pieces` as DATA frames of the largest size the client takes, views of the pieces
+        with a head before each: what _flush makes of an answer that has the window, in one
+        pass instead of a pass over the outbox for each frame."""
+        limit = self.max_frame
+        full = _FRAME_HEAD.pack(limit >> 16, limit & 0xFFFF, DATA, 0, stream_id)
+        out: list[bytes | memoryview] = []
+        frame_pieces: list[bytes | memoryview] = []
+        room = limit
+        for piece in pieces:
+            at, left = 0, len(piece)
+            view = memoryview(piece)
+            while left:
+                take = min(room, left)
+                frame_pieces.append(view[at : at + take] if take < len(piece) else piece)
+                at += take
+                left -= take
+                room -= take
+                if not room:
+                    out.append(full)
+                    out += frame_pieces
+                    frame_pieces.clear()
+                    room = limit
+        if frame_pieces:
+            size = limit - room
+            out.append(_FRAME_HEAD.pack(size >> 16, size & 0xFFFF, DATA, 0, stream_id))
+            out += frame_pieces
+        return out
 
     async def _streaming(self, stream: _Stream, handler: Streaming) -> None:
         inbox, context = stream.inbox, stream.context

@@ -36,6 +36,8 @@ _CONTENTS = {
     "BYTES": "bytes_contents",
 }
 _PARAMETER = "parameter_choice"
+# A message as the transport hands it over: its own buffer, or a view of a read.
+Received = bytes | bytearray | memoryview
 
 
 def _parameters(parameters: Any) -> dict[str, Any]:
@@ -78,7 +80,9 @@ def _from_contents(
         ) from None
 
 
-def _from_raw(datatype: str, raw: bytes, shape: list[int], count: int, where: str) -> NDArray[Any]:
+def _from_raw(
+    datatype: str, raw: Received, shape: list[int], count: int, where: str
+) -> NDArray[Any]:
     view = memoryview(raw)
     if datatype == "BYTES":
         return v2.decode_bytes_elements(view, count, where)
@@ -92,7 +96,7 @@ def _from_raw(datatype: str, raw: bytes, shape: list[int], count: int, where: st
 
 
 def _decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, index: int, max_rows: int
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: Received | None, index: int, max_rows: int
 ) -> tuple[str, NDArray[Any]]:
     where = f"input {tensor.name!r}" if tensor.name else f"inputs[{index}]"
     if not tensor.name:
@@ -132,14 +136,78 @@ def _requested_outputs(request: pb.ModelInferRequest) -> list[tuple[str, bool]] 
     return requested
 
 
-def decode_infer_request(request: pb.ModelInferRequest, max_rows: int) -> v2.InferCall:
+# ModelInferRequest's raw_input_contents: field 7, length-delimited.
+_RAW_INPUT_FIELD = 7
+_LENGTH_DELIMITED = 2
+
+
+def _varint_at(data: Received, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and where it ends; IndexError past the end, ValueError if longer
+    than protobuf allows."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("a varint of more than ten bytes")
+
+
+def split_raw_contents(data: Received) -> tuple[Received, list[Received]]:
+    """A ModelInferRequest's encoding without its raw_input_contents, and those contents as
+    views of `data`, in order: protobuf's parser would copy each into a bytes object (a
+    10,000-row request's 160 kB, twice with the copy its field hands out), where the arrays
+    need only read them. The rest of the message keeps its fields and their order, so it
+    parses to what the whole message would. A message this walk cannot follow (a group, a
+    truncated field) comes back whole, for protobuf's parser to refuse as it would have."""
+    view = memoryview(data)
+    end = len(view)
+    kept: list[Received] = []
+    raws: list[Received] = []
+    start = pos = 0
+    try:
+        while pos < end:
+            field_start = pos
+            tag, pos = _varint_at(view, pos)
+            wire = tag & 7
+            if wire == _LENGTH_DELIMITED:
+                length, pos = _varint_at(view, pos)
+                if pos + length > end:
+                    return data, []
+                if tag >> 3 == _RAW_INPUT_FIELD:
+                    kept.append(view[start:field_start])
+                    raws.append(view[pos : pos + length])
+                    start = pos + length
+                pos += length
+            elif wire == 0:
+                pos = _varint_at(view, pos)[1]
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            else:  # groups, or not a wire type at all
+                return data, []
+    except (IndexError, ValueError):
+        return data, []
+    if pos != end:
+        return data, []
+    if not raws:
+        return data, []
+    kept.append(view[start:end])
+    return b"".join(kept), raws
+
+
+def decode_infer_request(
+    request: pb.ModelInferRequest, max_rows: int, raw_contents: list[Received] | None = None
+) -> v2.InferCall:
     """The request's tensors checked against their declared shapes and datatypes; a tensor of
-    more than `max_rows` rows is refused."""
+    more than `max_rows` rows is refused. `raw_contents`, where given, are the request's
+    raw_input_contents taken out of its encoding (split_raw_contents)."""
     if not request.inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    raws: list[bytes] | list[None] = list(request.raw_input_contents) or [None] * len(
-        request.inputs
-    )
+    raws: list[Received | None] = [*(raw_contents or request.raw_input_contents)]
+    raws = raws or [None] * len(request.inputs)
     if len(raws) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs; "
@@ -161,10 +229,10 @@ def decode_infer_request(request: pb.ModelInferRequest, max_rows: int) -> v2.Inf
     )
 
 
-def wants_raw(request: pb.ModelInferRequest, call: v2.InferCall) -> bool:
+def wants_raw(request: pb.ModelInferRequest, call: v2.InferCall, raw_inputs: bool = False) -> bool:
     """Raw outputs answer raw inputs, or a request for binary outputs (all or none: the
     protocol forbids mixing the two encodings in one response)."""
-    if request.raw_input_contents or call.binary_default:
+    if raw_inputs or request.raw_input_contents or call.binary_default:
         return True
     return call.outputs is not None and any(binary for _, binary in call.outputs)
 
