@@ -72,6 +72,10 @@ MAX_STREAMS = 1000
 # CVE-2023-44487); past it the connection ends with GOAWAY ENHANCE_YOUR_CALM.
 RESET_BURST = MAX_STREAMS
 RESET_RATE = 100.0
+# Answers up to this long that have the window are written whole, at once; a longer one goes
+# out as the socket takes it, so that what a client does not read waits in the call's
+# reservation in the memory budget, not copied into the socket's buffer past it.
+_AT_ONCE = 1 << 20
 # The memory budget's measure of a request is its body; a gRPC message is one.
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
@@ -933,7 +937,7 @@ class GrpcConnection(asyncio.Protocol):
         pieces = (result.SerializeToString(),) if isinstance(result, Message) else result
         length = sum(len(piece) for piece in pieces)
         size = length + 5
-        if not self.paused and size <= min(self.window, stream.window):
+        if not self.paused and size <= min(self.window, stream.window, _AT_ONCE):
             # The common case: headers, the answer and the trailers in one write.
             if stream.id not in self.streams:
                 return
