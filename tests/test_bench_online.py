@@ -372,10 +372,14 @@ def test_grpc_only_runs_name_the_servers_measured_over_grpc(tmp_path: Path) -> N
         )
 
 
-def _driver(repository: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "bench.online.driver", "--repository", str(repository)]
-    command += ["--connections", "4", "--rounds", "4", "--repeats", "2", *options]
+def _run_module(module: str, repository: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", module, "--repository", str(repository), *options]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _driver(repository: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    small = ("--connections", "4", "--rounds", "4", "--repeats", "2")
+    return _run_module("bench.online.driver", repository, *small, *options)
 
 
 def test_the_driver_measures_answered_requests(trained_repository: Path) -> None:
@@ -393,3 +397,25 @@ def test_the_driver_stops_on_an_answer_that_is_not_a_success(trained_repository:
     done = _driver(trained_repository, "--version", "9")
     assert done.returncode != 0
     assert "answered b'HTTP/1.1 404" in done.stderr
+
+
+def _grpc_driver(repository: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    small = ("--model", "iris", "--rows", "2000", "--calls", "4", "--repeats", "2")
+    return _run_module("bench.online.grpc_driver", repository, *small, *options)
+
+
+def test_the_grpc_driver_measures_answered_calls(trained_repository: Path) -> None:
+    done = _grpc_driver(trained_repository)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figure = float(done.stdout.split(" µs of CPU a call")[0])
+    assert 0 < figure < 1_000_000
+    # Every call it made was answered, once, with all its rows: its access lines say so.
+    answered = [line for line in done.stderr.splitlines() if "protocol=grpc" in line]
+    assert len(answered) == 1 + 2 * 4  # a warm-up call, then 2 repeats of 4
+    assert all("status=200" in line and "rows=2000" in line for line in answered)
+
+
+def test_the_grpc_driver_stops_on_a_call_that_fails(trained_repository: Path) -> None:
+    done = _grpc_driver(trained_repository, "--version", "9")
+    assert done.returncode != 0
+    assert "b'grpc-status': b'5'" in done.stderr  # NOT_FOUND

@@ -78,10 +78,14 @@ def request_bytes(model: str, version: int, row: list[float]) -> bytes:
     return head.encode() + body
 
 
-async def measure(
-    repository: Path, request: bytes, connections: int, rounds: int, repeats: int
-) -> list[float]:
-    """µs of process CPU per request, one figure per repeat of `rounds` rounds."""
+def summary(figures: list[float], unit: str) -> str:
+    """The median µs of CPU per `unit`, and every repeat's figure."""
+    each = ", ".join(f"{f:.1f}" for f in figures)
+    return f"{statistics.median(figures):.1f} µs of CPU a {unit} (median of {len(figures)}; {each})"
+
+
+async def start_application(repository: Path) -> tuple[Config, LifespanOn]:
+    """The application as a server runs it, started on `repository` in this process."""
     os.environ["MODELSERVE_MODEL_REPOSITORY"] = str(repository)
     config = Config(
         "service.server.main:app_from_environment",
@@ -94,6 +98,14 @@ async def measure(
     config.load()
     lifespan = LifespanOn(config)
     await lifespan.startup()
+    return config, lifespan
+
+
+async def measure(
+    repository: Path, request: bytes, connections: int, rounds: int, repeats: int
+) -> list[float]:
+    """µs of process CPU per request, one figure per repeat of `rounds` rounds."""
+    config, lifespan = await start_application(repository)
     loop = asyncio.get_running_loop()
     answered: asyncio.Queue[bytes | None] = asyncio.Queue()
     protocols = []
@@ -140,11 +152,7 @@ def main() -> None:
     repository = args.repository or prepare_repository(ROOT / "bench" / ".work")[0]
     request = request_bytes(args.model, args.version, [5.1, 3.5, 1.4, 0.2])
     figures = uvloop.run(measure(repository, request, args.connections, args.rounds, args.repeats))
-    print(
-        f"{statistics.median(figures):.1f} µs of CPU a request (median of {len(figures)}; "
-        + ", ".join(f"{f:.1f}" for f in figures)
-        + ")"
-    )
+    print(summary(figures, "request"))
 
 
 if __name__ == "__main__":
