@@ -49,6 +49,7 @@ class _Transport(asyncio.Transport):
         self.skip = 0  # payload bytes of the current frame still to pass over
         self.trailers = False  # the current frame is a call's trailers
         self.block = b""  # their header block, as far as it has come
+        self.data = 0  # DATA payload bytes read since the client last gave its window back
 
     def write(self, data: Any) -> None:
         view = memoryview(data)
@@ -69,6 +70,8 @@ class _Transport(asyncio.Transport):
             if len(self.head) == 9:
                 high, low, kind, flags, _ = _FRAME.unpack(self.head)
                 self.head, self.skip = b"", high << 16 | low
+                if kind == DATA:
+                    self.data += self.skip
                 self.trailers, self.block = kind == HEADERS and bool(flags & END_STREAM), b""
 
     def writelines(self, pieces: Any) -> None:
@@ -100,7 +103,8 @@ async def measure(
     server = GrpcServer(app.state.service)
     connection = server._connection()
     ended: asyncio.Queue[bytes] = asyncio.Queue()
-    connection.connection_made(_Transport(ended))
+    transport = _Transport(ended)
+    connection.connection_made(transport)
     window = struct.pack(">HI", 4, OPEN)  # SETTINGS_INITIAL_WINDOW_SIZE
     connection.data_received(
         PREFACE
@@ -137,6 +141,10 @@ async def measure(
         trailers = dict(status.decode(await ended.get(), raw=True))
         if trailers.get(b"grpc-status") != b"0":
             raise RuntimeError(f"answered {trailers}")
+        # The connection's window given back, as h2load does: without it the server stops
+        # sending once the first window (1 GiB) is spent.
+        connection.data_received(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", transport.data)))
+        transport.data = 0
 
     try:
         stream = 1

@@ -240,8 +240,10 @@ class InferenceService:
             call.outcome = status_of(result)
             boundary.record(call, seconds)
             _abort(context, result, call.request_id)
-        boundary.record(call, seconds)
         context.set_trailing_metadata(((access.REQUEST_ID.decode(), call.request_id),))
+        # Counted and logged once the answer has gone, as over HTTP: the transport writes it
+        # as this returns, before the loop runs what is scheduled.
+        self.state.loop.call_soon(boundary.record, call, seconds)
         return result
 
     async def _infer(
