@@ -196,7 +196,10 @@ class Router:
         prediction = timed.prediction
         label = prediction.outputs.get("label")
         if label is not None and model.signature.task == "classification":
-            observer.count_labels(label, prediction)
+            if rows == 1:
+                observer.count_labels(label, prediction)
+            else:  # a pass over the labels: counted once the answer has gone
+                asyncio.get_running_loop().call_soon(observer.count_labels, label, prediction)
         entry = self.registry.models.get(model.name)
         self._shadows.mirror(entry, model, inputs, rows, prediction)
         if self.payloads is not None and request_id is not None:
