@@ -260,7 +260,7 @@ def test_pipelined_requests_are_answered_in_order(server: RunningServer) -> None
 
 
 def test_a_body_sent_in_pieces_is_served(server: RunningServer) -> None:
-    # Not whole with its head: uvicorn's cycle reads it, under the request's deadline.
+    # Not whole with its head: the request starts, and waits for its body under its deadline.
     request = infer_request(INFER, "pieces", close=True)
     head_end = request.index(b"\r\n\r\n") + 4
     pieces = [request[:head_end], request[head_end : head_end + 10], request[head_end + 10 :]]
@@ -295,8 +295,8 @@ def whole_and_in_pieces(
 
 
 def test_a_large_body_is_answered_alike_whole_or_in_pieces(server: RunningServer) -> None:
-    # A body of up to one read that comes with its head is served by the connection's cycle;
-    # one that comes in pieces is handed to uvicorn's, with what came so far.
+    # A body of up to one read is served by the connection's cycle, whether it comes with its
+    # head or in later reads.
     body = b" " * 200_000 + orjson.dumps(ROW)
     whole, pieces = whole_and_in_pieces(
         server, lambda extra: json_head(len(body), extra), body, 100_000
@@ -309,7 +309,7 @@ def test_a_large_body_is_answered_alike_whole_or_in_pieces(server: RunningServer
 
 def test_a_binary_answer_is_sent_alike_by_both_cycles(server: RunningServer) -> None:
     # Its JSON header and each tensor go out as pieces: written together by the connection's
-    # cycle, one body message each through uvicorn's.
+    # cycle, one body message each through uvicorn's (a query string sends a request there).
     rows = np.tile(np.asarray(ROW["inputs"][0]["data"], dtype="<f4"), (1000, 1))
     header = orjson.dumps(
         {
@@ -326,16 +326,17 @@ def test_a_binary_answer_is_sent_alike_by_both_cycles(server: RunningServer) -> 
     )
     body = header + rows.tobytes()
 
-    def head(extra: str) -> bytes:
+    def head(extra: str, path: str = INFER) -> bytes:
         return (
-            f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {LONG_KEY}\r\n"
             f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n"
             f"Inference-Header-Content-Length: {len(header)}\r\n{extra}\r\n"
         ).encode()
 
     whole, pieces = whole_and_in_pieces(server, head, body, len(body) // 2)
-    assert whole.status == pieces.status == 200, (whole.body, pieces.body)
-    assert whole.body == pieces.body
+    _, asgi = whole_and_in_pieces(server, lambda extra: head(extra, INFER + "?via=asgi"), body, 0)
+    assert whole.status == pieces.status == asgi.status == 200, (whole.body, asgi.body)
+    assert whole.body == pieces.body == asgi.body
     assert int(whole.headers["content-length"]) == len(whole.body)
     split = int(whole.headers["inference-header-content-length"])
     tensors, start = {}, split
@@ -482,8 +483,12 @@ def answered_then_sending(
 
 @pytest.mark.parametrize(
     ("credentials", "length", "status"),
-    [(f"Bearer {LONG_KEY}", 2_000_000_000, 413), ("Bearer wrong", 500_000, 403)],
-    ids=["declared too large", "wrong key"],
+    [
+        (f"Bearer {LONG_KEY}", 2_000_000_000, 413),
+        ("Bearer wrong", 500_000, 403),
+        ("Bearer wrong", 200_000, 403),  # a body of one read: the connection's own cycle
+    ],
+    ids=["declared too large", "wrong key", "wrong key, small body"],
 )
 def test_an_answer_given_before_the_body_arrived_ends_the_connection(
     server: RunningServer, credentials: str, length: int, status: int

@@ -34,12 +34,11 @@ logger = logging.getLogger(__name__)
 LINGER_S = 2.0
 
 
-# Inference requests whose declared body is at most this long, and comes in the same read as
-# their head, are served without the ASGI server's request cycle. Such a body is already in
-# memory, and is at most one read (of up to 256 KiB, with uvloop or asyncio); a body that does
-# not come whole goes to uvicorn's cycle, with its flow control, after that read. A 10,000-row
-# binary request (160 KiB) came whole in about 6 reads out of 10 on loopback, and cost 5-8%
-# less CPU so.
+# Inference requests whose declared body is at most this long are served without the ASGI
+# server's request cycle, which would add its flow control, an event per body read and a task
+# switch per read. Such a body is held whole before it is handed on, so it is bounded: one read
+# (of up to 256 KiB, with uvloop or asyncio). A 10,000-row binary request (160 KiB) comes whole
+# with its head in about 6 reads out of 10 on loopback; the others come in two or three reads.
 DIRECT_BODY_BYTES = 256 * 1024
 # Headers that need the ASGI server's handling: a body sent in chunks or after 100 Continue, a
 # proxy's forwarded client address.
@@ -175,8 +174,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.message_ended = False
         self.read_size = len(data)
         super().data_received(data)
-        if self.collecting is not None:
-            self.hand_over()
+        cycle = self.collecting
+        if cycle is not None and not cycle.started:
+            # The body comes in later reads: its request starts now, so the body is read under
+            # the request's deadline, and the request counts as in flight meanwhile.
+            self.serve_direct(cycle)
         if self.in_head and self.timer is None and self.head_deadline is not None:
             self.timer = self.loop.call_at(self.head_deadline, self.head_timed_out)
         if self.in_head:
@@ -206,8 +208,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.refused:
             return
         self.cancel_timer()
-        # A small inference request is served by the connection if its body comes in the same
-        # read as its head (see `hand_over`); every other request goes to uvicorn's cycle.
+        # A small inference request is served by the connection (see `DirectCycle`); every
+        # other request goes to uvicorn's cycle.
         self.collecting = self.direct_cycle()
         if self.collecting is None:
             super().on_headers_complete()
@@ -252,18 +254,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         scope["query_string"] = b""
         return DirectCycle(self, scope, route, parser.should_keep_alive())
 
-    def hand_over(self) -> None:
-        """The request's body did not come whole with its head: uvicorn's cycle serves it, with
-        what came so far, so that its body is read under the request's deadline and it counts
-        as in flight meanwhile, as any other request."""
-        cycle, self.collecting = self.collecting, None
-        if cycle is None or self.transport.is_closing():
-            return
-        super().on_headers_complete()
-        for chunk in cycle.chunks:
-            super().on_body(chunk)
-
     def serve_direct(self, cycle: "DirectCycle") -> None:
+        cycle.started = True
         self.cycle = self.running = cycle  # type: ignore[assignment]  # it has what uvicorn asks
         task = self.loop.create_task(cycle.run())
         task.add_done_callback(self.tasks.discard)
@@ -290,7 +282,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if cycle is not None:
             self.collecting = None
             self.cancel_timer()
-            self.serve_direct(cycle)
+            cycle.body_arrived()
+            if not cycle.started:
+                self.serve_direct(cycle)
         else:
             super().on_message_complete()
 
@@ -378,16 +372,32 @@ class PipelineFlow(FlowControl):
 
 
 class _NoEvent:
-    """What uvicorn sets on a cycle when its connection is lost: a direct cycle waits on nothing."""
+    """What uvicorn sets on a cycle when its connection is lost, while the cycle waits for no
+    read."""
 
     def set(self) -> None:
         pass
 
 
+_NO_EVENT = _NoEvent()
+
+
+class _BodyWait:
+    """A cycle's wait for the rest of its body: set when the body has come or the client left."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
 class DirectCycle:
-    """One small inference request served by its connection: its body came whole with its
-    head, and its answer is written at once (a body sent in pieces, as they are, in one
-    vectored write).
+    """One small inference request served by its connection: its body is handed on whole, and
+    its answer is written at once (a body sent in pieces, as they are, in one vectored write).
 
     The handler is the one the ASGI path calls, through the same request boundary, with this
     cycle's `receive` and `send`; what is skipped is uvicorn's general machinery (an event per
@@ -396,19 +406,20 @@ class DirectCycle:
     (requests with forwarded headers take the ASGI path).
     """
 
-    message_event = _NoEvent()
-
     __slots__ = (
         "chunks",
+        "complete",
         "disconnected",
         "headers",
         "keep_alive",
+        "message_event",
         "pieces",
         "protocol",
         "received",
         "response_complete",
         "route",
         "scope",
+        "started",
         "status",
     )
 
@@ -423,6 +434,10 @@ class DirectCycle:
         # The answer's body as sent so far, when it comes in several messages.
         self.pieces: list[bytes | memoryview] = []
         self.received = False
+        # Started: the body did not come with the head, and is awaited by `receive`.
+        self.started = False
+        self.complete = False  # the whole body is in `chunks`
+        self.message_event: _NoEvent | _BodyWait = _NO_EVENT
         self.disconnected = False
         self.response_complete = False
         self.status: int | None = None
@@ -446,8 +461,22 @@ class DirectCycle:
             if not self.response_complete and not self.disconnected:
                 logger.error("no answer to %s", self.scope["path"])
                 self.protocol.transport.close()
+        finally:
+            # What came of an unread body: the cycle and its connection refer to each other, so
+            # only the garbage collector would free them, and it may not run for a while.
+            self.chunks = []
+
+    def body_arrived(self) -> None:
+        self.complete = True
+        self.message_event.set()
 
     async def receive(self) -> Message:
+        if not self.complete and not (self.disconnected or self.response_complete):
+            wait = self.message_event = _BodyWait(self.protocol.loop)
+            try:
+                await wait.future
+            finally:
+                self.message_event = _NO_EVENT
         chunks = self.chunks
         if self.disconnected or self.response_complete or self.received:
             return {"type": "http.disconnect"}
@@ -478,7 +507,12 @@ class DirectCycle:
         if HEADER_VALUE_RE.search(b"".join([value for _, value in self.headers])):
             raise RuntimeError("Invalid HTTP header value.")
         lines = [STATUS_LINE[self.status], _default_head(protocol.server_state.default_headers)]
-        close = closing = not self.keep_alive
+        # An answer before the whole body came (a refusal) ends the connection, lingering, as
+        # the ASGI path's do (`BoundedHeadProtocol.send_answer`).
+        early = protocol.collecting is self
+        if early:
+            protocol.collecting = None
+        close = closing = early or not self.keep_alive
         for name, value in self.headers:
             if name == b"connection" and b"close" in value.lower():
                 close, closing = True, False
@@ -493,7 +527,9 @@ class DirectCycle:
             else:  # a large answer's pieces are not copied into one buffer first
                 transport.writelines([b"".join(lines), *body])
         self.response_complete = True
-        if close:
+        if early:
+            protocol.linger()
+        elif close:
             transport.close()
         protocol.on_response_complete()
 
